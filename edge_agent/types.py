@@ -1,0 +1,108 @@
+"""Value types and stage interfaces shared by the agent's pipeline stages."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One camera image (BGR or greyscale uint8) with when and where it was captured."""
+
+    image: np.ndarray
+    captured_at: float  # wall-clock seconds since the epoch
+    seq: int  # increases by one per frame the source delivered
+    source: str
+
+
+@dataclass(frozen=True)
+class LocatedDigits:
+    """What the OpenCV reader found in a frame: MNIST-style digit crops, left to right."""
+
+    digits: np.ndarray  # (N, 28, 28) uint8, white ink on black, centred by centre of mass
+    boxes: tuple[tuple[int, int, int, int], ...]  # (x, y, w, h) in frame pixels, per digit
+    inverted: bool = False  # True when the frame was light ink on a dark background
+    note: str = ""  # why nothing was found, for the review reason's detail
+
+
+class Reason(str, enum.Enum):
+    """Why a read went to human review instead of the sorting machine."""
+
+    DIGIT_COUNT = "digit_count"
+    LOW_CONFIDENCE = "low_confidence"
+    NO_POSTCODE = "no_postcode"
+    BAD_FRAME = "bad_frame"
+    NO_FRAME = "no_frame"
+
+
+@dataclass(frozen=True)
+class DigitRead:
+    digit: int
+    confidence: float
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """A request to read the item now under the camera."""
+
+    item_id: str
+    received_at: float
+    response_topic: str | None = None  # MQTT v5: where the PLC wants the answer
+    correlation_data: bytes | None = None
+
+
+@dataclass(frozen=True)
+class PostcodeRead:
+    """The decision for one item: what goes to the sorting machine or to review."""
+
+    result_id: str
+    item_id: str
+    postcode: str
+    accepted: bool
+    confidence: float
+    digits: tuple[DigitRead, ...]
+    reason: Reason | None
+    model_version: str
+    captured_at: float
+    latency_ms: float
+    image_sha256: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_payload(self) -> dict[str, Any]:
+        """The JSON body published to MQTT (and stored in the outbox)."""
+        return {
+            "result_id": self.result_id,
+            "item_id": self.item_id,
+            "postcode": self.postcode,
+            "accepted": self.accepted,
+            "confidence": round(self.confidence, 5),
+            "digits": [{"digit": d.digit, "confidence": round(d.confidence, 5)} for d in self.digits],
+            "reason": self.reason.value if self.reason else None,
+            "model_version": self.model_version,
+            "captured_at": self.captured_at,
+            "latency_ms": round(self.latency_ms, 3),
+            "image_sha256": self.image_sha256,
+            **self.extra,
+        }
+
+
+class FrameSource(Protocol):
+    """A camera, stream, file or folder that yields frames; ``read`` returns None when it has none."""
+
+    name: str
+
+    def open(self) -> None: ...
+
+    def read(self) -> np.ndarray | None: ...
+
+    def close(self) -> None: ...
+
+
+class Clock(Protocol):
+    def time(self) -> float: ...
+
+    def monotonic(self) -> float: ...
