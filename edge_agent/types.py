@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time as _time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -106,3 +107,13 @@ class Clock(Protocol):
     def time(self) -> float: ...
 
     def monotonic(self) -> float: ...
+
+
+class SystemClock:
+    """The real clock; tests pass their own."""
+
+    def time(self) -> float:
+        return _time.time()
+
+    def monotonic(self) -> float:
+        return _time.monotonic()

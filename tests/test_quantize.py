@@ -121,3 +121,20 @@ def test_gate_rejects_a_model_broken_for_int8(small_training_run, tmp_path, caps
     assert code == 1
     assert err[-1].startswith("edge-quantize: refused: int8 accuracy")
     assert not out.exists()  # nothing half-written is left for a site to pick up
+
+
+@pytest.mark.slow
+def test_training_is_deterministic_for_a_seed(tmp_path):
+    data = mnist_dir()
+    from training.cli import main as train_main
+
+    weights = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        assert train_main(["--data", str(data), "--out", str(out), "--limit", "600", "--epochs", "1",
+                           "--elastic-copies", "1", "--validation-per-class", "10", "--seed", "5"]) == 0
+        import keras
+
+        weights.append(keras.models.load_model(out / "model.keras").get_weights())
+    for first, second in zip(*weights):
+        np.testing.assert_array_equal(first, second)

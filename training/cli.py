@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--elastic-copies", type=int, default=4,
                         help="elastic-distorted copies of each training image")
     parser.add_argument("--patience", type=int, default=8, help="early-stopping patience (epochs)")
-    parser.add_argument("--limit", type=int, help="use only the first N training images")
+    parser.add_argument("--limit", type=int, help="train on a random slice of N training images (smoke runs)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

@@ -62,7 +62,9 @@ def class_distribution(labels: np.ndarray) -> dict[str, float]:
 def split_for(config: TrainConfig, train: DigitSet) -> tuple[DigitSet, DigitSet]:
     """The training/validation split a config implies (quantize/ recomputes it for thresholds)."""
     if config.limit:
-        train = train.subset(np.arange(min(config.limit, len(train))))
+        # A random slice: IDX subsets may be sorted by class (the 5k set is).
+        picked = np.random.default_rng(config.seed).permutation(len(train))[:config.limit]
+        train = train.subset(np.sort(picked))
     fit_idx, val_idx = stratified_split(train.labels, config.validation_per_class, config.seed)
     return train.subset(fit_idx), train.subset(val_idx)
 

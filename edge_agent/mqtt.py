@@ -1,0 +1,703 @@
+"""MQTT adapter: delivers the outbox to the broker and receives triggers (the only paho import).
+
+Delivery is at-least-once. The outbox, not paho, is the source of truth: paho's
+queue lives in memory, so a message counts as delivered only when the broker's
+PUBACK has been written back to the outbox. Subscribers de-duplicate on the
+payload's ``result_id``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import ssl
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from .outbox import Outbox, OutboxError, OutboxMessage
+from .types import Clock
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("auto", "5", "3.1.1")
+# MQTT v5 reason code "Unsupported Protocol Version"; paho also reports a v3-style
+# CONNACK refusal (return code 1) to a v5 CONNECT with this code.
+_UNSUPPORTED_PROTOCOL_VERSION = 0x84
+
+TriggerCallback = Callable[[bytes, "str | None", "bytes | None"], None]
+
+
+class MqttError(Exception):
+    """The MQTT link is misconfigured or misused."""
+
+
+class MqttConfigError(MqttError, ValueError):
+    """MQTT settings that cannot work; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """TLS to the broker; ``ca_certs=None`` uses the system trust store."""
+
+    ca_certs: str | None = None
+    certfile: str | None = None  # client certificate, for brokers that authenticate clients by certificate
+    keyfile: str | None = None
+    # Skip the hostname check only (the certificate chain is still verified): for a
+    # broker reached by IP address on an isolated sorting-office LAN.
+    insecure: bool = False
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    """Everything the link needs, passed in explicitly; topics default from ``topic_prefix``."""
+
+    host: str
+    port: int = 1883
+    client_id: str = "postcode-reader"
+    keepalive_s: int = 30
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: TlsSettings | None = None
+    protocol: str = "auto"  # "auto": MQTT v5, falling back to 3.1.1 if the broker refuses v5
+    topic_prefix: str = "postcode"
+    status_topic: str = ""  # retained online/offline, also the last will; default {prefix}/status
+    results_topic: str = ""  # default {prefix}/result
+    trigger_topic: str = ""  # default {prefix}/trigger
+    events_topic: str = ""  # default {prefix}/event; publish_event(kind) uses {events_topic}/{kind}
+    result_qos: int = 1
+    reconnect_min_delay_s: int = 1
+    reconnect_max_delay_s: int = 30
+    window: int = 16  # messages in flight (published, PUBACK not yet seen)
+    ack_timeout_s: float = 60.0  # connected this long without a PUBACK: publish the message again
+    max_queued_events: int = 100  # QoS 0 events paho may hold; beyond that events are counted and dropped
+
+    def __post_init__(self) -> None:
+        prefix = self.topic_prefix.rstrip("/")
+        for name, suffix in (("status_topic", "status"), ("results_topic", "result"),
+                             ("trigger_topic", "trigger"), ("events_topic", "event")):
+            if not getattr(self, name):
+                object.__setattr__(self, name, f"{prefix}/{suffix}")
+        errors = []
+        if not self.host:
+            errors.append("mqtt.host must be set")
+        if not 0 < self.port < 65536:
+            errors.append(f"mqtt.port must be 1-65535, got {self.port}")
+        if not self.client_id:
+            errors.append("mqtt.client_id must be set (the broker uses it for the session and the will)")
+        if self.keepalive_s < 5:
+            errors.append(f"mqtt.keepalive_s must be at least 5, got {self.keepalive_s}")
+        if self.password is not None and not self.username:
+            errors.append("mqtt.password is set but mqtt.username is not")
+        if self.tls and bool(self.tls.certfile) != bool(self.tls.keyfile):
+            errors.append("mqtt.tls.certfile and mqtt.tls.keyfile must be given together")
+        if self.protocol not in PROTOCOLS:
+            errors.append(f"mqtt.protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        for name in ("status_topic", "results_topic", "events_topic"):
+            if any(c in getattr(self, name) for c in "+#"):
+                errors.append(f"mqtt.{name} must not contain wildcards: {getattr(self, name)!r}")
+        if self.result_qos not in (0, 1, 2):
+            errors.append(f"mqtt.result_qos must be 0, 1 or 2, got {self.result_qos}")
+        if not 1 <= self.reconnect_min_delay_s <= self.reconnect_max_delay_s:
+            errors.append("mqtt.reconnect_min_delay_s must be >= 1 and <= mqtt.reconnect_max_delay_s")
+        if self.window < 1:
+            errors.append(f"mqtt.window must be at least 1, got {self.window}")
+        if self.ack_timeout_s <= 0:
+            errors.append(f"mqtt.ack_timeout_s must be positive, got {self.ack_timeout_s}")
+        if errors:
+            raise MqttConfigError("; ".join(errors))
+
+
+@dataclass
+class _InFlight:
+    message_id: int
+    mid: int
+    sent_at: float  # clock.monotonic()
+
+
+class MqttLink:
+    """Connection to the site broker: publishes the outbox in order, receives triggers.
+
+    Threads: paho's network thread runs the callbacks; one delivery thread reads the
+    outbox, publishes and writes acknowledgements back. Neither holds a lock of ours
+    while calling into paho, because paho calls ``on_publish`` with its own message
+    lock held (a lock taken in both orders would deadlock).
+    """
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        outbox: Outbox,
+        clock: Clock,
+        on_trigger: TriggerCallback | None = None,
+    ) -> None:
+        self.settings = settings
+        self._outbox = outbox
+        self._clock = clock
+        self._on_trigger = on_trigger
+        self._use_v5 = settings.protocol in ("auto", "5")
+        self._client: paho.Client | None = None
+        self._connected = threading.Event()
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._state_lock = threading.Lock()  # guards everything below
+        self._inflight: dict[int, _InFlight] = {}  # paho mid -> message
+        self._inflight_ids: dict[int, int] = {}  # outbox id -> paho mid
+        self._acked: list[int] = []  # outbox ids acknowledged, not yet written to the outbox
+        self._early: dict[int, bool] = {}  # acks that beat publish() returning its mid
+        self._publishing = False
+        self._fallback_requested = False
+        self._connected_at = 0.0  # clock.monotonic() of the last successful connect
+        self._hold_until = 0.0  # after a rejected PUBACK, pause instead of hammering the broker
+        self._quiet_connect_errors = False
+        self._counts = dict.fromkeys(
+            ("connects", "disconnects", "published", "acked", "rejected", "republished", "expired",
+             "events_sent", "events_dropped", "triggers"), 0)
+        outbox.add_listener(self.wake)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start connecting (in the background; a broker that is down is retried forever) and delivering."""
+        if self._thread is not None:
+            raise MqttError("MqttLink.start() called twice")
+        self._build_client()
+        self._thread = threading.Thread(target=self._deliver_loop, name="mqtt-deliver", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Publish the retained ``offline`` status, disconnect and stop; pending messages stay in the outbox."""
+        self._outbox.remove_listener(self.wake)
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        client = self._client
+        if client is None:
+            return
+        if self._connected.is_set():
+            info = client.publish(self.settings.status_topic, self._status_payload("offline", "stopped"),
+                                  qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout_s)
+            except (RuntimeError, ValueError):
+                log.warning("could not publish the offline status before disconnecting")
+        client.disconnect()
+        client.loop_stop()
+        self._connected.clear()
+        self._flush_acks()  # acknowledgements that arrived while stopping
+
+    def __enter__(self) -> "MqttLink":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def connected(self) -> bool:
+        """True while a CONNACK-accepted connection is up."""
+        return self._connected.is_set()
+
+    @property
+    def protocol(self) -> str:
+        """The protocol in use or being tried: "5" or "3.1.1"."""
+        return "5" if self._use_v5 else "3.1.1"
+
+    def wake(self) -> None:
+        """Make the delivery loop look at the outbox now (the outbox calls this after each add)."""
+        self._wake.set()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until nothing is pending or in flight; True if that happened within ``timeout_s``."""
+        deadline = self._clock.monotonic() + timeout_s
+        while True:
+            with self._state_lock:
+                busy = bool(self._inflight or self._acked)
+            if not busy and self._outbox.stats()["pending"] == 0:
+                return True
+            if self._stopping.is_set() or self._clock.monotonic() >= deadline:
+                return False
+            self._wake.set()
+            self._stopping.wait(0.05)
+
+    # ------------------------------------------------------------------ pipeline-facing
+
+    def submit(
+        self,
+        payload: bytes,
+        audit: Mapping[str, Any],
+        *,
+        expires_at: float | None,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+    ) -> list[int]:
+        """Store a result for delivery: always to the results topic, and also to a trigger's response topic.
+
+        The results topic always gets the result, because the sorting machines and the
+        audit listeners subscribe there whoever asked. A PLC that sent an MQTT v5
+        trigger with a ResponseTopic also gets a direct reply carrying its
+        CorrelationData, so it can match the answer to its request without parsing.
+        """
+        ids = [self._outbox.add(self.settings.results_topic, payload, self.settings.result_qos,
+                                expires_at, audit)]
+        if response_topic:
+            if any(c in response_topic for c in "+#"):
+                log.warning("ignoring trigger response topic with wildcards: %r", response_topic)
+            else:
+                ids.append(self._outbox.add(response_topic, payload, self.settings.result_qos, expires_at,
+                                            audit, correlation_data=correlation_data))
+        return ids
+
+    def publish_event(self, kind: str, data: Mapping[str, Any]) -> bool:
+        """Publish a non-critical event (QoS 0, not stored); False if it could not be sent now."""
+        if not kind or any(c in kind for c in "/+#"):
+            raise ValueError(f"event kind must be a plain word, got {kind!r}")
+        client = self._client
+        if client is None or not self._connected.is_set():
+            self._count("events_dropped")
+            return False
+        payload = json.dumps(dict(data), sort_keys=True, default=str).encode()
+        info = client.publish(f"{self.settings.events_topic}/{kind}", payload, qos=0)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._count("events_dropped")
+            return False
+        self._count("events_sent")
+        return True
+
+    def stats(self) -> dict[str, Any]:
+        """Connection state and counters since start (the outbox keeps the durable totals)."""
+        with self._state_lock:
+            counts = dict(self._counts)
+            inflight = len(self._inflight)
+        return {"connected": self.connected, "protocol": self.protocol, "inflight": inflight, **counts}
+
+    # ------------------------------------------------------------------ paho client
+
+    def _build_client(self) -> paho.Client:
+        s = self.settings
+        if self._use_v5:
+            client = paho.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id,
+                                 protocol=MQTTProtocolVersion.MQTTv5)
+        else:
+            # Clean session: a trigger queued while we were away is for an envelope that
+            # has long left the camera, so the broker must not replay it to us.
+            client = paho.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id, clean_session=True,
+                                 protocol=MQTTProtocolVersion.MQTTv311)
+        client.enable_logger(logging.getLogger(f"{__name__}.paho"))  # paho logs the password flag, never the value
+        if s.username:
+            client.username_pw_set(s.username, s.password)
+        if s.tls is not None:
+            client.tls_set(ca_certs=s.tls.ca_certs, certfile=s.tls.certfile, keyfile=s.tls.keyfile,
+                           cert_reqs=ssl.CERT_REQUIRED)
+            if s.tls.insecure:
+                client.tls_insecure_set(True)
+        client.will_set(s.status_topic, self._status_payload("offline", "connection lost"), qos=1, retain=True)
+        client.reconnect_delay_set(s.reconnect_min_delay_s, s.reconnect_max_delay_s)
+        # Our window bounds what we hand to paho; paho's limits sit above it so that it
+        # never refuses (or, for a full queue, silently drops) a result, and the headroom
+        # is for the status message and QoS 0 events.
+        client.max_inflight_messages_set(s.window + 2)
+        client.max_queued_messages_set(s.window + s.max_queued_events + 2)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        log.info("MQTT connecting to %s:%d as %s (MQTT %s, tls=%s, user=%s)", s.host, s.port, s.client_id,
+                 self.protocol, s.tls is not None, s.username or "-")
+        if self._use_v5:
+            client.connect_async(s.host, s.port, s.keepalive_s, clean_start=True)
+        else:
+            client.connect_async(s.host, s.port, s.keepalive_s)
+        # Published before the network thread starts: callbacks ignore any client but
+        # the current one, and the first CONNACK can arrive before we return.
+        self._client = client
+        client.loop_start()
+        return client
+
+    def _status_payload(self, state: str, reason: str = "") -> bytes:
+        body: dict[str, Any] = {"state": state, "client_id": self.settings.client_id}
+        if state == "online":
+            body["protocol"] = self.protocol
+            body["since"] = self._clock.time()
+        else:
+            body["reason"] = reason
+            if reason == "stopped":
+                body["at"] = self._clock.time()
+        return json.dumps(body, sort_keys=True).encode()
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: paho.ConnectFlags,
+                    reason_code: ReasonCode, properties: Properties | None) -> None:
+        if client is not self._client:
+            return
+        if reason_code.is_failure:
+            if reason_code.value == _UNSUPPORTED_PROTOCOL_VERSION and self._use_v5 \
+                    and self.settings.protocol == "auto":
+                log.warning("broker %s refused MQTT v5; falling back to MQTT 3.1.1", self.settings.host)
+                with self._state_lock:
+                    self._fallback_requested = True
+                self._wake.set()
+            else:
+                log.error("broker %s:%d refused the connection: %s (check mqtt.username/password, "
+                          "client_id and the broker's ACL)", self.settings.host, self.settings.port, reason_code)
+            return
+        now = self._clock.monotonic()
+        with self._state_lock:
+            self._counts["connects"] += 1
+            self._connected_at = now
+        self._quiet_connect_errors = False
+        self._connected.set()
+        log.info("MQTT connected to %s:%d (MQTT %s, session present=%s)", self.settings.host,
+                 self.settings.port, self.protocol, flags.session_present)
+        client.publish(self.settings.status_topic, self._status_payload("online"), qos=1, retain=True)
+        # Subscriptions do not survive a clean session: subscribe on every connect.
+        client.subscribe(self.settings.trigger_topic, qos=1)
+        self._wake.set()
+
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        if client is not self._client:
+            return
+        # paho calls this from inside its `except OSError`, so the cause is at hand; it
+        # is what tells a site engineer "refused" from "certificate name mismatch".
+        cause = sys.exc_info()[1]
+        # Logged once per outage: a broker down for hours would otherwise fill the journal.
+        level = logging.DEBUG if self._quiet_connect_errors else logging.WARNING
+        hint = " (check mqtt.tls.ca_certs and the name in the broker's certificate)" \
+            if isinstance(cause, ssl.SSLError) else ""
+        log.log(level, "cannot reach MQTT broker %s:%d: %s%s; retrying with backoff", self.settings.host,
+                self.settings.port, cause or "connection failed", hint)
+        self._quiet_connect_errors = True
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: paho.DisconnectFlags,
+                       reason_code: ReasonCode, properties: Properties | None) -> None:
+        if client is not self._client:
+            return
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        if was_connected:
+            with self._state_lock:
+                self._counts["disconnects"] += 1
+                inflight = len(self._inflight)
+            # In-flight messages are kept: paho still holds them and resends them (DUP,
+            # same mid) after reconnecting, so their PUBACKs still reach _on_publish.
+            # Publishing them again from the outbox would duplicate every one of them.
+            log.warning("MQTT disconnected from %s:%d (%s); %d message(s) in flight will be resent",
+                        self.settings.host, self.settings.port, reason_code, inflight)
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode],
+                      properties: Properties | None) -> None:
+        for rc in reason_codes:
+            if rc.is_failure:
+                log.error("broker refused the trigger subscription %s: %s (check the broker's ACL)",
+                          self.settings.trigger_topic, rc)
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        if client is not self._client or self._on_trigger is None:
+            return
+        if not paho.topic_matches_sub(self.settings.trigger_topic, message.topic):
+            return
+        props = message.properties
+        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
+        correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        self._count("triggers")
+        try:
+            # Runs on paho's network thread: the handler must hand off, not read the camera here.
+            self._on_trigger(bytes(message.payload), response_topic,
+                             None if correlation is None else bytes(correlation))
+        except Exception:
+            log.exception("trigger handler failed for a message on %s", message.topic)
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason_code: ReasonCode,
+                    properties: Properties | None) -> None:
+        if client is not self._client:
+            return
+        ok = not reason_code.is_failure
+        with self._state_lock:
+            entry = self._inflight.pop(mid, None)
+            if entry is None:
+                if self._publishing:  # the PUBACK beat publish() handing us the mid
+                    self._early[mid] = ok
+                return
+            self._settle(entry, ok, reason_code)
+        self._wake.set()
+
+    def _settle(self, entry: _InFlight, ok: bool, reason_code: ReasonCode | None = None) -> None:
+        """Record a broker answer for one message; caller holds _state_lock."""
+        self._inflight_ids.pop(entry.message_id, None)
+        if ok:
+            self._acked.append(entry.message_id)
+            self._counts["acked"] += 1
+        else:
+            # A v5 broker refused it (e.g. not authorised on that topic). It stays pending
+            # and is retried after a pause: an ACL fix on the broker then lets it through.
+            self._counts["rejected"] += 1
+            self._hold_until = self._clock.monotonic() + max(5.0, self.settings.reconnect_min_delay_s)
+            log.error("broker refused outbox message %d: %s; retrying later", entry.message_id, reason_code)
+
+    def _count(self, name: str) -> None:
+        with self._state_lock:
+            self._counts[name] += 1
+
+    # ------------------------------------------------------------------ delivery loop
+
+    def _deliver_loop(self) -> None:
+        while not self._stopping.is_set():
+            # A tick without a wake-up still runs, for expiry and the ack timeout.
+            self._wake.wait(1.0)
+            self._wake.clear()
+            if self._stopping.is_set():
+                break
+            try:
+                self._maybe_fall_back()
+                self._flush_acks()
+                self._expire_due()
+                if self._connected.is_set():
+                    self._republish_stale()
+                    self._fill_window()
+            except OutboxError:
+                log.exception("outbox error in the delivery loop; retrying in 5 s")
+                self._stopping.wait(5.0)
+            except Exception:
+                log.exception("unexpected error in the delivery loop; retrying in 1 s")
+                self._stopping.wait(1.0)
+
+    def _maybe_fall_back(self) -> None:
+        with self._state_lock:
+            if not self._fallback_requested:
+                return
+            self._fallback_requested = False
+        old = self._client
+        self._client = None  # its late callbacks are ignored from now on
+        if old is not None:
+            old.disconnect()
+            old.loop_stop()
+        with self._state_lock:
+            # The old client's queue died with it: whatever it held goes out again.
+            self._inflight.clear()
+            self._inflight_ids.clear()
+            self._early.clear()
+        self._use_v5 = False
+        self._build_client()
+
+    def _flush_acks(self) -> None:
+        with self._state_lock:
+            acked, self._acked = self._acked, []
+        if not acked:
+            return
+        try:
+            self._outbox.mark_delivered_many(acked)
+        except OutboxError:
+            with self._state_lock:
+                self._acked[:0] = acked  # keep them; a later pass writes them
+            raise
+
+    def _busy_ids(self) -> set[int]:
+        with self._state_lock:
+            return set(self._inflight_ids) | set(self._acked)
+
+    def _expire_due(self) -> None:
+        # Messages already handed to paho are left alone: paho may still deliver them.
+        expired = self._outbox.expire_due(self._clock.time(), exclude=self._busy_ids())
+        if expired:
+            with self._state_lock:
+                self._counts["expired"] += len(expired)
+
+    def _republish_stale(self) -> None:
+        now = self._clock.monotonic()
+        with self._state_lock:
+            since = max(self._connected_at, 0.0)
+            stale = [e for e in self._inflight.values()
+                     if now - max(e.sent_at, since) > self.settings.ack_timeout_s]
+            for entry in stale:
+                del self._inflight[entry.mid]
+                self._inflight_ids.pop(entry.message_id, None)
+                self._counts["republished"] += 1
+        for entry in stale:
+            log.warning("no PUBACK for outbox message %d after %.0f s connected; publishing it again",
+                        entry.message_id, self.settings.ack_timeout_s)
+
+    def _fill_window(self) -> None:
+        while not self._stopping.is_set() and self._connected.is_set():
+            with self._state_lock:
+                free = self.settings.window - len(self._inflight)
+                held = self._clock.monotonic() < self._hold_until
+            if free <= 0 or held:
+                return
+            busy = self._busy_ids()
+            batch = [m for m in self._outbox.pending(len(busy) + free) if m.id not in busy]
+            if not batch:
+                return
+            for message in batch[:free]:
+                if not self._publish(message):
+                    return  # paho refused: keep the order, try again on the next wake-up
+
+    def _publish(self, message: OutboxMessage) -> bool:
+        client = self._client
+        if client is None:
+            return False
+        now = self._clock.time()
+        if message.expires_at is not None and message.expires_at <= now:
+            if self._outbox.mark_expired(message.id):
+                self._count("expired")
+                log.warning("outbox message %d expired before it could be published", message.id)
+            return True
+        properties = None
+        if self._use_v5 and (message.expires_at is not None or message.correlation_data is not None):
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho leaves it untyped
+            if message.expires_at is not None:
+                # The broker discards it when this runs out, so a sorting machine that
+                # reconnects late never acts on a result for an envelope already gone.
+                properties.MessageExpiryInterval = max(1, math.ceil(message.expires_at - now))
+            if message.correlation_data is not None:
+                properties.CorrelationData = message.correlation_data
+        # Our locks are never held while paho runs (see the class docstring). An ack
+        # arriving between paho sending the packet and publish() returning its mid is
+        # parked in _early while _publishing is set, and matched just below. Only this
+        # thread publishes outbox messages, so one flag is enough.
+        with self._state_lock:
+            self._publishing = True
+            self._early.clear()
+        try:
+            info = client.publish(message.topic, message.payload, qos=message.qos, properties=properties)
+        except ValueError as exc:
+            with self._state_lock:
+                self._publishing = False
+            # A topic paho rejects can never be published; waiting would block the queue forever.
+            log.error("outbox message %d can never be published (%s); marking it expired", message.id, exc)
+            if self._outbox.mark_expired(message.id):
+                self._count("expired")
+            return True
+        with self._state_lock:
+            self._publishing = False
+            early = self._early.pop(info.mid, None)
+            self._early.clear()
+            # NO_CONN for QoS > 0 means paho queued it and sends it after reconnecting.
+            accepted = info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (
+                info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and message.qos > 0)
+            if accepted:
+                self._counts["published"] += 1
+                entry = _InFlight(message.id, info.mid, self._clock.monotonic())
+                if early is not None:
+                    self._settle(entry, early)
+                else:
+                    self._inflight[info.mid] = entry
+                    self._inflight_ids[message.id] = info.mid
+        if not accepted:
+            log.warning("paho did not take outbox message %d (%s); will retry", message.id,
+                        paho.error_string(info.rc))
+            return False
+        self._outbox.record_attempt(message.id)
+        return True
+
+
+
+class PlcClient:
+    """A simulated sorting-machine PLC: sends triggers and collects results (demo, benchmarks, tests).
+
+    It speaks MQTT like the real PLC would (v5 when the broker does, else 3.1.1) and
+    de-duplicates results on ``result_id``, as every subscriber must with at-least-once delivery.
+    """
+
+    def __init__(self, host: str, port: int, *, trigger_topic: str, result_topic: str,
+                 status_topic: str, client_id: str = "simulated-plc", protocol: str = "auto") -> None:
+        self.host, self.port = host, port
+        self.trigger_topic, self.result_topic, self.status_topic = trigger_topic, result_topic, status_topic
+        version = paho.MQTTv311 if protocol == "3.1.1" else paho.MQTTv5
+        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version)
+        self._client.on_connect = self._on_connect
+        self._client.on_message = self._on_message
+        self._cond = threading.Condition()
+        self._connected = False
+        self._sent: dict[str, float] = {}  # item_id -> monotonic send time
+        self._results: dict[str, tuple[dict[str, Any], float]] = {}  # item_id -> first result, latency
+        self._seen: set[str] = set()  # result_ids
+        self.duplicates = 0
+        self.status: dict[str, Any] = {}
+
+    def start(self) -> None:
+        self._client.connect(self.host, self.port, keepalive=30)
+        self._client.loop_start()
+        with self._cond:
+            self._cond.wait_for(lambda: self._connected, 15)
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: ReasonCode,
+                    properties: Properties | None) -> None:
+        client.subscribe([(self.result_topic, 1), (self.status_topic, 1)])
+        with self._cond:
+            self._connected = True
+            self._cond.notify_all()
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        now = time.monotonic()
+        try:
+            payload = json.loads(message.payload)
+        except ValueError:
+            return
+        with self._cond:
+            if message.topic == self.status_topic:
+                self.status = payload
+            elif isinstance(payload, dict) and "result_id" in payload:
+                if payload["result_id"] in self._seen:
+                    self.duplicates += 1
+                    return
+                self._seen.add(payload["result_id"])
+                item = str(payload.get("item_id"))
+                sent = self._sent.get(item)
+                latency = (now - sent) * 1000.0 if sent is not None else float("nan")
+                self._results.setdefault(item, (payload, latency))
+            self._cond.notify_all()
+
+    def wait_online(self, timeout_s: float) -> bool:
+        """Wait for the agent's retained status to say online."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.status.get("state") == "online", timeout_s)
+
+    def agent_status(self) -> dict[str, Any]:
+        with self._cond:
+            return dict(self.status)
+
+    def trigger(self, item_id: str, payload: bytes | None = None) -> None:
+        """Publish one trigger, as the PLC does when an item reaches the camera."""
+        with self._cond:
+            self._sent[item_id] = time.monotonic()
+        body = payload if payload is not None else json.dumps({"item_id": item_id}).encode()
+        self._client.publish(self.trigger_topic, body, qos=1)
+
+    def result(self, item_id: str, timeout_s: float) -> tuple[dict[str, Any], float] | None:
+        """The first result for an item and its trigger-to-result latency in ms, or None."""
+        with self._cond:
+            self._cond.wait_for(lambda: item_id in self._results, timeout_s)
+            return self._results.get(item_id)
+
+    def request(self, item_id: str, timeout_s: float) -> tuple[dict[str, Any], float] | None:
+        self.trigger(item_id)
+        return self.result(item_id, timeout_s)
+
+    def burst(self, item_ids: list[str], timeout_s: float) -> list[float]:
+        """Trigger all items at once; latencies (ms) of those answered within timeout_s."""
+        for item in item_ids:
+            self.trigger(item)
+        with self._cond:
+            self._cond.wait_for(lambda: all(i in self._results for i in item_ids), timeout_s)
+            return [self._results[i][1] for i in item_ids if i in self._results]
+
+    def results(self) -> dict[str, dict[str, Any]]:
+        with self._cond:
+            return {item: payload for item, (payload, _latency) in self._results.items()}

@@ -1,0 +1,425 @@
+"""Durable outbox and audit trail: every result is stored here before it is published.
+
+A row is written (and committed) before the MQTT adapter sees it and is marked
+delivered only when the broker acknowledged it, so a crash, a broker outage or a
+network cut delays results but never loses them. Rows that were delivered,
+expired or dropped stay for ``retention_s`` as the audit trail used to trace a
+mis-sorted item back to its image, model and scores.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .types import Clock
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    -- AUTOINCREMENT: ids are never reused after a prune, so "oldest first" is
+    -- simply "lowest id first" and an id in a log line names one result forever.
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic            TEXT    NOT NULL,
+    payload          BLOB    NOT NULL,
+    qos              INTEGER NOT NULL,
+    correlation_data BLOB,
+    expires_at       REAL,
+    created_at       REAL    NOT NULL,
+    state            TEXT    NOT NULL,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    finished_at      REAL,
+    result_id        TEXT,
+    item_id          TEXT,
+    audit            TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_state_id ON messages (state, id);
+CREATE INDEX IF NOT EXISTS messages_item_id ON messages (item_id);
+CREATE INDEX IF NOT EXISTS messages_finished_at ON messages (finished_at);
+CREATE TABLE IF NOT EXISTS counters (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"""
+
+_COUNTERS = ("added", "delivered", "dropped", "expired")
+
+
+def _json_default(value: Any) -> Any:
+    """JSON for the values an audit record carries besides plain ones: numpy scores, enums."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if hasattr(value, "tolist"):  # numpy arrays and scalars, without importing numpy here
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+class OutboxError(Exception):
+    """The outbox database cannot be opened or written; the message says what to do."""
+
+
+class MessageState(str, enum.Enum):
+    """Where a stored message is in its life."""
+
+    PENDING = "pending"  # stored, not yet acknowledged by the broker
+    DELIVERED = "delivered"  # the broker acknowledged it (QoS 1 PUBACK)
+    EXPIRED = "expired"  # its deadline passed before it could be delivered
+    DROPPED = "dropped"  # evicted, oldest first, because the outbox was full
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    """One message waiting for delivery, as the delivery loop needs it."""
+
+    id: int
+    topic: str
+    payload: bytes
+    qos: int
+    expires_at: float | None
+    created_at: float
+    attempts: int
+    correlation_data: bytes | None = None  # MQTT v5 reply to a trigger that asked for one
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """What happened to one stored message: for tracing a mis-sort back to its read."""
+
+    message_id: int
+    topic: str
+    state: MessageState
+    result_id: str | None
+    item_id: str | None
+    created_at: float
+    finished_at: float | None
+    attempts: int
+    audit: dict[str, Any] = field(default_factory=dict)  # image_sha256, model_version, scores, decision, ...
+
+    @property
+    def delivered_at(self) -> float | None:
+        """When the broker acknowledged the message, or None if it never did."""
+        return self.finished_at if self.state is MessageState.DELIVERED else None
+
+
+class Outbox:
+    """SQLite outbox (WAL) shared by the pipeline (writer) and the MQTT delivery loop.
+
+    Thread-safe: one connection guarded by a lock. Writes are tiny (one row per
+    envelope) so a single serialised connection is far from a bottleneck and
+    avoids SQLite's busy/retry dance between connections of one process.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        clock: Clock,
+        max_pending: int = 10_000,
+        retention_s: float = 7 * 86_400.0,
+        synchronous: str = "NORMAL",
+    ) -> None:
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be at least 1, got {max_pending}")
+        if retention_s < 0:
+            raise ValueError(f"retention_s must not be negative, got {retention_s}")
+        synchronous = synchronous.upper()
+        # NORMAL is the default. In WAL mode a commit under NORMAL has been written to
+        # the WAL file (the OS page cache) before add() returns, so it survives kill -9,
+        # an OOM kill or a crash of the agent: the cases we see in the field. Only a
+        # power cut or kernel crash can roll back the last few commits (the database
+        # stays consistent), and then the sorting line is down too: the items under the
+        # camera are re-fed or go to the manual bin when the PLC gets no answer. FULL
+        # closes that gap at one fsync per envelope, which on SD/eMMC storage costs
+        # milliseconds and flash wear; sites without a UPS that want it can ask for it.
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be NORMAL or FULL, got {synchronous!r}")
+        self.path = Path(path)
+        self.max_pending = max_pending
+        self.retention_s = retention_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[], None]] = []
+        self._conn = self._open(synchronous)
+
+    # ------------------------------------------------------------------ opening
+
+    def _open(self, synchronous: str) -> sqlite3.Connection:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutboxError(f"cannot create the outbox folder {self.path.parent}: {exc}") from exc
+        conn: sqlite3.Connection | None = None
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves so every write
+            # is exactly one explicit transaction.
+            conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                log.warning("outbox %s: journal_mode is %s, not wal (filesystem without shared memory?)",
+                            self.path, mode)
+            conn.execute(f"PRAGMA synchronous={synchronous}")
+            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise OutboxError(self._corrupt_message(f"integrity check failed: {check}"))
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if version == 0 and tables - {"sqlite_sequence"}:
+                raise OutboxError(self._corrupt_message(
+                    f"it is an SQLite database but not an outbox (tables: {', '.join(sorted(tables))})"))
+            if version > SCHEMA_VERSION:
+                raise OutboxError(
+                    f"outbox {self.path} has schema version {version}, newer than this agent's "
+                    f"{SCHEMA_VERSION}: it was written by a newer release; upgrade the agent or move the file aside")
+            conn.executescript(_SCHEMA)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            for name in _COUNTERS:
+                conn.execute("INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)", (name,))
+        except OutboxError:
+            if conn is not None:
+                conn.close()
+            raise
+        except sqlite3.OperationalError as exc:
+            if conn is not None:
+                conn.close()
+            if "locked" in str(exc):
+                raise OutboxError(
+                    f"outbox {self.path} is locked by another process ({exc}); "
+                    "is a second agent running on the same data folder?") from exc
+            raise OutboxError(f"cannot open outbox {self.path}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            if conn is not None:
+                conn.close()
+            raise OutboxError(self._corrupt_message(str(exc))) from exc
+        pending = conn.execute("SELECT COUNT(*) FROM messages WHERE state = ?",
+                               (MessageState.PENDING.value,)).fetchone()[0]
+        log.info("outbox %s open: %d pending from before, synchronous=%s", self.path, pending, synchronous)
+        return conn
+
+    def _corrupt_message(self, detail: str) -> str:
+        return (f"outbox database {self.path} is corrupt or not an outbox ({detail}). "
+                f"Stop the agent, move the file (and any -wal/-shm files beside it) aside "
+                f"to keep its audit trail, then start the agent again to create a new one")
+
+    @contextmanager
+    def _tx(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction under the lock; SQLite errors become OutboxError."""
+        with self._lock:
+            try:
+                # IMMEDIATE takes the write lock up front, so a concurrent reader in
+                # another process cannot make us fail half-way through.
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise OutboxError(f"outbox {self.path}: {what} failed: {exc} "
+                                  "(disk full or failing storage?)") from exc
+
+    def _read(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                return self._conn.execute(sql, tuple(params)).fetchall()
+            except sqlite3.Error as exc:
+                raise OutboxError(f"outbox {self.path}: read failed: {exc}") from exc
+
+    @staticmethod
+    def _bump(conn: sqlite3.Connection, name: str, by: int) -> None:
+        if by:
+            conn.execute("UPDATE counters SET value = value + ? WHERE name = ?", (by, name))
+
+    # ------------------------------------------------------------------ writing
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` after each committed add (the delivery loop's wake-up)."""
+        self._listeners.append(callback)
+
+    def remove_listener(self, callback: Callable[[], None]) -> None:
+        """Undo ``add_listener`` (a stopped delivery loop no longer needs waking)."""
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+
+    def add(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        expires_at: float | None = None,
+        audit: Mapping[str, Any] | None = None,
+        *,
+        correlation_data: bytes | None = None,
+    ) -> int:
+        """Store one message durably and return its id; when full, the oldest pending are dropped."""
+        if qos not in (0, 1, 2):
+            raise ValueError(f"qos must be 0, 1 or 2, got {qos}")
+        if not topic:
+            raise ValueError("topic must not be empty")
+        audit_dict = dict(audit or {})
+        now = self._clock.time()
+        try:
+            audit_json = json.dumps(audit_dict, sort_keys=True, default=_json_default)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"audit record is not JSON-serialisable: {exc}") from exc
+        result_id = audit_dict.get("result_id")
+        item_id = audit_dict.get("item_id")
+        with self._tx("storing a result") as conn:
+            cur = conn.execute(
+                "INSERT INTO messages (topic, payload, qos, correlation_data, expires_at, created_at, state,"
+                " result_id, item_id, audit) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (topic, bytes(payload), qos, correlation_data, expires_at, now, MessageState.PENDING.value,
+                 None if result_id is None else str(result_id), None if item_id is None else str(item_id),
+                 audit_json),
+            )
+            message_id = int(cur.lastrowid or 0)
+            self._bump(conn, "added", 1)
+            pending = conn.execute("SELECT COUNT(*) FROM messages WHERE state = ?",
+                                   (MessageState.PENDING.value,)).fetchone()[0]
+            excess = pending - self.max_pending
+            dropped: list[int] = []
+            if excess > 0:
+                # Drop the oldest, never the new one: the newest result is the one the
+                # sorting machine can still act on; the oldest envelopes are long gone.
+                dropped = [r[0] for r in conn.execute(
+                    "SELECT id FROM messages WHERE state = ? ORDER BY id LIMIT ?",
+                    (MessageState.PENDING.value, excess))]
+                conn.executemany("UPDATE messages SET state = ?, finished_at = ? WHERE id = ?",
+                                 [(MessageState.DROPPED.value, now, i) for i in dropped])
+                self._bump(conn, "dropped", len(dropped))
+        if dropped:
+            log.warning("outbox full (%d pending): dropped oldest message(s) %s", self.max_pending, dropped)
+        for callback in list(self._listeners):
+            try:
+                callback()
+            except Exception:  # a listener must not make a stored result look unstored
+                log.exception("outbox listener failed")
+        return message_id
+
+    def record_attempt(self, message_id: int) -> None:
+        """Count one publish attempt (for the audit trail and for spotting a stuck message)."""
+        with self._tx("recording an attempt") as conn:
+            conn.execute("UPDATE messages SET attempts = attempts + 1 WHERE id = ?", (message_id,))
+
+    def mark_delivered(self, message_id: int) -> bool:
+        """Record the broker's acknowledgement; False if the message was already finished or unknown."""
+        return self.mark_delivered_many([message_id]) == 1
+
+    def mark_delivered_many(self, message_ids: Iterable[int]) -> int:
+        """Record acknowledgements for several messages in one transaction; returns how many changed."""
+        ids = list(message_ids)
+        if not ids:
+            return 0
+        now = self._clock.time()
+        changed = 0
+        with self._tx("marking delivered") as conn:
+            for message_id in ids:
+                row = conn.execute("SELECT state FROM messages WHERE id = ?", (message_id,)).fetchone()
+                if row is None or row[0] == MessageState.DELIVERED.value:
+                    continue
+                # A message dropped or expired while paho still held it, whose PUBACK then
+                # arrives, did reach the broker: the audit trail must say so, so it moves
+                # to delivered and out of the other total.
+                conn.execute("UPDATE messages SET state = ?, finished_at = ? WHERE id = ?",
+                             (MessageState.DELIVERED.value, now, message_id))
+                self._bump(conn, "delivered", 1)
+                if row[0] != MessageState.PENDING.value:
+                    self._bump(conn, row[0], -1)
+                changed += 1
+        return changed
+
+    def mark_expired(self, message_id: int) -> bool:
+        """Give up on a pending message whose deadline passed; False if it was not pending."""
+        now = self._clock.time()
+        with self._tx("marking expired") as conn:
+            cur = conn.execute("UPDATE messages SET state = ?, finished_at = ? WHERE id = ? AND state = ?",
+                               (MessageState.EXPIRED.value, now, message_id, MessageState.PENDING.value))
+            self._bump(conn, "expired", cur.rowcount)
+        return cur.rowcount == 1
+
+    def expire_due(self, now: float | None = None, exclude: Collection[int] = ()) -> list[int]:
+        """Expire pending messages whose ``expires_at`` is at or before ``now``, except ``exclude``; returns ids."""
+        now = self._clock.time() if now is None else now
+        # Read first: the delivery loop calls this every second and there is usually
+        # nothing to expire, so most calls should not take the write lock.
+        due = [r[0] for r in self._read(
+            "SELECT id FROM messages WHERE state = ? AND expires_at IS NOT NULL AND expires_at <= ?"
+            " ORDER BY id", (MessageState.PENDING.value, now)) if r[0] not in exclude]
+        if not due:
+            return []
+        ids = []
+        with self._tx("expiring messages") as conn:
+            for message_id in due:  # skip any that were delivered since the read
+                cur = conn.execute("UPDATE messages SET state = ?, finished_at = ? WHERE id = ? AND state = ?",
+                                   (MessageState.EXPIRED.value, now, message_id, MessageState.PENDING.value))
+                if cur.rowcount:
+                    ids.append(message_id)
+            self._bump(conn, "expired", len(ids))
+        if ids:
+            log.warning("expired %d undelivered message(s): %s", len(ids), ids)
+        return ids
+
+    def prune(self, now: float | None = None) -> int:
+        """Delete finished rows older than the retention period; returns how many were removed."""
+        now = self._clock.time() if now is None else now
+        with self._tx("pruning the audit trail") as conn:
+            cur = conn.execute("DELETE FROM messages WHERE state != ? AND finished_at < ?",
+                               (MessageState.PENDING.value, now - self.retention_s))
+        return cur.rowcount
+
+    # ------------------------------------------------------------------ reading
+
+    def pending(self, limit: int = 100) -> list[OutboxMessage]:
+        """Pending messages, oldest first."""
+        rows = self._read(
+            "SELECT id, topic, payload, qos, expires_at, created_at, attempts, correlation_data"
+            " FROM messages WHERE state = ? ORDER BY id LIMIT ?", (MessageState.PENDING.value, limit))
+        return [OutboxMessage(id=r[0], topic=r[1], payload=bytes(r[2]), qos=r[3], expires_at=r[4],
+                              created_at=r[5], attempts=r[6],
+                              correlation_data=None if r[7] is None else bytes(r[7])) for r in rows]
+
+    def stats(self) -> dict[str, int]:
+        """``pending`` now, plus lifetime totals ``added``, ``delivered``, ``dropped``, ``expired``.
+
+        Totals are kept in the database, so they survive restarts and pruning and can
+        be exported as monotonic counters; added == pending + delivered + dropped + expired.
+        """
+        counters = dict(self._read("SELECT name, value FROM counters"))
+        pending = self._read("SELECT COUNT(*) FROM messages WHERE state = ?", (MessageState.PENDING.value,))
+        return {"pending": int(pending[0][0]), **{name: int(counters.get(name, 0)) for name in _COUNTERS}}
+
+    def audit(self, item_id: str) -> list[AuditRecord]:
+        """Every stored message about one item (result and replies), oldest first."""
+        rows = self._read(
+            "SELECT id, topic, state, result_id, item_id, created_at, finished_at, attempts, audit"
+            " FROM messages WHERE item_id = ? ORDER BY id", (item_id,))
+        return [AuditRecord(message_id=r[0], topic=r[1], state=MessageState(r[2]), result_id=r[3],
+                            item_id=r[4], created_at=r[5], finished_at=r[6], attempts=r[7],
+                            audit=json.loads(r[8])) for r in rows]
+
+    def state(self, message_id: int) -> MessageState | None:
+        """The state of one message, or None if it is unknown (or pruned)."""
+        rows = self._read("SELECT state FROM messages WHERE id = ?", (message_id,))
+        return MessageState(rows[0][0]) if rows else None
+
+    def close(self) -> None:
+        """Close the database; further calls raise OutboxError."""
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> "Outbox":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,47 @@
+"""Shared fixtures: a real Mosquitto broker for the MQTT integration tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.broker import MosquittoBroker, find_mosquitto
+
+
+@pytest.fixture(scope="session")
+def mosquitto_executable() -> str:
+    """Path of mosquitto; the test is skipped, saying why, where it is not installed."""
+    path = find_mosquitto()
+    if path is None:
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto); MQTT integration tests need it")
+    return path
+
+
+@pytest.fixture
+def mqtt_broker(tmp_path: Path, mosquitto_executable: str) -> Iterator[MosquittoBroker]:
+    """A fresh mosquitto on a free loopback port, persistence off; stop()/start()/restart() keep the port."""
+    broker = MosquittoBroker(tmp_path / "mosquitto", mosquitto_executable)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.kill()
+
+
+@pytest.fixture
+def persistent_mqtt_broker(tmp_path: Path, mosquitto_executable: str) -> Iterator[MosquittoBroker]:
+    """Like mqtt_broker, with persistence on: sessions and queued messages survive a clean restart."""
+    broker = MosquittoBroker(tmp_path / "mosquitto-persistent", mosquitto_executable, persistence=True)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.kill()
+
+
+@pytest.fixture
+def mqtt_address(mqtt_broker: MosquittoBroker) -> tuple[str, int]:
+    """(host, port) of a running mosquitto."""
+    return mqtt_broker.address

@@ -1,0 +1,318 @@
+"""FrameGrabber on a real thread: latest-frame semantics, reconnects, ends, callbacks.
+
+Timeouts here are generous upper bounds for waiting only; no test asserts how
+fast something happened.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_agent.grabber import FrameGrabber, GrabberState
+from edge_agent.sources import DirectorySource, SourceError, VideoFileSource
+from edge_agent.types import Frame, SystemClock
+
+WAIT = 10.0  # seconds; only ever an upper bound on waiting
+FAST_BACKOFF = (0.01, 0.05)
+
+
+class FixedWallClock(SystemClock):
+    """Real monotonic time (the grabber waits on it) but a known wall clock for captured_at."""
+
+    def time(self) -> float:
+        return 1_700_000_000.0
+
+
+class ScriptedSource:
+    """A camera the test controls: frames are pushed in, and it can be unplugged."""
+
+    def __init__(self, live: bool = True) -> None:
+        self.name = "fake:cam"
+        self.live = live
+        self.frames: deque[np.ndarray] = deque()
+        self.available = True
+        self.opens = 0
+        self.closes = 0
+        self.reads = 0
+        self._lock = threading.Lock()
+
+    def push(self, *values: int) -> None:
+        with self._lock:
+            self.frames.extend(np.full((2, 2), v, dtype=np.uint8) for v in values)
+
+    def open(self) -> None:
+        if not self.available:
+            raise SourceError("fake:cam: unplugged")
+        self.opens += 1
+
+    def read(self) -> np.ndarray | None:
+        self.reads += 1
+        if not self.available:
+            raise SourceError("fake:cam: cable pulled")
+        with self._lock:
+            return self.frames.popleft() if self.frames else None
+
+    def close(self) -> None:
+        self.closes += 1
+
+
+class EndlessSource(ScriptedSource):
+    """Always has a frame (value = how many it has made, mod 256)."""
+
+    def read(self) -> np.ndarray | None:
+        self.reads += 1
+        return np.full((2, 2), self.reads % 256, dtype=np.uint8)
+
+
+def wait_until(predicate, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met within the wait")
+        time.sleep(0.005)
+
+
+def value(frame: Frame) -> int:
+    return int(frame.image.flat[0])
+
+
+@pytest.fixture
+def source() -> ScriptedSource:
+    return ScriptedSource()
+
+
+def grabber_for(source, **kwargs) -> FrameGrabber:
+    kwargs.setdefault("stall_timeout_s", None)
+    return FrameGrabber(source, SystemClock(), FAST_BACKOFF, **kwargs)
+
+
+def test_frames_are_stamped_with_clock_seq_and_source(source):
+    source.push(11, 12)
+    with FrameGrabber(source, FixedWallClock(), FAST_BACKOFF, stall_timeout_s=None) as grabber:
+        frame = grabber.wait_for_frame(1, WAIT)
+        assert frame is not None
+        assert (frame.seq, value(frame), frame.captured_at, frame.source) == (2, 12, 1_700_000_000.0, "fake:cam")
+        assert not frame.image.flags.writeable
+
+
+def test_slow_consumer_gets_the_newest_frame_not_the_oldest(source):
+    with grabber_for(source) as grabber:
+        source.push(1)
+        first = grabber.wait_for_frame(0, WAIT)
+        assert first is not None and value(first) == 1
+        # While the consumer is busy the camera delivers nine more frames.
+        source.push(*range(2, 11))
+        wait_until(lambda: grabber.last_seq == 10)
+        assert value(grabber.latest()) == 10
+        assert grabber.latest().seq == 10
+        assert grabber.wait_for_frame(first.seq, WAIT).seq == 10
+
+
+def test_latest_with_max_age_refuses_a_stale_frame(source):
+    clock = SystemClock()
+    with FrameGrabber(source, clock, FAST_BACKOFF, stall_timeout_s=None) as grabber:
+        source.push(1)
+        assert grabber.wait_for_frame(0, WAIT) is not None
+        assert grabber.latest(max_age_s=WAIT) is not None
+        time.sleep(0.05)
+        assert grabber.latest(max_age_s=0.01) is None
+        assert grabber.latest() is not None
+
+
+def test_wait_for_frame_returns_none_when_nothing_newer_comes(source):
+    with grabber_for(source) as grabber:
+        assert grabber.latest() is None and grabber.last_seq == 0
+        assert grabber.wait_for_frame(0, 0.05) is None
+        source.push(5)
+        assert grabber.wait_for_frame(0, WAIT) is not None
+        assert grabber.wait_for_frame(grabber.last_seq, 0.05) is None
+
+
+def test_source_that_fails_reconnects_and_recovers(source):
+    with grabber_for(source, failed_after=1000) as grabber:
+        source.push(1)
+        assert grabber.wait_for_frame(0, WAIT) is not None
+        assert grabber.health()["state"] == "ok"
+
+        source.available = False  # cable pulled: read raises, then open raises
+        wait_until(lambda: grabber.health()["failures"] >= 3)
+        health = grabber.health()
+        assert health["state"] == "reconnecting"
+        assert "fake:cam" in health["last_error"]
+        assert source.closes >= 1
+
+        source.available = True
+        source.push(2)
+        frame = grabber.wait_for_frame(1, WAIT)
+        assert frame is not None and value(frame) == 2 and frame.seq == 2
+        assert grabber.health()["state"] == "ok"
+
+
+def test_persistent_failure_reports_failed_but_keeps_retrying(source):
+    source.available = False
+    with grabber_for(source, failed_after=3) as grabber:
+        wait_until(lambda: grabber.state is GrabberState.FAILED)
+        assert grabber.latest() is None
+        source.available = True
+        source.push(9)
+        assert grabber.wait_for_frame(0, WAIT) is not None
+        assert grabber.state is GrabberState.OK
+
+
+def test_live_source_without_frames_is_treated_as_stalled(source):
+    with grabber_for(source, stall_timeout_s=0.05, failed_after=1000) as grabber:
+        wait_until(lambda: grabber.health()["failures"] >= 1)
+        assert "no frame for" in grabber.health()["last_error"]
+        assert source.opens >= 2 or grabber.state is GrabberState.RECONNECTING
+
+
+def test_folder_with_nothing_new_is_healthy_not_stalled(tmp_path):
+    source = DirectorySource(tmp_path)
+    with grabber_for(source, stall_timeout_s=0.01, file_fps=200) as grabber:
+        wait_until(lambda: grabber.state is GrabberState.OK)
+        time.sleep(0.1)
+        assert grabber.health()["failures"] == 0
+
+
+def test_folder_deleted_mid_run_reconnects_and_recovers(tmp_path):
+    folder = tmp_path / "hotfolder"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "1.png"), np.full((8, 8, 3), 10, np.uint8))
+    source = DirectorySource(folder)
+    with grabber_for(source, file_fps=100, failed_after=1000) as grabber:
+        assert grabber.wait_for_frame(0, WAIT) is not None
+        shutil.rmtree(folder)
+        wait_until(lambda: grabber.state is GrabberState.RECONNECTING)
+        assert "folder" in grabber.health()["last_error"]
+
+        folder.mkdir()
+        cv2.imwrite(str(folder / "2.png"), np.full((8, 8, 3), 200, np.uint8))
+        frame = grabber.wait_for_frame(1, WAIT)
+        assert frame is not None and int(frame.image.mean()) == 200
+        assert grabber.state is GrabberState.OK
+
+
+def write_video(path: Path, count: int) -> Path:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (32, 24))
+    for i in range(count):
+        writer.write(np.full((24, 32, 3), 20 * i, np.uint8))
+    writer.release()
+    return path
+
+
+def test_video_file_without_loop_ends(tmp_path):
+    source = VideoFileSource(write_video(tmp_path / "v.avi", 4))
+    with grabber_for(source, file_fps=200) as grabber:
+        wait_until(lambda: grabber.state is GrabberState.ENDED)
+        assert grabber.health()["frames"] == 4
+        assert grabber.health()["failures"] == 0
+        # Nothing more will come: waiting returns at once instead of hanging.
+        assert grabber.wait_for_frame(4, WAIT) is None
+
+
+def test_looping_video_keeps_delivering(tmp_path):
+    source = VideoFileSource(write_video(tmp_path / "v.avi", 3), loop=True)
+    with grabber_for(source, file_fps=200) as grabber:
+        assert grabber.wait_for_frame(7, WAIT) is not None
+        assert grabber.state is GrabberState.OK
+
+
+def test_file_sources_are_paced_but_cameras_are_not():
+    paced = EndlessSource(live=False)
+    grabber = grabber_for(paced, file_fps=20).start()
+    started = time.monotonic()
+    time.sleep(0.3)
+    grabber.stop()
+    elapsed = time.monotonic() - started
+    # An upper bound only: a loaded machine can read fewer, never more.
+    assert paced.reads <= elapsed * 20 + 2
+
+    live = EndlessSource(live=True)
+    with grabber_for(live) as grabber:
+        wait_until(lambda: grabber.last_seq > 200)
+
+
+def test_live_flag_is_read_after_open_for_lazily_built_sources(tmp_path):
+    class Lazy:
+        """Like a wrapper that builds the real source on first open."""
+
+        name = "lazy"
+        live = True
+
+        def __init__(self) -> None:
+            self.inner = DirectorySource(tmp_path)
+
+        def open(self) -> None:
+            self.inner.open()
+            self.live = self.inner.live
+
+        def read(self):
+            return self.inner.read()
+
+        def close(self) -> None:
+            self.inner.close()
+
+    # An idle folder mistaken for a camera would be "stalled" and reopened.
+    with grabber_for(Lazy(), stall_timeout_s=0.01, file_fps=200) as grabber:
+        wait_until(lambda: grabber.state is GrabberState.OK)
+        time.sleep(0.1)
+        assert grabber.health()["failures"] == 0
+        assert not grabber.live
+
+
+def test_on_frame_sees_every_frame_and_a_failing_callback_is_contained(source):
+    seen: list[int] = []
+
+    def callback(frame: Frame) -> None:
+        seen.append(frame.seq)
+        if frame.seq == 2:
+            raise RuntimeError("detector bug")
+
+    with grabber_for(source, on_frame=callback) as grabber:
+        source.push(1, 2, 3)
+        assert grabber.wait_for_frame(2, WAIT) is not None
+        wait_until(lambda: len(seen) == 3)
+        assert seen == [1, 2, 3]
+        assert grabber.health()["callback_errors"] == 1
+        assert grabber.state is GrabberState.OK
+
+
+def test_health_reports_counts_and_fps():
+    source = EndlessSource()
+    with grabber_for(source) as grabber:
+        wait_until(lambda: grabber.last_seq > 50)
+        health = grabber.health()
+    assert set(health) >= {"state", "frames", "failures", "last_error", "fps"}
+    assert health["frames"] > 50 and health["failures"] == 0 and health["last_error"] is None
+    assert health["fps"] > 0
+
+
+def test_stop_closes_the_source_and_wakes_waiters(source):
+    grabber = grabber_for(source).start()
+    source.push(1)
+    assert grabber.wait_for_frame(0, WAIT) is not None
+    results: list[Frame | None] = []
+    waiter = threading.Thread(target=lambda: results.append(grabber.wait_for_frame(1, WAIT)))
+    waiter.start()
+    assert grabber.stop() is True
+    waiter.join(WAIT)
+    assert results == [None]
+    assert grabber.state is GrabberState.STOPPED
+    assert source.opens == source.closes == 1
+
+
+def test_bad_settings_are_rejected(source):
+    with pytest.raises(ValueError):
+        FrameGrabber(source, SystemClock(), (0, 1))
+    with pytest.raises(ValueError):
+        FrameGrabber(source, SystemClock(), (5, 1))
+    with pytest.raises(ValueError):
+        FrameGrabber(source, SystemClock(), file_fps=0)

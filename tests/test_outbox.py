@@ -1,0 +1,345 @@
+"""Outbox: durability, order, bounds, expiry, retention, audit trail, corrupt files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edge_agent.outbox import MessageState, Outbox, OutboxError
+from edge_agent.types import Reason
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self.now = start
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def audit_for(n: int) -> dict[str, object]:
+    return {"result_id": f"r{n}", "item_id": f"item{n}", "image_sha256": "ab" * 32, "model_version": "m1",
+            "scores": [0.9, 0.8], "decision": "accept"}
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def outbox(tmp_path: Path, clock: FakeClock) -> Iterator[Outbox]:
+    box = Outbox(tmp_path / "outbox.db", clock=clock, max_pending=100, retention_s=3600)
+    yield box
+    box.close()
+
+
+def test_added_message_is_pending_with_its_fields(outbox: Outbox, clock: FakeClock) -> None:
+    mid = outbox.add("postcode/result", b'{"a": 1}', 1, clock.now + 30, audit_for(1), correlation_data=b"\x00\x01")
+    [msg] = outbox.pending(10)
+    assert (msg.id, msg.topic, msg.payload, msg.qos) == (mid, "postcode/result", b'{"a": 1}', 1)
+    assert msg.expires_at == clock.now + 30
+    assert msg.created_at == clock.now
+    assert msg.attempts == 0
+    assert msg.correlation_data == b"\x00\x01"
+    assert outbox.stats() == {"pending": 1, "added": 1, "delivered": 0, "dropped": 0, "expired": 0}
+
+
+def test_pending_is_oldest_first_and_limited(outbox: Outbox) -> None:
+    ids = [outbox.add("t", str(i).encode(), 1, None, audit_for(i)) for i in range(5)]
+    assert [m.id for m in outbox.pending(3)] == ids[:3]
+    assert [m.payload for m in outbox.pending(10)] == [str(i).encode() for i in range(5)]
+
+
+def test_result_survives_reopening_the_file(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "outbox.db"
+    box = Outbox(path, clock=clock)
+    mid = box.add("t", b"x", 1, None, audit_for(1))
+    box.record_attempt(mid)
+    box.close()
+    again = Outbox(path, clock=clock)
+    [msg] = again.pending(10)
+    assert (msg.id, msg.payload, msg.attempts) == (mid, b"x", 1)
+    again.close()
+
+
+def test_mark_delivered_once(outbox: Outbox, clock: FakeClock) -> None:
+    mid = outbox.add("t", b"x", 1, None, audit_for(1))
+    clock.advance(2)
+    assert outbox.mark_delivered(mid) is True
+    assert outbox.mark_delivered(mid) is False
+    assert outbox.pending(10) == []
+    assert outbox.state(mid) is MessageState.DELIVERED
+    [record] = outbox.audit("item1")
+    assert record.delivered_at == clock.now
+    assert outbox.stats()["delivered"] == 1
+
+
+def test_full_outbox_drops_the_oldest_and_counts(tmp_path: Path, clock: FakeClock) -> None:
+    box = Outbox(tmp_path / "o.db", clock=clock, max_pending=3)
+    ids = [box.add("t", str(i).encode(), 1, None, audit_for(i)) for i in range(5)]
+    assert [m.id for m in box.pending(10)] == ids[2:]
+    assert box.stats() == {"pending": 3, "added": 5, "delivered": 0, "dropped": 2, "expired": 0}
+    assert [box.state(i) for i in ids[:2]] == [MessageState.DROPPED] * 2
+    # The audit trail keeps what was dropped, for tracing the envelope.
+    assert box.audit("item0")[0].state is MessageState.DROPPED
+    box.close()
+
+
+def test_late_ack_for_a_dropped_message_counts_as_delivered(tmp_path: Path, clock: FakeClock) -> None:
+    box = Outbox(tmp_path / "o.db", clock=clock, max_pending=1)
+    first = box.add("t", b"1", 1, None, audit_for(1))
+    box.add("t", b"2", 1, None, audit_for(2))
+    assert box.state(first) is MessageState.DROPPED
+    assert box.mark_delivered(first) is True
+    assert box.stats() == {"pending": 1, "added": 2, "delivered": 1, "dropped": 0, "expired": 0}
+    box.close()
+
+
+def test_late_ack_for_an_expired_message_counts_as_delivered(outbox: Outbox, clock: FakeClock) -> None:
+    mid = outbox.add("t", b"1", 1, clock.now + 1, audit_for(1))
+    clock.advance(5)
+    assert outbox.expire_due() == [mid]
+    assert outbox.mark_delivered(mid) is True
+    assert outbox.stats() == {"pending": 0, "added": 1, "delivered": 1, "dropped": 0, "expired": 0}
+
+
+def test_expire_due_respects_deadline_and_exclusions(outbox: Outbox, clock: FakeClock) -> None:
+    soon = outbox.add("t", b"soon", 1, clock.now + 5, audit_for(1))
+    later = outbox.add("t", b"later", 1, clock.now + 50, audit_for(2))
+    never = outbox.add("t", b"never", 1, None, audit_for(3))
+    in_flight = outbox.add("t", b"flight", 1, clock.now + 5, audit_for(4))
+    assert outbox.expire_due() == []
+    clock.advance(10)
+    assert outbox.expire_due(exclude={in_flight}) == [soon]
+    assert [m.id for m in outbox.pending(10)] == [later, never, in_flight]
+    assert outbox.mark_expired(in_flight) is True
+    assert outbox.mark_expired(in_flight) is False
+    assert outbox.stats()["expired"] == 2
+
+
+def test_prune_keeps_pending_and_recent_rows(outbox: Outbox, clock: FakeClock) -> None:
+    old_delivered = outbox.add("t", b"1", 1, None, audit_for(1))
+    outbox.mark_delivered(old_delivered)
+    still_pending = outbox.add("t", b"2", 1, None, audit_for(2))
+    clock.advance(3000)
+    recent = outbox.add("t", b"3", 1, None, audit_for(3))
+    outbox.mark_delivered(recent)
+    clock.advance(1000)  # old_delivered is now 4000 s old, past the 3600 s retention
+    assert outbox.prune() == 1
+    assert outbox.state(old_delivered) is None
+    assert outbox.state(still_pending) is MessageState.PENDING
+    assert outbox.state(recent) is MessageState.DELIVERED
+    # Totals are counters: pruning the trail does not rewrite history.
+    assert outbox.stats()["delivered"] == 2
+
+
+def test_audit_trail_for_an_item(outbox: Outbox, clock: FakeClock) -> None:
+    audit = audit_for(7)
+    result = outbox.add("postcode/result", b"x", 1, None, audit)
+    reply = outbox.add("plc/reply", b"x", 1, None, audit, correlation_data=b"c")
+    outbox.mark_delivered(result)
+    records = outbox.audit("item7")
+    assert [r.message_id for r in records] == [result, reply]
+    assert [r.topic for r in records] == ["postcode/result", "plc/reply"]
+    assert records[0].result_id == "r7"
+    assert records[0].audit == audit
+    assert records[0].state is MessageState.DELIVERED and records[1].state is MessageState.PENDING
+    assert outbox.audit("unknown") == []
+
+
+def test_listener_is_called_after_each_add(outbox: Outbox) -> None:
+    calls: list[int] = []
+    outbox.add_listener(lambda: calls.append(outbox.stats()["pending"]))
+    outbox.add("t", b"x", 1, None, audit_for(1))
+    assert calls == [1]  # called after the commit: the row is already visible
+
+
+def test_invalid_arguments_are_refused(outbox: Outbox, tmp_path: Path, clock: FakeClock) -> None:
+    with pytest.raises(ValueError):
+        outbox.add("t", b"x", 3, None, {})
+    with pytest.raises(ValueError):
+        outbox.add("", b"x", 1, None, {})
+    with pytest.raises(ValueError):
+        outbox.add("t", b"x", 1, None, {"bad": {1, 2}})
+    with pytest.raises(ValueError):
+        Outbox(tmp_path / "x.db", clock=clock, max_pending=0)
+    with pytest.raises(ValueError):
+        Outbox(tmp_path / "x.db", clock=clock, synchronous="OFF")
+
+
+def test_garbage_file_gives_an_actionable_error(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "outbox.db"
+    path.write_bytes(b"this is not a database\n" * 200)
+    with pytest.raises(OutboxError) as excinfo:
+        Outbox(path, clock=clock)
+    message = str(excinfo.value)
+    assert str(path) in message
+    assert "corrupt" in message and "move the file" in message
+
+
+def test_damaged_outbox_gives_an_actionable_error(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "outbox.db"
+    box = Outbox(path, clock=clock)
+    for i in range(300):
+        box.add("t", os.urandom(200), 1, None, audit_for(i))
+    box.close()
+    with sqlite3.connect(path) as conn:  # fold the WAL into the main file before damaging it
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = bytearray(path.read_bytes())
+    page = 4096
+    data[2 * page:6 * page] = b"\xff" * (4 * page)  # scribble over table and index pages
+    path.write_bytes(bytes(data))
+    with pytest.raises(OutboxError, match="corrupt"):
+        Outbox(path, clock=clock)
+
+
+def test_foreign_sqlite_database_is_refused(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE photos (id INTEGER)")
+    with pytest.raises(OutboxError, match="not an outbox"):
+        Outbox(path, clock=clock)
+
+
+def test_newer_schema_is_refused(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "outbox.db"
+    Outbox(path, clock=clock).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    with pytest.raises(OutboxError, match="newer"):
+        Outbox(path, clock=clock)
+
+
+def test_closed_outbox_raises_outbox_error(tmp_path: Path, clock: FakeClock) -> None:
+    box = Outbox(tmp_path / "o.db", clock=clock)
+    box.close()
+    with pytest.raises(OutboxError):
+        box.add("t", b"x", 1, None, {})
+    with pytest.raises(OutboxError):
+        box.pending()
+
+
+def test_concurrent_writers_and_deliverer(tmp_path: Path, clock: FakeClock) -> None:
+    outbox = Outbox(tmp_path / "o.db", clock=clock, max_pending=1000)
+    ids: list[int] = []
+    lock = threading.Lock()
+
+    def writer(w: int) -> None:
+        for i in range(50):
+            mid = outbox.add("t", f"{w}-{i}".encode(), 1, None, audit_for(i))
+            with lock:
+                ids.append(mid)
+
+    def deliverer() -> None:
+        for _ in range(200):
+            for msg in outbox.pending(5):
+                outbox.mark_delivered(msg.id)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)] + [threading.Thread(target=deliverer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(ids)) == 200
+    stats = outbox.stats()
+    assert stats["added"] == 200
+    assert stats["pending"] + stats["delivered"] == 200
+    outbox.close()
+
+
+_WRITER = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+from edge_agent.outbox import Outbox
+
+class Clock:
+    def time(self): return 1.0
+    def monotonic(self): return 1.0
+
+box = Outbox(sys.argv[2], clock=Clock())
+for i in range(int(sys.argv[3])):
+    box.add("t", str(i).encode(), 1, None, {"item_id": str(i)})
+print("stored", flush=True)
+sys.stdin.read()  # wait to be killed
+"""
+
+
+def test_results_survive_kill_minus_9(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "outbox.db"
+    script = tmp_path / "writer.py"
+    script.write_text(_WRITER)
+    proc = subprocess.Popen([sys.executable, str(script), str(REPO), str(path), "40"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == b"stored"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    box = Outbox(path, clock=clock)
+    assert [m.payload for m in box.pending(100)] == [str(i).encode() for i in range(40)]
+    box.close()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.sampled_from(["add", "deliver", "late_ack", "expire", "tick", "prune"]), max_size=60),
+       max_pending=st.integers(1, 6))
+def test_totals_always_add_up(tmp_path: Path, ops: list[str], max_pending: int) -> None:
+    clock = FakeClock()
+    path = tmp_path / f"prop-{os.getpid()}-{id(ops)}.db"
+    box = Outbox(path, clock=clock, max_pending=max_pending, retention_s=5)
+    try:
+        for op in ops:
+            if op == "add":
+                box.add("t", b"x", 1, clock.now + 3, {})
+            elif op == "deliver" and (pending := box.pending(1)):
+                box.mark_delivered(pending[0].id)
+            elif op == "late_ack":  # a PUBACK for whatever was stored first, in any state
+                box.mark_delivered(1)
+            elif op == "expire":
+                box.expire_due()
+            elif op == "tick":
+                clock.advance(2)
+            elif op == "prune":
+                box.prune()
+            s = box.stats()
+            assert s["added"] == s["pending"] + s["delivered"] + s["dropped"] + s["expired"]
+            assert s["pending"] <= max_pending
+            pending_ids = [m.id for m in box.pending(100)]
+            assert pending_ids == sorted(pending_ids)
+    finally:
+        box.close()
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def test_audit_json_round_trips_numpy_and_enums(outbox: Outbox) -> None:
+    scores = np.array([[0.25, 0.75]], dtype=np.float32)
+    audit = {"item_id": "a", "scores": scores, "top": np.float32(0.75),
+             "decision": {"accepted": False, "reason": Reason.LOW_CONFIDENCE}}
+    outbox.add("t", b"x", 1, None, audit)
+    [record] = outbox.audit("a")
+    assert record.audit == {"item_id": "a", "scores": [[0.25, 0.75]], "top": 0.75,
+                            "decision": {"accepted": False, "reason": "low_confidence"}}
