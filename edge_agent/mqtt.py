@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import socket
 import ssl
 import sys
 import threading
@@ -311,6 +312,7 @@ class MqttLink:
         client.max_inflight_messages_set(s.window + 2)
         client.max_queued_messages_set(s.window + s.max_queued_events + 2)
         client.on_connect = self._on_connect
+        client.on_socket_open = _disable_nagle
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
@@ -604,6 +606,15 @@ class MqttLink:
 
 
 
+def _disable_nagle(client: paho.Client, userdata: Any, sock: Any) -> None:
+    """paho leaves Nagle on: a result written right after a PUBACK would wait ~40 ms for the
+    broker's delayed ACK. A sorting line wants each small packet on the wire at once."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):  # not a TCP socket (e.g. a test double): nothing to tune
+        pass
+
+
 class PlcClient:
     """A simulated sorting-machine PLC: sends triggers and collects results (demo, benchmarks, tests).
 
@@ -612,12 +623,22 @@ class PlcClient:
     """
 
     def __init__(self, host: str, port: int, *, trigger_topic: str, result_topic: str,
-                 status_topic: str, client_id: str = "simulated-plc", protocol: str = "auto") -> None:
+                 status_topic: str, client_id: str = "simulated-plc", protocol: str = "auto",
+                 persistent: bool = False, watch: tuple[str, ...] = ()) -> None:
+        """``persistent`` keeps the broker session (and queued results) across disconnects;
+        ``watch`` lists further topic filters whose messages are kept in ``messages``."""
         self.host, self.port = host, port
         self.trigger_topic, self.result_topic, self.status_topic = trigger_topic, result_topic, status_topic
-        version = paho.MQTTv311 if protocol == "3.1.1" else paho.MQTTv5
-        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version)
+        self._v5 = protocol != "3.1.1"
+        self._persistent = persistent
+        self._watch = watch
+        if self._v5:
+            self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+        else:
+            self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                       protocol=paho.MQTTv311, clean_session=not persistent)
         self._client.on_connect = self._on_connect
+        self._client.on_socket_open = _disable_nagle
         self._client.on_message = self._on_message
         self._cond = threading.Condition()
         self._connected = False
@@ -626,9 +647,17 @@ class PlcClient:
         self._seen: set[str] = set()  # result_ids
         self.duplicates = 0
         self.status: dict[str, Any] = {}
+        self.messages: list[tuple[str, bytes]] = []
+        self._order: list[str] = []  # item_ids in the order their first result arrived
 
     def start(self) -> None:
-        self._client.connect(self.host, self.port, keepalive=30)
+        if self._v5:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = 3600 if self._persistent else 0
+            self._client.connect(self.host, self.port, keepalive=30, clean_start=not self._persistent,
+                                 properties=properties)
+        else:
+            self._client.connect(self.host, self.port, keepalive=30)
         self._client.loop_start()
         with self._cond:
             self._cond.wait_for(lambda: self._connected, 15)
@@ -639,13 +668,18 @@ class PlcClient:
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: ReasonCode,
                     properties: Properties | None) -> None:
-        client.subscribe([(self.result_topic, 1), (self.status_topic, 1)])
+        client.subscribe([(self.result_topic, 1), (self.status_topic, 1)] + [(t, 1) for t in self._watch])
         with self._cond:
             self._connected = True
             self._cond.notify_all()
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         now = time.monotonic()
+        with self._cond:
+            if message.topic not in (self.status_topic, self.result_topic):
+                self.messages.append((message.topic, bytes(message.payload)))
+                self._cond.notify_all()
+                return
         try:
             payload = json.loads(message.payload)
         except ValueError:
@@ -661,7 +695,9 @@ class PlcClient:
                 item = str(payload.get("item_id"))
                 sent = self._sent.get(item)
                 latency = (now - sent) * 1000.0 if sent is not None else float("nan")
-                self._results.setdefault(item, (payload, latency))
+                if item not in self._results:
+                    self._results[item] = (payload, latency)
+                    self._order.append(item)
             self._cond.notify_all()
 
     def wait_online(self, timeout_s: float) -> bool:
@@ -697,6 +733,15 @@ class PlcClient:
         with self._cond:
             self._cond.wait_for(lambda: all(i in self._results for i in item_ids), timeout_s)
             return [self._results[i][1] for i in item_ids if i in self._results]
+
+    def wait_for(self, predicate: Callable[["PlcClient"], bool], timeout_s: float) -> bool:
+        """Wait until predicate(self) holds (it runs under the client's lock)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self), timeout_s)
+
+    def arrival_order(self) -> list[str]:
+        with self._cond:
+            return list(self._order)
 
     def results(self) -> dict[str, dict[str, Any]]:
         with self._cond:

@@ -75,6 +75,7 @@ class MosquittoBroker:
         lines = [
             f"listener {self.port} {self.host}",
             "allow_anonymous true",
+            "set_tcp_nodelay true",  # as on site: Nagle would hold a result behind a PUBACK
             # Running as root, mosquitto would switch to the 'mosquitto' user and then
             # could not write into pytest's private tmp folders.
             f"user {getpass.getuser()}",

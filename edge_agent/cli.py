@@ -1,0 +1,166 @@
+"""edge-agent: run the appliance, read postcodes from image files, or make a demo camera.
+
+Thin: parse arguments, load config, build adapters, run. The work is in the modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from edge_agent.bundle import BundleError
+from edge_agent.config import DEFAULT_BUNDLE, AgentConfig, ConfigError, load_config
+from edge_agent.logs import setup_logging
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
+MAX_IMAGE_BYTES = 64 * 1024 * 1024
+
+log = logging.getLogger("edge_agent")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config) if args.config else AgentConfig()
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"config error: {line}", file=sys.stderr)
+        return 2
+    if args.validate_config:
+        print(f"{args.config}: ok")
+        return 0
+    setup_logging(config.logging.level, config.logging.json)
+    from edge_agent.agent import run_agent  # deferred: pulls in paho, OpenCV threads
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        run_agent(config, stop)
+    except BundleError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    return 0
+
+
+def _image_paths(inputs: list[str]) -> list[Path]:
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            paths += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            paths.append(path)
+    return paths
+
+
+def _decode(path: Path) -> np.ndarray:
+    """Decode one image file, with a clear message for everything that can be wrong with it."""
+    if not path.is_file():
+        raise ValueError("no such file")
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError("empty file")
+    if size > MAX_IMAGE_BYTES:
+        raise ValueError(f"file of {size} bytes is larger than {MAX_IMAGE_BYTES}")
+    image = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)
+    if image is None or image.size == 0:
+        raise ValueError("not a decodable image (corrupt or unsupported format)")
+    return image
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    setup_logging("WARNING", json_lines=False)
+    from edge_agent.loader import load_bundle
+    from edge_agent.pipeline import PostcodeReader
+    from edge_agent.reader import ReaderConfig
+
+    try:
+        model = load_bundle(args.bundle, num_threads=args.threads)
+    except BundleError as exc:
+        print(f"edge-agent predict: {exc}", file=sys.stderr)
+        return 2
+    lengths = tuple(int(n) for n in args.lengths.split(","))
+    roi = tuple(int(v) for v in args.roi.split(",")) if args.roi else None
+    reader = PostcodeReader(model, ReaderConfig(roi=roi, expected_lengths=lengths))
+    failures = 0
+    for path in _image_paths(args.images):
+        try:
+            read = reader.read_image(_decode(path))
+        except (ValueError, OSError) as exc:
+            failures += 1
+            print(json.dumps({"source": str(path), "error": str(exc), "postcode": "", "accepted": False,
+                              "confidence": 0.0, "reason": "bad_frame", "digits": []}), flush=True)
+            continue
+        d = read.decision
+        print(json.dumps({
+            "source": str(path), "postcode": d.postcode, "accepted": d.accepted,
+            "confidence": round(d.confidence, 5), "reason": d.reason.value if d.reason else None,
+            "digits": [{"digit": x.digit, "confidence": round(x.confidence, 5)} for x in d.digits],
+        }), flush=True)
+    return 1 if failures else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from edge_agent.demo import render_demo_camera
+
+    written = render_demo_camera(args.out, args.frames, args.seed, video=args.video, mnist_dir=args.mnist)
+    print(f"wrote {written} (postcodes in {args.out / 'truth.json'})")
+    return 0
+
+
+def cmd_demo_run(args: argparse.Namespace) -> int:
+    from edge_agent.demo import run_demo
+
+    return run_demo(args.workdir, items=args.items, burst=args.burst, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the appliance service")
+    run.add_argument("--config", type=Path, help="TOML configuration (defaults for every key)")
+    run.add_argument("--validate-config", action="store_true", help="check the config and exit")
+    run.set_defaults(func=cmd_run)
+
+    predict = sub.add_parser("predict", help="read postcodes from image files; one JSON line each")
+    predict.add_argument("images", nargs="+", help="image files or folders of images")
+    predict.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
+    predict.add_argument("--lengths", default="5", help="allowed postcode lengths, e.g. 5 or 5,6")
+    predict.add_argument("--roi", help="x,y,w,h of the postcode field")
+    predict.add_argument("--threads", type=int, default=1)
+    predict.set_defaults(func=cmd_predict)
+
+    demo = sub.add_parser("demo", help="render a demo camera: postcode frames from MNIST digits")
+    demo.add_argument("--out", type=Path, default=Path("demo-out/camera"))
+    demo.add_argument("--frames", type=int, default=40)
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--video", action="store_true", help="write camera.avi instead of PNG frames")
+    demo.add_argument("--mnist", type=Path, help="MNIST folder to draw training digits from "
+                      "(default: the 300 digits shipped with the agent)")
+    demo.set_defaults(func=cmd_demo)
+
+    demo_run = sub.add_parser("demo-run", help="the whole appliance: broker, agent, simulated PLC")
+    demo_run.add_argument("--workdir", type=Path, default=Path("demo-out"))
+    demo_run.add_argument("--items", type=int, default=20)
+    demo_run.add_argument("--burst", type=int, default=500)
+    demo_run.add_argument("--seed", type=int, default=7)
+    demo_run.set_defaults(func=cmd_demo_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

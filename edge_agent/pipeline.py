@@ -1,0 +1,107 @@
+"""The per-item read: frame -> reader -> int8 classifier -> decision -> PostcodeRead.
+
+No sockets, threads or files here: the agent service (agent.py) feeds it frames and
+triggers and takes the PostcodeRead to the outbox. ``predict`` uses it directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_agent.decision import Decision, decide
+from edge_agent.loader import LoadedModel
+from edge_agent.reader import ReaderConfig, locate_digits
+from edge_agent.types import Frame, LocatedDigits, PostcodeRead, Reason, Trigger
+
+
+@dataclass(frozen=True)
+class FrameRead:
+    """Everything one frame yields, independent of which item asked for it."""
+
+    located: LocatedDigits
+    decision: Decision
+    model_version: str
+    image_sha256: str
+    error: str = ""
+
+
+def image_sha256(image: np.ndarray) -> str:
+    """Hash of the decoded pixels (and shape), the audit trail's link to the exact image read."""
+    digest = hashlib.sha256(str(image.shape).encode())
+    digest.update(np.ascontiguousarray(image).data)
+    return digest.hexdigest()
+
+
+class PostcodeReader:
+    """Reads postcodes with the current model; the model can be swapped while reads continue."""
+
+    def __init__(self, model: LoadedModel, reader_config: ReaderConfig,
+                 threshold_override: float | None = None):
+        self._model = model
+        self.reader_config = reader_config
+        self.threshold_override = threshold_override
+        self._cache_lock = threading.Lock()
+        self._cache: tuple[tuple[str, int], FrameRead] | None = None
+
+    @property
+    def model(self) -> LoadedModel:
+        return self._model
+
+    def swap_model(self, model: LoadedModel) -> None:
+        """Atomic reference swap: reads in progress finish on the old interpreter."""
+        self._model = model
+        with self._cache_lock:
+            self._cache = None
+
+    @property
+    def threshold(self) -> float:
+        return self.threshold_override or self._model.manifest.acceptance_threshold
+
+    def read_image(self, image: np.ndarray) -> FrameRead:
+        """Locate, classify (one batch) and decide on one image."""
+        model = self._model  # one model for the whole read, even if a swap happens meanwhile
+        sha = image_sha256(image)
+        located = locate_digits(image, self.reader_config)
+        result = model.classifier.classify(located.digits)
+        decision = decide(result.labels, result.probabilities,
+                          self.reader_config.expected_lengths, self.threshold)
+        return FrameRead(located, decision, model.version, sha)
+
+    def read_frame(self, frame: Frame) -> FrameRead:
+        """As read_image, but a frame already read (same source and sequence) is not read again.
+
+        Identical pixels give an identical read, so items triggered faster than the
+        camera delivers frames share the work, not the result id.
+        """
+        key = (frame.source, frame.seq)
+        with self._cache_lock:
+            if self._cache is not None and self._cache[0] == key:
+                return self._cache[1]
+        read = self.read_image(frame.image)
+        with self._cache_lock:
+            self._cache = (key, read)
+        return read
+
+
+def postcode_read(trigger: Trigger, frame: Frame | None, read: FrameRead | None,
+                  finished_at: float, model_version: str) -> PostcodeRead:
+    """The result for one item; with no frame or a failed read it is a review with the reason."""
+    result_id = uuid.uuid4().hex
+    latency_ms = max(0.0, (finished_at - trigger.received_at) * 1000.0)
+    if frame is None or read is None:
+        reason = Reason.NO_FRAME if frame is None else Reason.BAD_FRAME
+        return PostcodeRead(result_id, trigger.item_id, "", False, 0.0, (), reason, model_version,
+                            frame.captured_at if frame else 0.0, latency_ms)
+    d = read.decision
+    return PostcodeRead(
+        result_id=result_id, item_id=trigger.item_id, postcode=d.postcode, accepted=d.accepted,
+        confidence=d.confidence, digits=d.digits, reason=d.reason, model_version=read.model_version,
+        captured_at=frame.captured_at, latency_ms=latency_ms, image_sha256=read.image_sha256,
+        extra={"frame_seq": frame.seq, "inverted": read.located.inverted}
+        | ({"detail": read.located.note} if read.located.note and not d.accepted else {}),
+    )

@@ -1,0 +1,580 @@
+"""Find the handwritten postcode in a camera frame and normalise each digit the way MNIST was made.
+
+Pure functions on arrays (OpenCV + NumPy). The stages, each small on purpose:
+
+    prepare (validate, ROI, grey, downscale huge frames)
+    -> polarity (dark ink on light paper, or light on dark)
+    -> illumination normalisation (divide by a paper estimate: an "ink" image, white on black)
+    -> binarise (Otsu with hysteresis, never below a minimum contrast), remove long printed lines
+    -> connected components -> the best row of digit-sized marks -> deskew and repeat once
+    -> merge broken strokes, split touching digits
+    -> MNIST normalisation (20x20 box keeping aspect, 28x28 centred by centre of mass)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from edge_agent.types import LocatedDigits
+
+log = logging.getLogger(__name__)
+
+MNIST_BOX = 20
+MNIST_SIZE = 28
+MNIST_CENTRE = 14.0
+
+
+@dataclass(frozen=True)
+class ReaderConfig:
+    """Where to look and what a digit looks like; sizes are fractions of the full frame height."""
+
+    roi: tuple[int, int, int, int] | None = None  # (x, y, w, h) in frame pixels; None = whole frame
+    expected_lengths: tuple[int, ...] = (5,)  # allowed postcode lengths, used to split/merge marks
+    min_digit_height: float = 0.04  # below this a mark is a speck or a stroke fragment
+    max_digit_height: float = 0.5  # above this a mark is a shadow, an edge or a printed frame
+    max_side: int = 1280  # larger frames are downscaled first (INTER_AREA) to bound the work
+    min_contrast: float = 0.14  # ink must be at least this much darker (relative) than the paper
+    max_digits: int = 12  # more marks in the row than this is not a postcode
+    deskew_min_degrees: float = 0.4  # rotate the text line upright when it leans more than this
+
+
+@dataclass(frozen=True)
+class _Mark:
+    """One connected ink component (or a union of pieces) in working-image pixels."""
+
+    x: int
+    y: int
+    w: int
+    h: int
+    labels: tuple[int, ...]  # component labels that make up this mark
+    area: int
+    x_cut: tuple[int, int] | None = None  # column range kept when a wide mark was split
+
+    @property
+    def x1(self) -> int:
+        return self.x + self.w
+
+    @property
+    def y1(self) -> int:
+        return self.y + self.h
+
+
+@dataclass(frozen=True)
+class _Segmentation:
+    """The chosen row of digits in one (possibly rotated) ink image."""
+
+    marks: list[_Mark]
+    labels: np.ndarray  # connected-component label image
+    binary: np.ndarray  # uint8 0/1 ink mask after line removal
+    lines: np.ndarray  # uint8 0/1 mask of the printed lines that were removed
+
+
+def _empty(note: str, inverted: bool = False) -> LocatedDigits:
+    """No digits, with the reason a reviewer will see."""
+    return LocatedDigits(np.zeros((0, MNIST_SIZE, MNIST_SIZE), np.uint8), (), inverted, note)
+
+
+def _to_grey(image: np.ndarray) -> np.ndarray | None:
+    """BGR, BGRA or single-channel uint8 to a contiguous grey image; None when the shape is not an image."""
+    if image.ndim == 2:
+        return np.ascontiguousarray(image)
+    if image.ndim == 3 and image.shape[2] == 1:
+        return np.ascontiguousarray(image[..., 0])
+    if image.ndim == 3 and image.shape[2] == 3:
+        return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_BGR2GRAY)
+    if image.ndim == 3 and image.shape[2] == 4:
+        return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_BGRA2GRAY)
+    return None
+
+
+def _clip_roi(roi: tuple[int, int, int, int] | None, width: int, height: int) -> tuple[int, int, int, int]:
+    """The ROI intersected with the frame (possibly empty)."""
+    if roi is None:
+        return 0, 0, width, height
+    x, y, w, h = (int(v) for v in roi)
+    x0, y0 = min(max(x, 0), width), min(max(y, 0), height)
+    x1, y1 = min(max(x + w, 0), width), min(max(y + h, 0), height)
+    return x0, y0, max(0, x1 - x0), max(0, y1 - y0)
+
+
+def _polarity_is_light_on_dark(small: np.ndarray) -> bool:
+    """True when the strong deviations from the local paper level are brighter, not darker."""
+    k = max(3, (min(small.shape) // 4) | 1)
+    paper = cv2.medianBlur(small, min(k, 99))
+    deviation = small.astype(np.int16) - paper.astype(np.int16)
+    # Ink is the minority: it stands out from the local median; noise is symmetric and small.
+    bright = np.clip(deviation - 12, 0, None).sum()
+    dark = np.clip(-deviation - 12, 0, None).sum()
+    return bool(bright > dark)
+
+
+def _ink_image(paper_grey: np.ndarray, small_factor: int) -> np.ndarray:
+    """Relative darkness against a paper estimate: uint8, 0 = paper, 255 = fully black ink."""
+    h, w = paper_grey.shape
+    sw, sh = max(1, w // small_factor), max(1, h // small_factor)
+    small = cv2.resize(paper_grey, (sw, sh), interpolation=cv2.INTER_AREA)
+    # A max filter wider than any pen stroke sees only paper; the blur keeps the estimate smooth.
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9))
+    paper = cv2.dilate(small, kernel)
+    paper = cv2.blur(paper, (7, 7))
+    paper = cv2.resize(paper, (w, h), interpolation=cv2.INTER_LINEAR)
+    paper = np.maximum(paper, 1)
+    ratio = cv2.divide(paper_grey, paper, scale=255.0)  # saturates at 255 where brighter than paper
+    return cv2.subtract(np.full_like(ratio, 255), ratio)
+
+
+def _threshold(ink: np.ndarray, min_contrast: float) -> int:
+    """Otsu's threshold on the ink image, never below the contrast that separates ink from paper grain."""
+    otsu, _ = cv2.threshold(ink, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return int(max(otsu, min_contrast * 255))
+
+
+def _binarise(ink: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hysteresis: ink above half the threshold, kept where it connects to ink above the threshold.
+
+    A thin or blurred pen stroke fades in the middle; the weak level keeps it in one piece.
+    Returns the binary image and the stats rows of its components (row 0 is the background).
+    """
+    weak = (ink > threshold // 2).astype(np.uint8)
+    labels, stats = _components(weak)
+    keep = np.zeros(len(stats), bool)
+    keep[np.unique(labels[ink > threshold])] = True
+    keep[0] = False
+    binary = keep.astype(np.uint8)[labels]
+    return binary, np.vstack([stats[:1], stats[keep]])
+
+
+def _remove_lines(binary: np.ndarray, stats: np.ndarray, digit_height: float) -> tuple[np.ndarray, np.ndarray]:
+    """Remove straight printed lines: horizontal ones longer than two digits, vertical ones taller than a digit.
+
+    Only components at least that long can hold such a line, so the opening runs on their
+    boxes alone. Returns (binary without lines, mask of the removed lines).
+    """
+    removed = np.zeros_like(binary)
+    long_h = int(max(15, 2.2 * digit_height))
+    long_v = int(max(15, 1.2 * digit_height))
+    for x, y, w, h, _ in stats[1:]:
+        for length, horizontal in ((long_h, True), (long_v, False)):
+            if (w if horizontal else h) < length:
+                continue
+            roi = binary[y: y + h, x: x + w]
+            size = (length, 1) if horizontal else (1, length)
+            lines = cv2.morphologyEx(roi, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, size))
+            removed[y: y + h, x: x + w] |= lines
+    if not removed.any():
+        return binary, removed
+    # Widen the line mask by two pixels all round so its anti-aliased, noise-broken edges go too.
+    removed = cv2.dilate(removed, cv2.getStructuringElement(cv2.MORPH_RECT, (5, 5)))
+    return cv2.subtract(binary, removed), removed
+
+
+def _projection_score(ys: np.ndarray, xs: np.ndarray, weights: np.ndarray, degrees: float) -> float:
+    """Sharpness (sum of squared bin totals) of the ink's projection along a line at this angle."""
+    projected = ys - math.tan(math.radians(degrees)) * xs
+    totals = np.bincount((projected - projected.min()).astype(np.int32), weights=weights)
+    return float((totals ** 2).sum())
+
+
+def _projection_angle(ink: np.ndarray, floor: float, max_degrees: float = 8.0) -> float:
+    """Skew in degrees that makes the ink's horizontal projection sharpest (printed lines, text rows).
+
+    Weighted by ink strength so faint printed lines, the surest cue, still count.
+    Coarse to fine: 1 degree steps over the whole range, then 0.1 degree steps.
+    """
+    ys, xs = np.nonzero(ink > floor)
+    if len(ys) < 50:
+        return 0.0
+    step = max(1, len(ys) // 12000)  # enough points for a sharp histogram, bounded work
+    ys, xs = ys[::step], xs[::step]
+    weights = ink[ys, xs].astype(np.float64)
+    ys, xs = ys.astype(np.float32), xs.astype(np.float32)
+    coarse = np.arange(-max_degrees, max_degrees + 0.01, 1.0)
+    scores = [_projection_score(ys, xs, weights, d) for d in coarse]
+    centre = float(coarse[int(np.argmax(scores))])
+    fine = np.arange(centre - 0.6, centre + 0.61, 0.1)
+    return float(max(fine, key=lambda d: _projection_score(ys, xs, weights, d)))
+
+
+def _components(binary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Label image and stats rows (x, y, w, h, area) of the connected ink components."""
+    # 16-bit labels make OpenCV's statistics pass several times faster; they are safe while
+    # there are fewer ink pixels than labels (a speckled frame could hold more components).
+    ltype = cv2.CV_16U if cv2.countNonZero(binary) < 65535 else cv2.CV_32S
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8, ltype=ltype)
+    return labels, stats[:n]
+
+
+def _digit_sized(stats: np.ndarray, min_h: float, max_h: float) -> list[int]:
+    """Labels whose size and shape could be one digit or a few touching digits."""
+    keep = []
+    for label in range(1, len(stats)):
+        x, y, w, h, area = (int(v) for v in stats[label])
+        if not (min_h <= h <= max_h):
+            continue
+        if w > 8 * h or area < 0.03 * w * h:
+            continue  # a long line or a hollow printed frame
+        keep.append(label)
+    return keep
+
+
+def _estimate_height(stats: np.ndarray, min_h: float, max_h: float) -> float | None:
+    """Median height of the digit-sized components, biggest first; None when there are none."""
+    labels = _digit_sized(stats, min_h, max_h)
+    if not labels:
+        return None
+    labels.sort(key=lambda i: -int(stats[i, 4]))
+    return float(np.median([stats[i, 3] for i in labels[:12]]))
+
+
+def _drop_enclosures(stats: np.ndarray, labels: list[int]) -> list[int]:
+    """Drop marks whose box contains two or more other marks: a printed frame, not a digit."""
+    keep = []
+    for i in labels:
+        x, y, w, h = (int(v) for v in stats[i, :4])
+        inside = 0
+        for j in labels:
+            if j == i:
+                continue
+            cx, cy = stats[j, 0] + stats[j, 2] / 2, stats[j, 1] + stats[j, 3] / 2
+            if x < cx < x + w and y < cy < y + h:
+                inside += 1
+        if inside < 2:
+            keep.append(i)
+    return keep
+
+
+def _find_row(stats: np.ndarray, labels: list[int]) -> list[int]:
+    """The best horizontal chain of similar-height marks: the most members, then the most ink."""
+    if not labels:
+        return []
+    order = sorted(labels, key=lambda i: stats[i, 0])
+    parent = {i: i for i in order}
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a_pos, a in enumerate(order):
+        ax, ay, aw, ah = (int(v) for v in stats[a, :4])
+        for b in order[a_pos + 1:]:
+            bx, by, bw, bh = (int(v) for v in stats[b, :4])
+            if bx - (ax + aw) > 1.5 * max(ah, bh):
+                break  # sorted by x: everything further right is further away
+            overlap = min(ay + ah, by + bh) - max(ay, by)
+            if overlap < 0.4 * min(ah, bh) or max(ah, bh) > 2.2 * min(ah, bh):
+                continue
+            parent[root(b)] = root(a)
+    groups: dict[int, list[int]] = {}
+    for i in order:
+        groups.setdefault(root(i), []).append(i)
+    best = max(groups.values(), key=lambda g: (len(g), int(stats[g, 4].sum())))
+    return sorted(best, key=lambda i: stats[i, 0])
+
+
+def _segment(ink: np.ndarray, threshold: int, min_h: float, max_h: float,
+             height_hint: float | None) -> tuple[_Segmentation, float | None, float]:
+    """Binarise, remove lines, label and choose the row; returns (segmentation, digit height, angle)."""
+    raw, raw_stats = _binarise(ink, threshold)
+    if height_hint is None:
+        height_hint = _estimate_height(raw_stats, min_h, max_h)
+    binary, lines = _remove_lines(raw, raw_stats, height_hint if height_hint else max_h / 2)
+    labels, stats = _components(binary)
+    candidates = _drop_enclosures(stats, _digit_sized(stats, min_h, max_h))
+    row = _find_row(stats, candidates)
+    marks = [_Mark(int(stats[i, 0]), int(stats[i, 1]), int(stats[i, 2]), int(stats[i, 3]), (i,),
+                   int(stats[i, 4])) for i in row]
+    if marks:
+        marks = _attach_fragments(marks, stats)
+    # Skew from the ink before line removal: a printed line is the surest cue to the text's angle.
+    return _Segmentation(marks, labels, binary, lines), height_hint, _skew(ink, 0.4 * threshold, stats, row)
+
+
+def _skew(ink: np.ndarray, floor: float, stats: np.ndarray, row: list[int]) -> float:
+    """The text line's angle from the projection of the ink in and around the row (lines included)."""
+    if not row:
+        return 0.0
+    x0 = int(stats[row, 0].min())
+    x1 = int((stats[row, 0] + stats[row, 2]).max())
+    y0 = int(stats[row, 1].min())
+    y1 = int((stats[row, 1] + stats[row, 3]).max())
+    pad = int(0.6 * float(np.median(stats[row, 3])))
+    band = ink[max(0, y0 - pad): y1 + pad, max(0, x0 - pad): x1 + pad]
+    return _projection_angle(band, floor)
+
+
+def _union(a: _Mark, b: _Mark) -> _Mark:
+    x0, y0 = min(a.x, b.x), min(a.y, b.y)
+    x1, y1 = max(a.x1, b.x1), max(a.y1, b.y1)
+    return _Mark(x0, y0, x1 - x0, y1 - y0, a.labels + b.labels, a.area + b.area)
+
+
+def _x_overlap(a: _Mark, b: _Mark) -> int:
+    return min(a.x1, b.x1) - max(a.x, b.x)
+
+
+def _attach_fragments(marks: list[_Mark], stats: np.ndarray) -> list[_Mark]:
+    """Add pieces of broken strokes in the row's band to the digit they sit above, below or inside."""
+    med_h = float(np.median([m.h for m in marks]))
+    top = min(m.y for m in marks) - 0.25 * med_h
+    bottom = max(m.y1 for m in marks) + 0.25 * med_h
+    left, right = marks[0].x - med_h, marks[-1].x1 + med_h
+    in_row = {label for m in marks for label in m.labels}
+    speck_area = max(4.0, (0.06 * med_h) ** 2)
+    result = list(marks)
+    for label in range(1, len(stats)):
+        if label in in_row:
+            continue
+        x, y, w, h, area = (int(v) for v in stats[label])
+        if area < speck_area or h > 1.3 * med_h or w > 1.5 * med_h:
+            continue
+        if y < top or y + h > bottom or x < left or x + w > right:
+            continue
+        piece = _Mark(x, y, w, h, (label,), area)
+        best, best_overlap = None, 0
+        for k, m in enumerate(result):
+            ov = _x_overlap(m, piece)
+            if ov > best_overlap:
+                best, best_overlap = k, ov
+        if best is not None and best_overlap >= 0.5 * w:
+            result[best] = _union(result[best], piece)
+    return result
+
+
+def _merge_overlapping(marks: list[_Mark]) -> list[_Mark]:
+    """Merge marks that share most of their columns: one digit written with a pen lift."""
+    marks = sorted(marks, key=lambda m: m.x)
+    merged: list[_Mark] = []
+    for m in marks:
+        if merged:
+            prev = merged[-1]
+            if _x_overlap(prev, m) >= 0.6 * min(prev.w, m.w):
+                merged[-1] = _union(prev, m)
+                continue
+        merged.append(m)
+    return merged
+
+
+def _split_at_minima(mark: _Mark, pieces: int, binary: np.ndarray) -> list[_Mark]:
+    """Cut a wide mark into ``pieces`` at the thinnest columns near the even cut positions."""
+    x_from, x_to = mark.x_cut if mark.x_cut else (mark.x, mark.x1)
+    profile = binary[mark.y: mark.y1, x_from:x_to].sum(axis=0).astype(np.float32)
+    profile = np.convolve(profile, np.ones(3, np.float32) / 3, mode="same")
+    width = x_to - x_from
+    cuts = [0]
+    for i in range(1, pieces):
+        ideal = i * width / pieces
+        lo = int(max(cuts[-1] + 2, ideal - 0.3 * width / pieces))
+        hi = int(min(width - 2, ideal + 0.3 * width / pieces))
+        cuts.append(int(lo + np.argmin(profile[lo:hi + 1])) if hi > lo else int(ideal))
+    cuts.append(width)
+    out = []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        if b - a < 2:
+            continue
+        out.append(_Mark(x_from + a, mark.y, b - a, mark.h, mark.labels, mark.area,
+                         (x_from + a, x_from + b)))
+    return out
+
+
+def _row_height(marks: list[_Mark]) -> float:
+    """The writer's digit height: a high percentile, since MNIST 2s, 4s and 7s are often short."""
+    return float(np.percentile([m.h for m in marks], 80))
+
+
+def _split_wide(marks: list[_Mark], binary: np.ndarray, expected: tuple[int, ...]) -> list[_Mark]:
+    """Split marks far wider than a digit; then, if still short of a postcode, the widest ones."""
+    if not marks:
+        return marks
+    row_h = _row_height(marks)
+    out: list[_Mark] = []
+    for m in marks:
+        ref = max(m.h, row_h)
+        if m.w > 1.25 * ref:
+            out.extend(_split_at_minima(m, max(2, int(round(m.w / (0.72 * ref)))), binary))
+        else:
+            out.append(m)
+    # Known postcode lengths: a mark too few usually means two digits touch.
+    target = min((n for n in expected if n >= len(out)), default=None)
+    while target is not None and len(out) < target:
+        widest = max(range(len(out)), key=lambda i: out[i].w / max(out[i].h, row_h))
+        if out[widest].w < 0.75 * max(out[widest].h, row_h):
+            break
+        out[widest: widest + 1] = _split_at_minima(out[widest], 2, binary)
+    return out
+
+
+def _merge_surplus(marks: list[_Mark], expected: tuple[int, ...]) -> list[_Mark]:
+    """With more marks than any postcode has, join neighbours that together are one digit's width."""
+    marks = list(marks)
+    if not marks:
+        return marks
+    row_h = _row_height(marks)
+    while len(marks) > max(expected):
+        best, best_cost = None, float("inf")
+        for i in range(len(marks) - 1):
+            a, b = marks[i], marks[i + 1]
+            width = max(a.x1, b.x1) - min(a.x, b.x)
+            if width > 0.95 * row_h:
+                continue
+            # Prefer pairs with a small gap whose union is narrow: a pen lift, not two digits.
+            cost = (b.x - a.x1) / row_h + width / row_h
+            if cost < best_cost:
+                best, best_cost = i, cost
+        if best is None:
+            break
+        marks[best: best + 2] = [_union(marks[best], marks[best + 1])]
+    return marks
+
+
+def _drop_slivers(marks: list[_Mark]) -> list[_Mark]:
+    """Drop marks too small or too thin for a digit: specks in the band, remnants of printed lines."""
+    if not marks:
+        return marks
+    row_h = _row_height(marks)
+    return [m for m in marks if m.h >= 0.45 * row_h and m.w >= max(3.0, 0.05 * row_h)
+            and not (m.h > 1.3 * row_h and m.w < 0.12 * m.h)]
+
+
+def _mark_mask(mark: _Mark, seg: _Segmentation) -> np.ndarray:
+    """Boolean mask (mark box sized) of the pixels that belong to this mark's components."""
+    region = seg.labels[mark.y: mark.y1, mark.x: mark.x1]
+    mask = np.isin(region, mark.labels) if len(mark.labels) > 1 else region == mark.labels[0]
+    if mark.x_cut:
+        cols = np.arange(mark.x, mark.x1)
+        mask &= ((cols >= mark.x_cut[0]) & (cols < mark.x_cut[1]))[None, :]
+    return mask
+
+
+def mnist_normalise(ink_crop: np.ndarray) -> np.ndarray:
+    """A white-on-black digit crop to MNIST style: fit 20x20 keeping aspect, centre of mass at (14, 14)."""
+    crop = np.asarray(ink_crop, np.float32)
+    out = np.zeros((MNIST_SIZE, MNIST_SIZE), np.uint8)
+    if crop.ndim != 2 or crop.size == 0 or crop.max() <= 0:
+        return out
+    ys, xs = np.nonzero(crop > 0)
+    crop = crop[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1]
+    h, w = crop.shape
+    scale = MNIST_BOX / max(h, w)
+    nw, nh = max(1, int(round(w * scale))), max(1, int(round(h * scale)))
+    # INTER_AREA averages when shrinking, which is the anti-aliasing MNIST's digits carry.
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    small = cv2.resize(crop, (nw, nh), interpolation=interp)
+    peak = float(small.max())
+    if peak <= 0:
+        return out
+    small = np.clip(small * (255.0 / peak), 0, 255)
+    total = small.sum()
+    cy = float((small.sum(axis=1) * np.arange(nh)).sum() / total)
+    cx = float((small.sum(axis=0) * np.arange(nw)).sum() / total)
+    # Integer shift as MNIST did, to pixel (14, 14) where MNIST's centres of mass sit (measured:
+    # 13.99 +/- 0.29); clamp so the digit stays inside the 28 px field.
+    top = int(np.clip(round(MNIST_CENTRE - cy), 0, MNIST_SIZE - nh))
+    left = int(np.clip(round(MNIST_CENTRE - cx), 0, MNIST_SIZE - nw))
+    out[top: top + nh, left: left + nw] = np.round(small).astype(np.uint8)
+    return out
+
+
+def _digit_crop(mark: _Mark, seg: _Segmentation, ink: np.ndarray, threshold: int) -> np.ndarray:
+    """The mark's ink (grey levels kept) with other marks masked out, contrast-stretched to 0..1."""
+    mask = _mark_mask(mark, seg)
+    # Keep the anti-aliased rim just below the threshold, which binarisation cut off.
+    rim = cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    rim &= seg.lines[mark.y: mark.y1, mark.x: mark.x1] == 0  # not the printed line it touches
+    crop = ink[mark.y: mark.y1, mark.x: mark.x1].astype(np.float32) * rim
+    core = crop[mask]
+    peak = float(np.percentile(core, 75)) if core.size else 255.0
+    floor = 0.5 * threshold
+    if peak <= floor:
+        return np.zeros_like(crop)
+    # MNIST came from bilevel scans: saturate the stroke core, keep only a soft edge.
+    crop = np.clip((crop - floor) / (peak - floor), 0.0, 1.0)
+    return crop
+
+
+def _prepare(image: object, config: ReaderConfig) -> tuple[np.ndarray | None, tuple[int, int], float, str]:
+    """Validate, crop the ROI, convert to grey and downscale: (grey, ROI origin, scale, note)."""
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"image must be a numpy array, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8, got {image.dtype}")
+    if image.ndim not in (2, 3) or image.size == 0:
+        return None, (0, 0), 1.0, f"not an image: shape {image.shape}"
+    height, width = image.shape[:2]
+    x, y, w, h = _clip_roi(config.roi, width, height)
+    if w < 8 or h < 8:
+        return None, (x, y), 1.0, f"region too small to hold digits: {w}x{h} px"
+    region = image[y: y + h, x: x + w]
+    scale = min(1.0, config.max_side / max(w, h))
+    if scale < 1.0:
+        # Shrink before converting: the colour conversion of a huge frame is the costly part.
+        region = cv2.resize(region, (max(1, int(w * scale)), max(1, int(h * scale))),
+                            interpolation=cv2.INTER_AREA)
+    grey = _to_grey(region)
+    if grey is None:
+        return None, (x, y), scale, f"not an image: shape {image.shape}"
+    return grey, (x, y), scale, ""
+
+
+def _frame_box(mark: _Mark, inverse: np.ndarray | None, origin: tuple[int, int],
+               scale: float) -> tuple[int, int, int, int]:
+    """A mark's box in working pixels mapped back to frame pixels (undoing deskew, downscale and ROI)."""
+    x0, x1 = (mark.x_cut if mark.x_cut else (mark.x, mark.x1))
+    corners = np.array([[x0, mark.y], [x1, mark.y], [x0, mark.y1], [x1, mark.y1]], np.float64)
+    if inverse is not None:
+        corners = corners @ inverse[:, :2].T + inverse[:, 2]
+    corners = corners / scale + np.array(origin, np.float64)
+    lo, hi = np.floor(corners.min(axis=0)), np.ceil(corners.max(axis=0))
+    return int(lo[0]), int(lo[1]), int(hi[0] - lo[0]), int(hi[1] - lo[1])
+
+
+def locate_digits(image: np.ndarray, config: ReaderConfig = ReaderConfig()) -> LocatedDigits:
+    """Find the postcode's digits in a frame, left to right, as MNIST-style 28x28 crops."""
+    grey, origin, scale, note = _prepare(image, config)
+    if grey is None:
+        return _empty(note)
+    if int(grey.max()) - int(grey.min()) < 24:
+        return _empty("blank frame: no ink darker or lighter than the paper")
+    frame_h = image.shape[0] * scale  # digit sizes are fractions of the full frame's height
+    min_h = max(6.0, config.min_digit_height * frame_h)
+    max_h = max(min_h + 1, config.max_digit_height * frame_h)
+
+    # The paper estimate works on a ~120 px tall copy, so its kernel spans ~8% of the frame.
+    small_factor = max(1, int(round(min(grey.shape) / 120)))
+    small = cv2.resize(grey, (max(1, grey.shape[1] // small_factor), max(1, grey.shape[0] // small_factor)),
+                       interpolation=cv2.INTER_AREA)
+    inverted = _polarity_is_light_on_dark(small)
+    paper_grey = cv2.bitwise_not(grey) if inverted else grey
+    ink = _ink_image(paper_grey, small_factor)
+    threshold = _threshold(ink, config.min_contrast)
+
+    seg, digit_h, angle = _segment(ink, threshold, min_h, max_h, None)
+    inverse = None
+    if seg.marks and config.deskew_min_degrees <= abs(angle) <= 20:
+        xs = [m.x for m in seg.marks] + [m.x1 for m in seg.marks]
+        ys = [m.y for m in seg.marks] + [m.y1 for m in seg.marks]
+        centre = ((min(xs) + max(xs)) / 2.0, (min(ys) + max(ys)) / 2.0)
+        forward = cv2.getRotationMatrix2D(centre, angle, 1.0)
+        ink = cv2.warpAffine(ink, forward, (ink.shape[1], ink.shape[0]), flags=cv2.INTER_LINEAR,
+                             borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        inverse = cv2.invertAffineTransform(forward)
+        seg, _, _ = _segment(ink, threshold, min_h, max_h, digit_h)
+    if not seg.marks:
+        return _empty("no row of digit-sized marks found", inverted)
+
+    marks = _drop_slivers(_merge_overlapping(seg.marks))
+    marks = _merge_surplus(marks, config.expected_lengths)
+    marks = _split_wide(marks, seg.binary, config.expected_lengths)
+    if len(marks) > config.max_digits:
+        return _empty(f"{len(marks)} marks in a row: too many for a postcode", inverted)
+
+    digits = np.stack([mnist_normalise(_digit_crop(m, seg, ink, threshold)) for m in marks])
+    boxes = tuple(_frame_box(m, inverse, origin, scale) for m in marks)
+    log.debug("located %d digits (inverted=%s, angle=%.1f)", len(marks), inverted, angle)
+    return LocatedDigits(digits, boxes, inverted, "")

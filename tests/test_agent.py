@@ -1,0 +1,336 @@
+"""The agent service end to end: real Mosquitto, real camera folder, real SQLite outbox.
+
+Covers: reads reach the sorting machine; broker restart and kill -9 lose nothing; bad
+triggers, bad frames and a vanishing camera leave the agent serving.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_agent.agent import build_agent
+from edge_agent.config import parse_config
+from edge_agent.demo import render_demo_camera
+from edge_agent.mqtt import PlcClient
+from tests.paths import ROOT
+
+BASE = "postcode/test-site/line-9"
+
+
+@pytest.fixture(scope="module")
+def camera_frames(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """Eight rendered envelopes and their truth (image hash -> postcode)."""
+    workdir = tmp_path_factory.mktemp("camera")
+    folder = render_demo_camera(workdir / "camera", 8, seed=11)
+    return folder, json.loads((workdir / "truth.json").read_text())
+
+
+def agent_table(tmp_path: Path, port: int, camera_dir: Path, **overrides) -> dict:
+    table = {
+        "site": {"site_id": "test-site", "line_id": "line-9"},
+        "camera": {"source": str(camera_dir), "loop": True, "fps": 20.0, "max_frame_age_ms": 2000},
+        "mqtt": {"host": "127.0.0.1", "port": port},
+        "outbox": {"path": str(tmp_path / "state" / "outbox.sqlite")},
+        "review": {"crops_dir": str(tmp_path / "state" / "review"), "max_items": 50},
+        "logging": {"json": False},
+    }
+    for section, values in overrides.items():
+        table.setdefault(section, {}).update(values)
+    return table
+
+
+class RunningAgent:
+    """An in-process agent (build_agent + start) for one test."""
+
+    def __init__(self, table: dict):
+        self.agent = build_agent(parse_config(table))
+        self.agent.link.start()
+        self.agent.grabber.start()
+        self.agent.start()
+
+    def stop(self) -> None:
+        self.agent.stop(drain_s=5)
+
+
+def plc_for(port: int, **kwargs) -> PlcClient:
+    plc = PlcClient("127.0.0.1", port, trigger_topic=f"{BASE}/trigger", result_topic=f"{BASE}/result",
+                    status_topic=f"{BASE}/status", **kwargs)
+    plc.start()
+    return plc
+
+
+@pytest.fixture
+def running(tmp_path, mqtt_broker, camera_frames):
+    folder, _truth = camera_frames
+    agent = RunningAgent(agent_table(tmp_path, mqtt_broker.port, folder))
+    plc = plc_for(mqtt_broker.port, watch=(f"{BASE}/events/#", f"{BASE}/review"))
+    assert plc.wait_online(30)
+    yield agent, plc
+    plc.stop()
+    agent.stop()
+
+
+def test_reads_reach_the_sorting_machine(running, camera_frames):
+    agent, plc = running
+    _folder, truth = camera_frames
+    answers = [plc.request(f"item-{i}", timeout_s=20) for i in range(12)]
+    assert all(a is not None for a in answers)
+    for payload, _latency in answers:
+        assert set(payload) >= {"result_id", "item_id", "postcode", "accepted", "confidence", "digits",
+                                "reason", "model_version", "captured_at", "latency_ms"}
+        assert payload["model_version"] == agent.agent.reader.model.version
+        assert payload["image_sha256"] in truth  # the read is traceable to the exact frame
+        if payload["accepted"]:
+            assert payload["postcode"] == truth[payload["image_sha256"]]
+            assert len(payload["digits"]) == 5 and payload["reason"] is None
+        else:
+            assert payload["reason"] in ("digit_count", "low_confidence", "no_postcode")
+    assert sum(p["accepted"] for p, _ in answers) >= 6  # most envelopes sort automatically
+    # Every review also went to the review topic, with its crops kept on disk.
+    reviews = [p for p, _ in answers if not p["accepted"]]
+    assert plc.wait_for(lambda c: sum(t.endswith("/review") for t, _ in c.messages) >= len(reviews), 10)
+    crops = list((agent.agent.review.directory).glob("*/read.json"))
+    assert len(crops) == len(reviews)
+
+
+def test_audit_trail_traces_each_item(running):
+    agent, plc = running
+    payload, _ = plc.request("trace-me", timeout_s=20)
+    records = agent.agent.outbox.audit("trace-me")
+    assert records and records[0].audit["result_id"] == payload["result_id"]
+    assert records[0].audit["image_sha256"] == payload["image_sha256"]
+    assert records[0].audit["model_version"] == payload["model_version"]
+
+
+def test_bad_triggers_get_error_events_and_the_agent_keeps_serving(running):
+    agent, plc = running
+    plc._client.publish(f"{BASE}/trigger", b"not json at all", qos=1)
+    plc._client.publish(f"{BASE}/trigger", json.dumps({"item_id": "x" * 10, "pad": "y" * 20_000}).encode(),
+                        qos=1)
+    plc._client.publish(f"{BASE}/trigger", json.dumps({"no_item": 1}).encode(), qos=1)
+    assert plc.wait_for(lambda c: sum("/events/error" in t for t, _ in c.messages) >= 3, 10)
+    errors = [json.loads(p) for t, p in plc.messages if "/events/error" in t]
+    assert {e["kind"] for e in errors} == {"bad_trigger"}
+    assert any("bytes" in e["error"] for e in errors)  # the oversized one says why
+    assert plc.request("after-bad", timeout_s=20) is not None
+    assert agent.agent.counters.bad_triggers == 3
+
+
+def test_mqtt_v5_response_topic_and_correlation_data(running):
+    """A v5 PLC gets its answer on its own response topic, with its correlation data."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    _agent, plc = running
+    got = threading.Event()
+    box = {}
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="v5-plc", protocol=paho.MQTTv5)
+
+    def on_message(c, userdata, message):
+        box["payload"] = json.loads(message.payload)
+        box["correlation"] = message.properties.CorrelationData
+        got.set()
+
+    client.on_message = on_message
+    client.connect("127.0.0.1", plc.port)
+    client.subscribe("plc-7/replies", qos=1)
+    client.loop_start()
+    time.sleep(0.3)
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = "plc-7/replies"
+    props.CorrelationData = b"req-42"
+    client.publish(f"{BASE}/trigger", json.dumps({"item_id": "v5-item"}), qos=1, properties=props)
+    try:
+        assert got.wait(20)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    assert box["payload"]["item_id"] == "v5-item" and box["correlation"] == b"req-42"
+
+
+def test_broker_restart_loses_nothing(tmp_path, persistent_mqtt_broker, camera_frames):
+    """Stop the broker mid-stream, keep triggering (interval mode), restart: every result arrives once."""
+    broker = persistent_mqtt_broker
+    folder, _ = camera_frames
+    agent = RunningAgent(agent_table(tmp_path, broker.port, folder,
+                                     trigger={"mode": "interval", "interval_ms": 50}))
+    plc = plc_for(broker.port, persistent=True, client_id="sorter-1")
+    try:
+        assert plc.wait_online(30)
+        time.sleep(0.5)
+        broker.stop()
+        time.sleep(1.5)  # the agent keeps reading and queues in its outbox meanwhile
+        assert agent.agent.outbox.stats()["pending"] > 0
+        broker.start()
+        time.sleep(1.0)
+    finally:
+        agent.stop()  # stops triggering, then drains the outbox
+    stored = agent_results(tmp_path / "state" / "outbox.sqlite")
+    assert len(stored) >= 20
+    assert plc.wait_for(lambda c: set(stored) <= set(c.results()), 30), \
+        f"missing {len(set(stored) - set(plc.results()))} of {len(stored)}"
+    assert len(plc.results()) == len(stored)  # each item once, after de-duplication
+    plc.stop()
+
+
+def agent_results(db: Path) -> dict[str, str]:
+    """item_id -> state of every result-topic message in an outbox file."""
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT item_id, state FROM messages WHERE topic LIKE '%/result'").fetchall()
+    return dict(rows)
+
+
+def _spawn_agent(config: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "edge_agent.cli", "run", "--config", str(config)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_kill_minus_9_with_a_backlog_loses_nothing(tmp_path, mqtt_broker, camera_frames):
+    """Results queued while the broker is down survive kill -9 and go out in order on restart."""
+    folder, _ = camera_frames
+    mqtt_broker.stop()
+    config = tmp_path / "agent.toml"
+    table = agent_table(tmp_path, mqtt_broker.port, folder,
+                        trigger={"mode": "interval", "interval_ms": 40}, logging={"level": "WARNING"})
+    config.write_text(_to_toml(table))
+    agent = _spawn_agent(config)
+    db = tmp_path / "state" / "outbox.sqlite"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(agent_results(db) if db.exists() else {}) < 30:
+        time.sleep(0.2)
+    agent.send_signal(signal.SIGKILL)
+    agent.wait(10)
+    backlog = agent_results(db)
+    assert len(backlog) >= 30 and set(backlog.values()) == {"pending"}
+
+    mqtt_broker.start()
+    plc = plc_for(mqtt_broker.port)
+    table["trigger"] = {"mode": "mqtt"}  # no new items: only the backlog flows
+    config.write_text(_to_toml(table))
+    agent = _spawn_agent(config)
+    try:
+        assert plc.wait_for(lambda c: set(backlog) <= set(c.results()), 60)
+        with sqlite3.connect(db) as conn:
+            order = [r[0] for r in conn.execute(
+                "SELECT item_id FROM messages WHERE topic LIKE '%/result' ORDER BY id")]
+        arrival = [i for i in plc.arrival_order() if i in backlog]
+        assert arrival == order  # delivered in the order they were read
+    finally:
+        plc.stop()
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(20)
+    assert set(agent_results(db).values()) == {"delivered"}
+
+
+def _to_toml(table: dict) -> str:
+    lines = []
+    for section, values in table.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def test_corrupt_empty_and_huge_frames(tmp_path, mqtt_broker):
+    """Corrupt and empty files are reported and skipped; a 10,000 x 10,000 frame is read safely."""
+    camera = tmp_path / "camera"
+    camera.mkdir()
+    (camera / "a-empty.png").write_bytes(b"")
+    (camera / "b-corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage" * 50)
+    cv2.imwrite(str(camera / "c-huge.png"), np.full((10_000, 10_000), 255, np.uint8))
+    agent = RunningAgent(agent_table(tmp_path, mqtt_broker.port, camera,
+                                     camera={"loop": False, "max_frame_age_ms": 600_000}))
+    plc = plc_for(mqtt_broker.port)
+    try:
+        assert plc.wait_online(30)
+        assert agent.agent.grabber.wait_for_frame(0, 60) is not None  # the huge one decoded
+        payload, _ = plc.request("huge-blank", timeout_s=30)
+        assert payload["accepted"] is False and payload["reason"] == "no_postcode"
+        assert agent.agent.grabber.health()["state"] == "ok"
+        assert agent.agent.grabber.source._inner.bad_files == 2
+    finally:
+        plc.stop()
+        agent.stop()
+
+
+def test_vanishing_camera_sends_items_to_review_and_recovers(tmp_path, mqtt_broker, camera_frames):
+    folder, _ = camera_frames
+    camera = tmp_path / "camera"
+    camera.mkdir()
+    frame = sorted(folder.glob("*.png"))[0]
+    (camera / frame.name).write_bytes(frame.read_bytes())
+    agent = RunningAgent(agent_table(tmp_path, mqtt_broker.port, camera,
+                                     camera={"loop": True, "fps": 20.0, "max_frame_age_ms": 200,
+                                             "frame_wait_ms": 300, "reopen_backoff_min_s": 0.1,
+                                             "reopen_backoff_max_s": 0.5}))
+    plc = plc_for(mqtt_broker.port)
+    try:
+        assert plc.wait_online(30)
+        assert agent.agent.grabber.wait_for_frame(0, 30) is not None
+        payload, _ = plc.request("before", timeout_s=30)
+        assert payload["reason"] != "no_frame"
+
+        moved = tmp_path / "camera-unplugged"
+        camera.rename(moved)  # the camera disappears
+        deadline = time.monotonic() + 20
+        while agent.agent.grabber.health()["state"] not in ("reconnecting", "failed"):
+            assert time.monotonic() < deadline, agent.agent.grabber.health()
+            time.sleep(0.05)
+        time.sleep(0.3)  # the last frame is now older than max_frame_age_ms
+        payload, _ = plc.request("while-gone", timeout_s=30)
+        assert payload["accepted"] is False and payload["reason"] == "no_frame"
+
+        moved.rename(camera)  # and comes back
+        seq = agent.agent.grabber.last_seq
+        assert agent.agent.grabber.wait_for_frame(seq, 30) is not None
+        payload, _ = plc.request("after", timeout_s=30)
+        assert payload["reason"] != "no_frame"
+    finally:
+        plc.stop()
+        agent.stop()
+
+
+def test_agent_never_imports_tensorflow():
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["tensorflow"] = None
+        import edge_agent.agent, edge_agent.cli, edge_agent.demo, edge_agent.reader, edge_agent.render
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_predict_cli_prints_one_json_line_per_image(tmp_path, camera_frames):
+    folder, truth = camera_frames
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(100))
+    images = sorted(folder.glob("*.png"))[:3]
+    out = subprocess.run([sys.executable, "-m", "edge_agent.cli", "predict", *map(str, images),
+                          str(tmp_path / "empty.png"), str(tmp_path / "corrupt.png")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(lines) == 5 and out.returncode == 1  # non-zero: some inputs were unreadable
+    for line, image in zip(lines[:3], images):
+        assert line["source"] == str(image)
+        assert set(line) == {"source", "postcode", "accepted", "confidence", "reason", "digits"}
+        sha = __import__("edge_agent.pipeline", fromlist=["image_sha256"]).image_sha256(cv2.imread(str(image)))
+        if line["accepted"]:
+            assert line["postcode"] == truth[sha]
+    assert lines[3]["error"] == "empty file" and lines[3]["reason"] == "bad_frame"
+    assert "not a decodable image" in lines[4]["error"]

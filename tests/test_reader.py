@@ -1,0 +1,310 @@
+"""The OpenCV postcode reader: segmentation, MNIST normalisation, bad input, and exact reads with the model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from edge_agent.decision import decide
+from edge_agent.mnist import DataError, DigitSet
+from edge_agent.reader import ReaderConfig, locate_digits, mnist_normalise
+from edge_agent.render import load_demo_digits, render_postcode_dataset, render_postcode_frame
+from edge_agent.types import LocatedDigits
+from tests.paths import SHIPPED_BUNDLE, mnist_split
+
+# Conditions the reader must cope with, each on its own, on an otherwise ordinary frame.
+CONDITIONS = {
+    "dark_on_light": {},
+    "light_on_dark": dict(inverted=True, paper="navy", ink="white"),
+    "light_on_black_yellow_ink": dict(inverted=True, paper="black", ink="yellow"),
+    "coloured_paper": dict(paper="pink", ink="blue"),
+    "brown_paper": dict(paper="brown", ink="blue"),
+    "uneven_light": dict(illumination=0.6),
+    "rotated": dict(rotation=4.5),
+    "rotated_other_way": dict(rotation=-4.5),
+    "blurred": dict(blur=2.0),
+    "jpeg_noise": dict(jpeg_quality=30, noise=8.0),
+    "box_around_field": dict(field="box"),
+    "rotated_box": dict(field="box", rotation=-3.5),
+    "ruled_line": dict(field="ruled"),
+    "small_digits": dict(digit_height=40.0),
+    "large_digits": dict(digit_height=90.0),
+    "thick_pen": dict(stroke=2),
+    "specks": dict(specks=30),
+}
+
+
+@pytest.fixture(scope="module")
+def demo() -> DigitSet:
+    return load_demo_digits()
+
+
+@pytest.fixture(scope="module")
+def model():
+    if not (SHIPPED_BUNDLE / "manifest.json").exists():
+        pytest.skip(f"no model bundle at {SHIPPED_BUNDLE}: the lead ships models/mnist-int8")
+    from edge_agent.loader import load_bundle
+
+    return load_bundle(SHIPPED_BUNDLE)
+
+
+@pytest.fixture(scope="module")
+def eval_digits(model, demo) -> DigitSet:
+    """Digits the model reads surely from the original 28x28 image, so a wrong read is the reader's fault.
+
+    t10k when the dataset is here (evaluation, not tuning), else the bundled training digits.
+    """
+    try:
+        digits = mnist_split("test")
+    except (DataError, pytest.skip.Exception):
+        digits = demo
+    cls = model.classifier.classify(digits.images)
+    sure = (cls.labels == digits.labels) & (cls.probabilities.max(axis=1) >= 0.999)
+    return digits.subset(np.flatnonzero(sure))
+
+
+def frames(digits: DigitSet, n: int, seed: int, length: int = 5, **conditions):
+    """``n`` frames of one fixed condition set (the renderer's other settings at their defaults)."""
+    return render_postcode_dataset(digits, n, np.random.default_rng(seed), length=length, vary=False,
+                                   **conditions)
+
+
+def read(model, frame: np.ndarray, config: ReaderConfig) -> str:
+    located = locate_digits(frame, config)
+    cls = model.classifier.classify(located.digits)
+    return decide(cls.labels, cls.probabilities, config.expected_lengths,
+                  model.manifest.acceptance_threshold).postcode
+
+
+def assert_left_to_right(located: LocatedDigits) -> None:
+    xs = [box[0] + box[2] / 2 for box in located.boxes]
+    assert xs == sorted(xs)
+
+
+# --- segmentation (no model) ---------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(CONDITIONS))
+def test_finds_every_digit_left_to_right(demo, name):
+    for frame, postcode in frames(demo, 4, seed=100, **CONDITIONS[name]):
+        located = locate_digits(frame)
+        assert len(located.digits) == len(postcode), name
+        assert located.digits.shape[1:] == (28, 28) and located.digits.dtype == np.uint8
+        assert len(located.boxes) == len(postcode)
+        assert_left_to_right(located)
+        assert located.note == ""
+
+
+def test_polarity_is_reported(demo):
+    (dark, _), = frames(demo, 1, seed=1)
+    (light, _), = frames(demo, 1, seed=1, inverted=True, paper="black", ink="white")
+    assert locate_digits(dark).inverted is False
+    assert locate_digits(light).inverted is True
+
+
+def test_digits_are_white_on_black_and_mnist_centred(demo):
+    (frame, _), = frames(demo, 1, seed=2)
+    located = locate_digits(frame)
+    for digit in located.digits:
+        assert digit.max() == 255
+        assert digit[0, :].max() == 0 and digit[:, 0].max() == 0  # black border, as in MNIST
+        cy, cx = centre_of_mass(digit)
+        assert abs(cy - 14) <= 1.0 and abs(cx - 14) <= 1.0
+
+
+def test_boxes_cover_the_digits_in_frame_pixels(demo):
+    rng = np.random.default_rng(3)
+    digit = demo.images[demo.labels == 8][0]
+    frame = render_postcode_frame([digit] * 5, rng, digit_height=60.0)
+    located = locate_digits(frame)
+    assert len(located.boxes) == 5
+    grey = frame.mean(axis=2)
+    for x, y, w, h in located.boxes:
+        assert 40 <= h <= 80 and 15 <= w <= 80
+        assert grey[y: y + h, x: x + w].min() < 100  # the box holds dark ink
+    gaps = [b[0] - (a[0] + a[2]) for a, b in zip(located.boxes, located.boxes[1:])]
+    assert all(g >= 0 for g in gaps)
+
+
+def test_roi_limits_the_search_and_boxes_stay_in_frame_coordinates(demo):
+    rng = np.random.default_rng(4)
+    left = render_postcode_frame(list(demo.images[:5]), rng, size=(640, 480), digit_height=50.0)
+    right = render_postcode_frame(list(demo.images[30:37]), rng, size=(640, 480), digit_height=50.0)
+    both = np.hstack([left, right])  # two postcodes side by side; the ROI picks the right one
+    located = locate_digits(both, ReaderConfig(roi=(640, 0, 640, 480), expected_lengths=(7,)))
+    assert len(located.digits) == 7
+    assert all(x >= 640 for x, _, _, _ in located.boxes)
+    located_left = locate_digits(both, ReaderConfig(roi=(0, 0, 640, 480)))
+    assert len(located_left.digits) == 5
+    assert all(x + w <= 640 for x, _, w, _ in located_left.boxes)
+
+
+def test_touching_digits_are_split(demo):
+    rng = np.random.default_rng(5)
+    hits = 0
+    for _ in range(6):
+        picks = rng.integers(0, len(demo), 5)
+        frame = render_postcode_frame(list(demo.images[picks]), rng, gap=(-0.12, -0.05), stroke=1)
+        hits += len(locate_digits(frame).digits) == 5
+    assert hits >= 5
+
+
+def test_huge_frame_is_downscaled_and_read(demo):
+    (frame, postcode), = frames(demo, 1, seed=6, digit_height=60.0)
+    import cv2
+
+    big = cv2.resize(frame, (3200, 2400), interpolation=cv2.INTER_LINEAR)
+    assert len(locate_digits(big).digits) == len(postcode)
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("image", [
+    np.zeros((0, 0), np.uint8),
+    np.zeros((0, 640, 3), np.uint8),
+    np.zeros((1, 1), np.uint8),
+    np.zeros((1, 1, 3), np.uint8),
+    np.zeros((5, 5000), np.uint8),
+    np.full((480, 640, 3), 255, np.uint8),
+    np.zeros((480, 640, 3), np.uint8),
+    np.full((480, 640), 128, np.uint8),
+    np.zeros((4, 4, 4, 4), np.uint8),
+    np.zeros((480, 640, 2), np.uint8),
+], ids=["empty", "empty-rows", "1x1", "1x1x3", "strip", "all-white", "all-black", "all-grey", "4d",
+        "two-channels"])
+def test_weird_frames_give_no_digits_and_a_note(image):
+    located = locate_digits(image)
+    assert located.digits.shape == (0, 28, 28) and located.digits.dtype == np.uint8
+    assert located.boxes == ()
+    assert located.note
+
+
+def test_huge_blank_frame_gives_no_digits_and_a_note():
+    located = locate_digits(np.full((10_000, 10_000), 250, np.uint8))
+    assert len(located.digits) == 0 and located.note
+
+
+def test_noise_only_frame_finds_no_postcode():
+    rng = np.random.default_rng(7)
+    noise = np.clip(rng.normal(200, 6, (480, 640, 3)), 0, 255).astype(np.uint8)
+    located = locate_digits(noise)
+    assert len(located.digits) == 0 and located.note
+
+
+@pytest.mark.parametrize("roi", [(700, 0, 100, 100), (0, 0, 0, 0), (-50, -50, 40, 40), (630, 470, 50, 50)])
+def test_roi_outside_the_frame_gives_a_note(roi):
+    located = locate_digits(np.full((480, 640, 3), 200, np.uint8), ReaderConfig(roi=roi))
+    assert len(located.digits) == 0 and located.note
+
+
+def test_bgra_and_single_channel_frames_are_read(demo):
+    import cv2
+
+    (frame, postcode), = frames(demo, 1, seed=8)
+    assert len(locate_digits(cv2.cvtColor(frame, cv2.COLOR_BGR2BGRA)).digits) == len(postcode)
+    assert len(locate_digits(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)[..., None]).digits) == len(postcode)
+
+
+@pytest.mark.parametrize("bad", [None, [[0, 1], [1, 0]], "frame.png", np.zeros((10, 10), np.float32),
+                                 np.zeros((10, 10), np.uint16), np.zeros((10, 10), bool)])
+def test_non_arrays_and_wrong_dtypes_raise_value_error(bad):
+    with pytest.raises(ValueError):
+        locate_digits(bad)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arrays(np.uint8, st.tuples(st.integers(0, 64), st.integers(0, 64), st.sampled_from([1, 3]))))
+def test_never_raises_on_arbitrary_small_images(image):
+    located = locate_digits(image)
+    assert located.digits.ndim == 3 and located.digits.shape[1:] == (28, 28)
+    assert len(located.boxes) == len(located.digits)
+
+
+# --- MNIST normalisation ----------------------------------------------------------------------
+
+def centre_of_mass(image: np.ndarray) -> tuple[float, float]:
+    m = image.astype(np.float64)
+    total = m.sum()
+    return ((m.sum(axis=1) * np.arange(28)).sum() / total, (m.sum(axis=0) * np.arange(28)).sum() / total)
+
+
+@st.composite
+def stroke_crops(draw) -> np.ndarray:
+    """A crop of any size and aspect with a few random anti-aliased strokes in it."""
+    import cv2
+
+    h, w = draw(st.integers(4, 200)), draw(st.integers(4, 200))
+    crop = np.zeros((h, w), np.float32)
+    for _ in range(draw(st.integers(1, 4))):
+        p0 = (draw(st.integers(0, w - 1)), draw(st.integers(0, h - 1)))
+        p1 = (draw(st.integers(0, w - 1)), draw(st.integers(0, h - 1)))
+        cv2.line(crop, p0, p1, draw(st.floats(0.3, 1.0)), draw(st.integers(1, 12)), cv2.LINE_AA)
+    return crop
+
+
+@settings(max_examples=150, deadline=None)
+@given(stroke_crops())
+def test_normalised_digit_is_mnist_shaped(crop):
+    digit = mnist_normalise(crop)
+    assert digit.shape == (28, 28) and digit.dtype == np.uint8
+    assert digit.max() == 255
+    ys, xs = np.nonzero(digit)
+    assert max(ys.max() - ys.min(), xs.max() - xs.min()) + 1 <= 20  # fitted into a 20x20 box
+    cy, cx = centre_of_mass(digit)
+    # Centred on (14, 14) by an integer shift, unless a lopsided digit would leave the field.
+    assert abs(cy - 14) <= 0.501 or ys.min() == 0 or ys.max() == 27
+    assert abs(cx - 14) <= 0.501 or xs.min() == 0 or xs.max() == 27
+
+
+def test_normalising_an_mnist_digit_gives_it_back(demo):
+    same = 0
+    for image in demo.images[::10]:
+        again = mnist_normalise(image.astype(np.float32) / 255.0)
+        # Rounding of the resize and of the shift allow small differences, never a moved digit.
+        same += np.abs(again.astype(int) - image.astype(int)).mean() < 12
+    assert same >= 0.9 * len(demo.images[::10])
+
+
+def test_empty_crop_normalises_to_black():
+    assert not mnist_normalise(np.zeros((0, 0), np.float32)).any()
+    assert not mnist_normalise(np.zeros((10, 10), np.float32)).any()
+
+
+# --- exact reads with the shipped model ---------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(CONDITIONS))
+def test_reads_the_exact_postcode(model, eval_digits, name):
+    samples = frames(eval_digits, 6, seed=200, **CONDITIONS[name])
+    right = sum(read(model, frame, ReaderConfig()) == postcode for frame, postcode in samples)
+    assert right >= 5, f"{name}: {right}/6 exact"
+
+
+@pytest.mark.parametrize("length", [6, 7])
+def test_reads_long_postcodes(model, eval_digits, length):
+    samples = frames(eval_digits, 6, seed=300 + length, length=length, digit_height=50.0)
+    config = ReaderConfig(expected_lengths=(length,))
+    right = sum(read(model, frame, config) == postcode for frame, postcode in samples)
+    assert right >= 5, f"{length} digits: {right}/6 exact"
+
+
+def test_reads_inside_an_roi(model, eval_digits):
+    rng = np.random.default_rng(400)
+    right = 0
+    for _ in range(6):
+        picks = rng.integers(0, len(eval_digits), 5)
+        postcode = "".join(str(int(d)) for d in eval_digits.labels[picks])
+        field = render_postcode_frame(list(eval_digits.images[picks]), rng, size=(400, 160),
+                                      digit_height=55.0, field="box")
+        frame = np.full((480, 640, 3), 235, np.uint8)
+        frame[300:460, 200:600] = field
+        frame[40:120, 60:300] = 30  # a dark label elsewhere on the envelope, outside the ROI
+        right += read(model, frame, ReaderConfig(roi=(200, 300, 400, 160))) == postcode
+    assert right >= 5
+
+
+def test_varied_frames_are_mostly_read_exactly(model, eval_digits):
+    samples = render_postcode_dataset(eval_digits, 40, np.random.default_rng(500))
+    right = sum(read(model, frame, ReaderConfig()) == postcode for frame, postcode in samples)
+    assert right >= 34, f"{right}/40 exact"
