@@ -20,7 +20,9 @@ setup(
     extras_require={
         # TensorFlow only where models are built, never on site hardware.
         "train": ["tensorflow-cpu>=2.16"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "amqtt>=0.11"],
+        # An embedded MQTT broker so the demo runs where Mosquitto is not installed.
+        "demo": ["amqtt>=0.11"],
     },
     entry_points={
         "console_scripts": [

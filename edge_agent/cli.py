@@ -119,7 +119,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_demo_run(args: argparse.Namespace) -> int:
     from edge_agent.demo import run_demo
 
-    return run_demo(args.workdir, items=args.items, burst=args.burst, seed=args.seed)
+    return run_demo(args.workdir, items=args.items, burst=args.burst, seed=args.seed, broker_kind=args.broker)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo_run.add_argument("--items", type=int, default=20)
     demo_run.add_argument("--burst", type=int, default=500)
     demo_run.add_argument("--seed", type=int, default=7)
+    demo_run.add_argument("--broker", choices=("auto", "mosquitto", "amqtt"), default="auto",
+                          help="auto: Mosquitto when installed, else the embedded amqtt")
     demo_run.set_defaults(func=cmd_demo_run)
     return parser
 

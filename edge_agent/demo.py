@@ -72,10 +72,16 @@ def wait_for_port(port: int, timeout_s: float = 15.0) -> None:
     raise RuntimeError(f"broker did not listen on 127.0.0.1:{port} within {timeout_s}s")
 
 
-def start_broker(workdir: Path, port: int) -> tuple[subprocess.Popen, str]:
+def find_mosquitto() -> str | None:
+    found = shutil.which("mosquitto")
+    return found or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+
+
+def start_broker(workdir: Path, port: int, kind: str = "auto") -> tuple[subprocess.Popen, str]:
     """Mosquitto when installed (MQTT v5), else the embedded amqtt broker (MQTT 3.1.1)."""
-    mosquitto = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists()
-                                              else None)
+    mosquitto = find_mosquitto() if kind in ("auto", "mosquitto") else None
+    if kind == "mosquitto" and mosquitto is None:
+        raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
     log = open(workdir / "broker.log", "w")
     if mosquitto:
         conf = workdir / "mosquitto.conf"
@@ -126,7 +132,7 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def run_demo(workdir: Path, items: int = 20, burst: int = 500, seed: int = 7) -> int:
+def run_demo(workdir: Path, items: int = 20, burst: int = 500, seed: int = 7, broker_kind: str = "auto") -> int:
     """Run the whole appliance for a minute and print what the sorting machine receives."""
     from edge_agent.mqtt import PlcClient  # the simulated PLC speaks MQTT like a real one
 
@@ -137,7 +143,7 @@ def run_demo(workdir: Path, items: int = 20, burst: int = 500, seed: int = 7) ->
     camera = render_demo_camera(workdir / "camera", 24, seed)
     truth = json.loads((workdir / "truth.json").read_text())
     port = free_port()
-    broker, broker_name = start_broker(workdir, port)
+    broker, broker_name = start_broker(workdir, port, broker_kind)
     print(f"2/5 broker: {broker_name} on 127.0.0.1:{port}", flush=True)
     config = write_demo_config(workdir, port, camera)
     agent = subprocess.Popen([sys.executable, "-m", "edge_agent.cli", "run", "--config", str(config)],
