@@ -42,7 +42,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="e2e-"))
     camera = render_demo_camera(workdir / "camera", 12, seed=3)
     port = free_port()
-    broker, _ = start_broker(workdir, port)
+    broker, _name, _protocol = start_broker(workdir, port, "mosquitto")
     config = write_demo_config(workdir, port, camera)
     cmd = [sys.executable, "-m", "edge_agent.cli", "run", "--config", str(config)]
     if shutil.which("taskset"):

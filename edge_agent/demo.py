@@ -77,8 +77,10 @@ def find_mosquitto() -> str | None:
     return found or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
 
 
-def start_broker(workdir: Path, port: int, kind: str = "auto") -> tuple[subprocess.Popen, str]:
-    """Mosquitto when installed (MQTT v5), else the embedded amqtt broker (MQTT 3.1.1)."""
+def start_broker(workdir: Path, port: int, kind: str = "auto") -> tuple[subprocess.Popen, str, str]:
+    """Mosquitto when installed (MQTT v5), else the embedded amqtt broker (MQTT 3.1.1).
+
+    Returns the process, a name to show, and the MQTT version it speaks."""
     mosquitto = find_mosquitto() if kind in ("auto", "mosquitto") else None
     if kind == "mosquitto" and mosquitto is None:
         raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
@@ -89,7 +91,7 @@ def start_broker(workdir: Path, port: int, kind: str = "auto") -> tuple[subproce
         conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
                         "set_tcp_nodelay true\n")
         proc = subprocess.Popen([mosquitto, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
-        name = "Mosquitto"
+        name, protocol = "Mosquitto", "5"
     else:
         conf = workdir / "amqtt.yaml"
         conf.write_text(
@@ -97,9 +99,9 @@ def start_broker(workdir: Path, port: int, kind: str = "auto") -> tuple[subproce
             "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n    allow_anonymous: true\n")
         amqtt = Path(sys.executable).with_name("amqtt")
         proc = subprocess.Popen([str(amqtt), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
-        name = "amqtt (embedded; install mosquitto for MQTT v5)"
+        name, protocol = "amqtt (embedded; install mosquitto for MQTT v5)", "3.1.1"
     wait_for_port(port)
-    return proc, name
+    return proc, name, protocol
 
 
 def write_demo_config(workdir: Path, port: int, camera: Path) -> Path:
@@ -143,14 +145,14 @@ def run_demo(workdir: Path, items: int = 20, burst: int = 500, seed: int = 7, br
     camera = render_demo_camera(workdir / "camera", 24, seed)
     truth = json.loads((workdir / "truth.json").read_text())
     port = free_port()
-    broker, broker_name = start_broker(workdir, port, broker_kind)
+    broker, broker_name, protocol = start_broker(workdir, port, broker_kind)
     print(f"2/5 broker: {broker_name} on 127.0.0.1:{port}", flush=True)
     config = write_demo_config(workdir, port, camera)
     agent = subprocess.Popen([sys.executable, "-m", "edge_agent.cli", "run", "--config", str(config)],
                              env=os.environ | {"PYTHONUNBUFFERED": "1"})
     base = f"postcode/{SITE}/{LINE}"
     plc = PlcClient("127.0.0.1", port, trigger_topic=f"{base}/trigger", result_topic=f"{base}/result",
-                    status_topic=f"{base}/status")
+                    status_topic=f"{base}/status", protocol=protocol)
     try:
         plc.start()
         if not plc.wait_online(60):

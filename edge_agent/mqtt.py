@@ -389,7 +389,20 @@ class MqttLink:
             return
         was_connected = self._connected.is_set()
         self._connected.clear()
-        if was_connected:
+        if not was_connected and self._use_v5 and self.settings.protocol == "auto" \
+                and not self._stopping.is_set():
+            # The broker took the TCP connection and closed it without a CONNACK: a 3.1.1-only
+            # broker (amqtt, old Mosquitto) that cannot parse a v5 CONNECT does exactly this.
+            # A broker that is down refuses the TCP connection instead (_on_connect_fail).
+            log.warning("broker %s closed the connection before answering an MQTT v5 CONNECT; "
+                        "falling back to MQTT 3.1.1", self.settings.host)
+            with self._state_lock:
+                self._fallback_requested = True
+            self._wake.set()
+            return
+        if was_connected and self._stopping.is_set():
+            log.info("MQTT disconnected from %s:%d on stop", self.settings.host, self.settings.port)
+        elif was_connected:
             with self._state_lock:
                 self._counts["disconnects"] += 1
                 inflight = len(self._inflight)
@@ -484,7 +497,8 @@ class MqttLink:
         old = self._client
         self._client = None  # its late callbacks are ignored from now on
         if old is not None:
-            old.disconnect()
+            if old.is_connected():  # after a refused CONNECT it is not, and paho would log an error
+                old.disconnect()
             old.loop_stop()
         with self._state_lock:
             # The old client's queue died with it: whatever it held goes out again.

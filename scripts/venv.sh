@@ -27,8 +27,9 @@ ensure_venv() {
   local stamp="$dir/.installed$extras"
   # Reinstall only when setup.py changed since the last install into this venv.
   if [ ! -f "$stamp" ] || [ "$ROOT/setup.py" -nt "$stamp" ]; then
-    "$dir/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-    "$dir/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT$extras"
+    # -qq: errors only (a site's pip.conf may add noisy find-links warnings)
+    "$dir/bin/python" -m pip install -qq --disable-pip-version-check --upgrade pip
+    "$dir/bin/python" -m pip install -qq --disable-pip-version-check -e "$ROOT$extras"
     touch "$stamp"
   fi
 }
