@@ -20,7 +20,7 @@ from edge_agent.mnist import DataError, DigitSet
 from quantize.card import render_model_card
 from quantize.convert import convert_to_int8
 from quantize.gate import check_gate, choose_threshold, histogram
-from training.augment import augmented_dataset, reader_round_trip
+from training.augment import augmented_dataset
 from training.data import load_training_data
 from training.train import TrainConfig, class_distribution, class_report, split_for
 
@@ -65,11 +65,9 @@ def evaluate_int8(classifier: Int8Classifier, images: np.ndarray, chunk: int = 5
     return np.concatenate(labels), np.concatenate(confidences)
 
 
-def augmented_copies(validation: DigitSet, copies: int, seed: int, reader_copies: int = 3) -> DigitSet:
-    """Validation digits under training-style distortions and as the reader cuts them from frames:
-    more, and more realistic, evidence for the threshold."""
-    seen_images, seen_labels = reader_round_trip(validation.images, validation.labels, reader_copies, seed)
-    images, labels = [validation.images, seen_images], [validation.labels, seen_labels]
+def augmented_copies(validation: DigitSet, copies: int, seed: int) -> DigitSet:
+    """Validation digits under training-style distortions: more, harder evidence for the threshold."""
+    images, labels = [validation.images], [validation.labels]
     for copy in range(copies):
         dataset = augmented_dataset(validation.images, validation.labels, len(validation), seed + copy)
         for batch_images, batch_labels in dataset.take(1):

@@ -67,29 +67,3 @@ def elastic_copies(images: np.ndarray, copies: int, seed: int, alpha: float = 12
         out[i] = cv2.remap(images[i % len(images)], grid_x + dx, grid_y + dy, cv2.INTER_LINEAR,
                            borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     return out
-
-
-def reader_round_trip(images: np.ndarray, labels: np.ndarray, copies: int, seed: int,
-                      length: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    """Digits as the agent sees them: rendered into camera frames, then found and normalised by the reader.
-
-    The reader's MNIST normalisation of a camera digit is close to, not the same as, the
-    original: strokes, anti-aliasing and centring differ. Training on these closes that gap.
-    Frames whose digit count the reader gets wrong are skipped (labels would not line up).
-    """
-    from edge_agent.mnist import DigitSet
-    from edge_agent.reader import ReaderConfig, locate_digits
-    from edge_agent.render import render_postcode_samples
-
-    rng = np.random.default_rng(seed)
-    config = ReaderConfig(expected_lengths=(length,))
-    n_frames = int(np.ceil(copies * len(images) / length))
-    out_images, out_labels = [], []
-    for sample in render_postcode_samples(DigitSet(images, labels), n_frames, rng, length=length):
-        located = locate_digits(sample.frame, config)
-        if len(located.digits) == len(sample.digit_indices):
-            out_images.append(located.digits)
-            out_labels.append(labels[sample.digit_indices])
-    if not out_images:
-        return np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.uint8)
-    return np.concatenate(out_images), np.concatenate(out_labels)

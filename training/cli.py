@@ -20,8 +20,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validation-per-class", type=int, default=100)
     parser.add_argument("--elastic-copies", type=int, default=4,
                         help="elastic-distorted copies of each training image")
-    parser.add_argument("--reader-copies", type=int, default=2,
-                        help="copies of each training digit rendered into frames and cut out by the reader")
     parser.add_argument("--patience", type=int, default=8, help="early-stopping patience (epochs)")
     parser.add_argument("--limit", type=int, help="train on a random slice of N training images (smoke runs)")
     args = parser.parse_args(argv)
@@ -32,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     config = TrainConfig(
         out_dir=args.out, data_dir=args.data, seed=args.seed, epochs=args.epochs,
         batch_size=args.batch_size, validation_per_class=args.validation_per_class,
-        elastic_copies=args.elastic_copies, reader_copies=args.reader_copies, patience=args.patience, limit=args.limit,
+        elastic_copies=args.elastic_copies, patience=args.patience, limit=args.limit,
     )
     try:
         metrics = train(config)

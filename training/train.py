@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from edge_agent.mnist import DigitSet
-from training.augment import augmented_dataset, elastic_copies, reader_round_trip
+from training.augment import augmented_dataset, elastic_copies
 from training.data import load_training_data, stratified_split
 from training.model import build_model
 
@@ -33,7 +33,6 @@ class TrainConfig:
     validation_per_class: int = 100
     patience: int = 8
     elastic_copies: int = 4  # distorted copies of each training image added before training
-    reader_copies: int = 2  # copies rendered into camera frames and cut out again by the reader
     limit: int | None = None  # train on a small slice (tests, smoke runs)
 
 
@@ -84,11 +83,8 @@ def train(config: TrainConfig) -> dict:
         metrics=["accuracy"],
     )
     x_val = validation.images[..., None].astype("float32") / 255.0
-    seen_images, seen_labels = reader_round_trip(fit.images, fit.labels, config.reader_copies, config.seed)
-    log.info("reader round trip: %d digits from %d copies", len(seen_labels), config.reader_copies)
-    fit_images = np.concatenate([fit.images, elastic_copies(fit.images, config.elastic_copies, config.seed),
-                                 seen_images])
-    fit_labels = np.concatenate([fit.labels] * (config.elastic_copies + 1) + [seen_labels])
+    fit_images = np.concatenate([fit.images, elastic_copies(fit.images, config.elastic_copies, config.seed)])
+    fit_labels = np.concatenate([fit.labels] * (config.elastic_copies + 1))
     started = time.monotonic()
     history = model.fit(
         augmented_dataset(fit_images, fit_labels, config.batch_size, config.seed),
