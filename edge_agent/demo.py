@@ -104,7 +104,7 @@ def start_broker(workdir: Path, port: int, kind: str = "auto") -> tuple[subproce
     return proc, name, protocol
 
 
-def write_demo_config(workdir: Path, port: int, camera: Path) -> Path:
+def write_demo_config(workdir: Path, port: int, camera: Path, fps: float = 4.0) -> Path:
     config = workdir / "agent.toml"
     config.write_text(f"""
 [site]
@@ -113,7 +113,7 @@ line_id = "{LINE}"
 [camera]
 source = "{camera}"
 loop = true
-fps = 4.0
+fps = {fps}
 max_frame_age_ms = 1000
 [trigger]
 mode = "mqtt"
