@@ -70,7 +70,7 @@ class AgentCounters:
 
 
 class Agent:
-    """Turns triggers into stored results, one worker thread, in trigger order."""
+    """Turns triggers into stored results on reader worker threads (in trigger order with one)."""
 
     def __init__(self, config: AgentConfig, reader: PostcodeReader, grabber: FrameGrabber | None,
                  link: MqttLink, outbox: Outbox, review: ReviewStore, clock: Clock):
@@ -196,7 +196,8 @@ class Agent:
     # -- lifecycle ------------------------------------------------------------
 
     def start(self) -> None:
-        self._spawn("reader", self._work)
+        for n in range(self.config.reader.workers):
+            self._spawn(f"reader-{n}", self._work)
         self._spawn("health", self._report_health)
         if self.config.trigger.mode == "interval":
             interval = IntervalTrigger(self.config.trigger.interval_ms / 1000.0)

@@ -168,7 +168,8 @@ def test_broker_restart_loses_nothing(tmp_path, persistent_mqtt_broker, camera_f
     broker = persistent_mqtt_broker
     folder, _ = camera_frames
     agent = RunningAgent(agent_table(tmp_path, broker.port, folder,
-                                     trigger={"mode": "interval", "interval_ms": 50}))
+                                     trigger={"mode": "interval", "interval_ms": 50},
+                                     reader={"workers": 2}))
     plc = plc_for(broker.port, persistent=True, client_id="sorter-1")
     try:
         assert plc.wait_online(30)
