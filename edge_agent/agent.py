@@ -274,11 +274,9 @@ def build_agent(config: AgentConfig, clock: Clock | None = None) -> Agent:
     grabber = FrameGrabber(DeferredSource(config.camera.source, config.camera.loop), clock,
                            (config.camera.reopen_backoff_min_s, config.camera.reopen_backoff_max_s),
                            file_fps=config.camera.fps)
-    agent_ref: list[Agent] = []
-    link = MqttLink(mqtt_settings(config), outbox, clock,
-                    on_trigger=lambda *args: agent_ref[0].on_mqtt_trigger(*args))
+    link = MqttLink(mqtt_settings(config), outbox, clock)
     agent = Agent(config, reader, grabber, link, outbox, review, clock)
-    agent_ref.append(agent)
+    link.on_trigger = agent.on_mqtt_trigger
     if config.trigger.mode == "change":
         detector = SceneChangeDetector(SceneSettings(settle_frames=config.trigger.settle_frames,
                                                      min_still_s=config.trigger.settle_ms / 1000.0))

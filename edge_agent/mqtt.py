@@ -145,7 +145,7 @@ class MqttLink:
         self.settings = settings
         self._outbox = outbox
         self._clock = clock
-        self._on_trigger = on_trigger
+        self.on_trigger = on_trigger  # may also be set after construction, before start()
         self._use_v5 = settings.protocol in ("auto", "5")
         self._client: paho.Client | None = None
         self._connected = threading.Event()
@@ -420,7 +420,7 @@ class MqttLink:
                           self.settings.trigger_topic, rc)
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
-        if client is not self._client or self._on_trigger is None:
+        if client is not self._client or self.on_trigger is None:
             return
         if not paho.topic_matches_sub(self.settings.trigger_topic, message.topic):
             return
@@ -430,7 +430,7 @@ class MqttLink:
         self._count("triggers")
         try:
             # Runs on paho's network thread: the handler must hand off, not read the camera here.
-            self._on_trigger(bytes(message.payload), response_topic,
+            self.on_trigger(bytes(message.payload), response_topic,
                              None if correlation is None else bytes(correlation))
         except Exception:
             log.exception("trigger handler failed for a message on %s", message.topic)
