@@ -38,13 +38,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     setup_logging(config.logging.level, config.logging.json)
     from edge_agent.agent import run_agent  # deferred: pulls in paho, OpenCV threads
+    from edge_agent.outbox import OutboxError
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
         run_agent(config, stop)
-    except BundleError as exc:
+    except (BundleError, OutboxError) as exc:
         log.error("cannot start: %s", exc)
         return 2
     return 0

@@ -335,3 +335,17 @@ def test_predict_cli_prints_one_json_line_per_image(tmp_path, camera_frames):
             assert line["postcode"] == truth[sha]
     assert lines[3]["error"] == "empty file" and lines[3]["reason"] == "bad_frame"
     assert "not a decodable image" in lines[4]["error"]
+
+
+def test_damaged_outbox_stops_the_start_with_a_clear_message(tmp_path, camera_frames):
+    folder, _ = camera_frames
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "outbox.sqlite").write_bytes(b"this is not a database" * 100)
+    config = tmp_path / "agent.toml"
+    config.write_text(_to_toml(agent_table(tmp_path, 1, folder)))
+    out = subprocess.run([sys.executable, "-m", "edge_agent.cli", "run", "--config", str(config)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "cannot start" in out.stderr and "outbox" in out.stderr.lower()
+    assert "Traceback" not in out.stderr
