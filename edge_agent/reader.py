@@ -573,6 +573,8 @@ def locate_digits(image: np.ndarray, config: ReaderConfig = ReaderConfig()) -> L
     marks = _split_wide(marks, seg.binary, config.expected_lengths)
     if len(marks) > config.max_digits:
         return _empty(f"{len(marks)} marks in a row: too many for a postcode", inverted)
+    if not marks:  # every mark was a sliver of a printed line or a speck
+        return _empty("no digit-sized marks left after removing slivers", inverted)
 
     digits = np.stack([mnist_normalise(_digit_crop(m, seg, ink, threshold)) for m in marks])
     boxes = tuple(_frame_box(m, inverse, origin, scale) for m in marks)

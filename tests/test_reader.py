@@ -308,3 +308,14 @@ def test_varied_frames_are_mostly_read_exactly(model, eval_digits):
     samples = render_postcode_dataset(eval_digits, 40, np.random.default_rng(500))
     right = sum(read(model, frame, ReaderConfig()) == postcode for frame, postcode in samples)
     assert right >= 34, f"{right}/40 exact"
+
+
+def test_never_raises_on_small_single_digit_frames():
+    """Small frames with one digit under random conditions (a training-data generator found a crash here)."""
+    from edge_agent.render import render_postcode_samples
+
+    rng = np.random.default_rng(99)
+    config = ReaderConfig(expected_lengths=(1,))
+    for sample in render_postcode_samples(load_demo_digits(), 300, rng, length=1, size=(320, 240)):
+        located = locate_digits(sample.frame, config)
+        assert located.digits.shape[1:] == (28, 28) or len(located.digits) == 0
