@@ -190,8 +190,10 @@ class Agent:
                 continue
             try:
                 self.process(trigger, seq_at_trigger)
-            except Exception:  # the outbox refused (disk full, corrupt): say so loudly, keep serving
+            except Exception as exc:  # the outbox refused (disk full, corrupt): say so loudly, keep serving
                 log.exception("could not store the result of item %s", trigger.item_id)
+                self.link.publish_event("error", {"kind": "store_failed", "item_id": trigger.item_id,
+                                                  "error": str(exc)})
 
     # -- lifecycle ------------------------------------------------------------
 
