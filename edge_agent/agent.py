@@ -24,7 +24,7 @@ from edge_agent.outbox import Outbox
 from edge_agent.pipeline import FrameRead, PostcodeReader, postcode_read
 from edge_agent.reader import ReaderConfig
 from edge_agent.review import ReviewStore
-from edge_agent.sources import SourceError, open_source, redact_url
+from edge_agent.sources import SourceError, decode_image, open_source, redact_url
 from edge_agent.triggers import (IntervalTrigger, SceneChangeDetector, SceneSettings, TriggerError,
                                  parse_trigger, run_interval)
 from edge_agent.types import Clock, Frame, PostcodeRead, SystemClock, Trigger
@@ -282,6 +282,10 @@ def build_agent(config: AgentConfig, clock: Clock | None = None) -> Agent:
     if config.trigger.mode == "change":
         detector = SceneChangeDetector(SceneSettings(settle_frames=config.trigger.settle_frames,
                                                      min_still_s=config.trigger.settle_ms / 1000.0))
+        if config.trigger.background_image is not None:
+            # Without it the empty belt between envelopes is a "new scene" too, read as no_postcode.
+            detector.set_background(decode_image(config.trigger.background_image.read_bytes(),
+                                                 str(config.trigger.background_image)))
         grabber.on_frame = agent.on_frame(detector)
     return agent
 

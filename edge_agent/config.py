@@ -58,6 +58,7 @@ class TriggerConfig:
     max_payload_bytes: int = 4096
     settle_frames: int = 3  # change mode: still frames after motion before a new envelope is read
     settle_ms: int = 0  # change mode: and still for at least this long (fps-independent)
+    background_image: Path | None = None  # change mode: the empty view; settling on it is no envelope
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,9 @@ def _check_values(config: AgentConfig, errors: list[str]) -> None:
         errors.append("reader.roi: expected [x, y, width, height] with positive size")
     if not (config.model.bundle / "manifest.json").is_file():
         errors.append(f"model.bundle: no model bundle at {config.model.bundle} (manifest.json missing)")
+    background = config.trigger.background_image
+    if background is not None and not background.is_file():
+        errors.append(f"trigger.background_image: {background} does not exist")
     if config.mqtt.password_file is not None and not config.mqtt.password_file.is_file():
         errors.append(f"mqtt.password_file: {config.mqtt.password_file} does not exist")
     if (config.mqtt.cert_file is None) != (config.mqtt.key_file is None):

@@ -25,6 +25,7 @@ from edge_agent.agent import build_agent
 from edge_agent.config import parse_config
 from edge_agent.demo import render_demo_camera
 from edge_agent.mqtt import PlcClient
+from edge_agent.pipeline import image_sha256
 from tests.paths import ROOT
 
 BASE = "postcode/test-site/line-9"
@@ -347,7 +348,7 @@ def test_predict_cli_prints_one_json_line_per_image(tmp_path, camera_frames):
     for line, image in zip(lines[:3], images):
         assert line["source"] == str(image)
         assert set(line) == {"source", "postcode", "accepted", "confidence", "reason", "digits"}
-        sha = __import__("edge_agent.pipeline", fromlist=["image_sha256"]).image_sha256(cv2.imread(str(image)))
+        sha = image_sha256(cv2.imread(str(image)))
         if line["accepted"]:
             assert line["postcode"] == truth[sha]
     assert lines[3]["error"] == "empty file" and lines[3]["reason"] == "bad_frame"
@@ -366,3 +367,33 @@ def test_damaged_outbox_stops_the_start_with_a_clear_message(tmp_path, camera_fr
     assert out.returncode == 2
     assert "cannot start" in out.stderr and "outbox" in out.stderr.lower()
     assert "Traceback" not in out.stderr
+
+
+def test_scene_change_reads_each_new_envelope_once(tmp_path, mqtt_broker, camera_frames):
+    """Change mode: empty belt, envelope, empty belt, envelope -> exactly two reads, the right ones."""
+    folder, truth = camera_frames
+    envelopes = sorted(folder.glob("*.png"))[:2]
+    empty = np.full_like(cv2.imread(str(envelopes[0])), 235)
+    camera = tmp_path / "camera"
+    camera.mkdir()
+    background = tmp_path / "empty.png"
+    cv2.imwrite(str(background), empty)
+    frames = [background] * 6 + [envelopes[0]] * 8 + [background] * 8 + [envelopes[1]] * 8 + [background] * 6
+    for i, source in enumerate(frames):  # the folder source reads each file once, in name order
+        (camera / f"{i:03d}.png").write_bytes(source.read_bytes())
+    plc = plc_for(mqtt_broker.port)
+    agent = RunningAgent(agent_table(tmp_path, mqtt_broker.port, camera,
+                                     camera={"loop": False, "fps": 20.0},
+                                     trigger={"mode": "change", "settle_frames": 3,
+                                              "background_image": str(background)}))
+    try:
+        assert plc.wait_for(lambda c: len(c.results()) >= 2, 30)
+        time.sleep(1.0)  # the trailing empty frames must not add a read
+    finally:
+        agent.stop()
+        plc.stop()
+    results = plc.results()
+    assert len(results) == 2
+    read_frames = [truth[p["image_sha256"]] for p in sorted(results.values(), key=lambda p: p["captured_at"])]
+    expected = [truth[image_sha256(cv2.imread(str(e)))] for e in envelopes]
+    assert read_frames == expected
