@@ -49,7 +49,7 @@ class DeferredSource:
 
     def read(self) -> np.ndarray | None:
         if self._inner is None:
-            raise SourceError(f"camera {self._spec} is not open")
+            raise SourceError(f"camera {self.name} is not open")
         return self._inner.read()
 
     def close(self) -> None:
@@ -64,7 +64,6 @@ class AgentCounters:
     reads: int = 0
     accepted: int = 0
     reviews: int = 0
-    no_frame: int = 0
     read_errors: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
 
