@@ -151,6 +151,33 @@ def test_touching_digits_are_split(demo):
     assert hits >= 5
 
 
+def test_a_small_digit_between_big_ones_is_its_own_digit(demo):
+    """A digit written at half height is kept, not lost (with a big neighbour split in two instead)."""
+    import cv2
+
+    rng = np.random.default_rng(7)
+    found = 0
+    for _ in range(10):
+        images = [image.copy() for image in demo.images[rng.integers(0, len(demo), 5)]]
+        small = np.zeros((28, 28), np.uint8)
+        small[8:20, 8:20] = cv2.resize(images[2], (12, 12), interpolation=cv2.INTER_AREA)
+        images[2] = small
+        located = locate_digits(render_postcode_frame(images, rng, digit_height=60.0, scale_jitter=0.0))
+        found += len(located.boxes) == 5 and located.boxes[2][3] < 45  # the third box is the small digit
+    assert found >= 9
+
+
+def test_a_thick_pen_is_thinned_towards_mnist_strokes(demo):
+    """The same digits in a felt-tip carry about as much ink after normalising as in an ordinary pen."""
+    for seed in range(3):
+        normal = frames(demo, 4, seed=seed)
+        thick = frames(demo, 4, seed=seed, stroke=3)
+        for (a, postcode), (b, _) in zip(normal, thick):
+            ink_normal = locate_digits(a).digits.astype(np.float64).sum()
+            ink_thick = locate_digits(b).digits.astype(np.float64).sum()
+            assert ink_thick < 1.3 * ink_normal, postcode  # 1.4 to 1.7 times without thinning
+
+
 def test_huge_frame_is_downscaled_and_read(demo):
     (frame, postcode), = frames(demo, 1, seed=6, digit_height=60.0)
     import cv2
