@@ -45,10 +45,14 @@ class CameraConfig:
     loop: bool = False  # replay a video file or folder (demo and soak tests)
     fps: float = 30.0  # read rate for file and folder sources; live cameras run at their own rate
     reopen_backoff_min_s: float = 0.5
-    reopen_backoff_max_s: float = 30.0
+    # A camera that comes back is reopened within about this long; short, because every
+    # second it is not retried is a second of envelopes sent to review.
+    reopen_backoff_max_s: float = 1.0
+    # An item is read from the frame captured in [trigger - max_frame_age_ms, trigger + frame_wait_ms]:
+    # the newest frame at its trigger if it is at most max_frame_age_ms old, else the first one after.
     max_frame_age_ms: int = 200  # an older frame may show the previous envelope: wait for a new one
     wait_after_trigger: bool = False  # always read a frame captured after the trigger (adds a frame time)
-    frame_wait_ms: int = 500  # how long to wait for that frame before sending the item to review
+    frame_wait_ms: int = 500  # no frame in the window by then: the item goes to review (no_frame)
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,15 @@ class TriggerConfig:
     settle_frames: int = 3  # change mode: still frames after motion before a new envelope is read
     settle_ms: int = 0  # change mode: and still for at least this long (fps-independent)
     background_image: Path | None = None  # change mode: the empty view; settling on it is no envelope
+    # The sorting machine acts on an answer only until the envelope reaches the diverter: an item
+    # not answered within this budget of its trigger is answered at once as review "late".
+    decision_budget_ms: int = 1500
+    # A trigger whose item_id was answered within this window gets the stored answer again.
+    dedup_window_s: float = 3600.0
+    # After the broker connection comes back, a PLC may flush triggers it buffered while the
+    # broker was away: without a "triggered_at" stamp their time is unknown, so triggers that
+    # arrive this soon after a reconnect are answered as review "late" instead of being read.
+    reconnect_guard_ms: int = 3000
 
 
 @dataclass(frozen=True)
@@ -85,6 +98,11 @@ class MqttConfig:
     key_file: Path | None = None
     result_expiry_s: int = 600  # MQTT v5 message expiry: a read this old is of no use to a sorter
     max_inflight: int = 100
+    # Persistent session: triggers sent while the agent is down wait at the broker this long.
+    session_expiry_s: int = 3600
+    # MQTT v5 response topics are honoured only under this prefix ("" allows none); never the
+    # agent's own topics or another line's.
+    response_topic_prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -138,7 +156,8 @@ CHOICES = {
 POSITIVE = {"model.num_threads", "camera.fps", "trigger.interval_ms", "trigger.max_payload_bytes",
             "mqtt.port", "mqtt.keepalive_s", "mqtt.result_expiry_s", "mqtt.max_inflight",
             "outbox.max_pending", "review.max_items", "trigger.settle_frames",
-            "camera.max_frame_age_ms", "camera.frame_wait_ms", "reader.workers"}
+            "camera.max_frame_age_ms", "camera.frame_wait_ms", "reader.workers",
+            "trigger.decision_budget_ms", "trigger.dedup_window_s", "mqtt.session_expiry_s"}
 
 
 def _convert(value: Any, hint: Any, where: str, errors: list[str]) -> Any:
