@@ -11,23 +11,24 @@ import json
 import logging
 import queue
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from edge_agent.config import AgentConfig, mqtt_password
+from edge_agent.binding import FrameWindow, choose_frame, too_late_to_read
+from edge_agent.config import AgentConfig, mqtt_password, security_warnings
 from edge_agent.grabber import FrameGrabber
 from edge_agent.loader import load_bundle
 from edge_agent.mqtt import MqttLink, MqttSettings, TlsSettings
-from edge_agent.outbox import Outbox
+from edge_agent.outbox import Answer, Journaled, JournalOutcome, Outbox, OutboxError, OutgoingMessage
 from edge_agent.pipeline import FrameRead, PostcodeReader, postcode_read
 from edge_agent.reader import ReaderConfig
 from edge_agent.review import ReviewStore
 from edge_agent.sources import SourceError, decode_image, open_source, redact_url
 from edge_agent.triggers import (IntervalTrigger, SceneChangeDetector, SceneSettings, TriggerError,
-                                 parse_trigger, run_interval)
-from edge_agent.types import Clock, Frame, PostcodeRead, SystemClock, Trigger
+                                 parse_trigger, response_topic_refusal, run_interval)
+from edge_agent.types import Clock, Frame, PostcodeRead, Reason, SystemClock, Trigger, TriggerMessage
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,11 @@ class DeferredSource:
         if self._inner is not None:
             self._inner.close()
 
+    @property
+    def bad_frames(self) -> int:
+        """Files or frames the source skipped because they could not be decoded."""
+        return int(getattr(self._inner, "bad_files", 0) or 0)
+
 
 @dataclass
 class AgentCounters:
@@ -65,11 +71,46 @@ class AgentCounters:
     accepted: int = 0
     reviews: int = 0
     read_errors: int = 0
+    repeats: int = 0  # an item_id answered before: the stored answer was sent again
+    duplicates: int = 0  # an item_id whose earlier trigger was still being answered
+    recovered: int = 0  # journaled triggers found unanswered at start-up
+    refused_response_topics: int = 0
+    journal_failures: int = 0
+    store_failures: int = 0
+    bad_frames: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class _Item:
+    """One item on its way from trigger to stored answer."""
+
+    trigger: Trigger
+    journal_id: int | None
+    frame: Frame | None = None
+
+
+@dataclass
+class _Answer:
+    result: PostcodeRead
+    item: _Item
+    read: FrameRead | None
+
+
+# What one read is assumed to take before any was timed; a read that would end past the
+# deadline is not started (the item is answered "late" at once instead).
+_FIRST_READ_ESTIMATE_S = 0.05
+_BATCH = 500  # triggers journaled, or answers stored, per transaction under a burst
+
+
 class Agent:
-    """Turns triggers into stored results on reader worker threads (in trigger order with one)."""
+    """Turns triggers into stored answers: exactly one per trigger, about its own frame, in time.
+
+    Stages, each on its own thread(s), joined by queues:
+    intake (paho thread: parse, bind the frame at the trigger time) -> journal (SQLite, then
+    PUBACK) -> binder (items still waiting for a frame in their window) -> readers -> store
+    (answer and journal row in one transaction) -> the MQTT link's delivery loop.
+    """
 
     def __init__(self, config: AgentConfig, reader: PostcodeReader, grabber: FrameGrabber | None,
                  link: MqttLink, outbox: Outbox, review: ReviewStore, clock: Clock):
@@ -81,82 +122,263 @@ class Agent:
         self.review = review
         self.clock = clock
         self.counters = AgentCounters()
-        self.stopping = threading.Event()
-        # Each trigger waits with the camera's frame count when it arrived (see _frame_for).
-        self._queue: queue.Queue[tuple[Trigger, int]] = queue.Queue()
+        self.window = FrameWindow(config.camera.max_frame_age_ms / 1000.0, config.camera.frame_wait_ms / 1000.0,
+                                  after_only=config.camera.wait_after_trigger)
+        self.budget_s = config.trigger.decision_budget_ms / 1000.0
+        self.stopping = threading.Event()  # no new triggers from interval/scene producers
+        self._shutdown = threading.Event()  # every stage thread ends
+        self._intake: queue.Queue[tuple[Trigger, Any, Frame | None]] = queue.Queue()
+        self._ready: queue.Queue[_Item] = queue.Queue()
+        self._answers: queue.Queue[_Answer] = queue.Queue()
+        self._waiting: list[_Item] = []
+        self._waiting_lock = threading.Lock()
+        self._outstanding = 0  # triggers taken in whose answer is not stored yet
+        self._outstanding_cond = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._latencies_ms: list[float] = []
         self._counter_lock = threading.Lock()
+        self._read_estimate_s = _FIRST_READ_ESTIMATE_S
+        self._bad_frames_seen = 0
 
-    # -- triggers -------------------------------------------------------------
+    # -- intake ---------------------------------------------------------------
 
-    def on_mqtt_trigger(self, payload: bytes, response_topic: str | None,
-                        correlation_data: bytes | None) -> None:
-        """Called on paho's thread: parse and queue; a bad payload is an error event, not a crash."""
+    def on_mqtt_trigger(self, message: TriggerMessage) -> None:
+        """Called on paho's thread: parse, fix the item's time and frame, hand to the journal."""
+        cfg = self.config
         try:
-            trigger = parse_trigger(payload, self.clock, max_bytes=self.config.trigger.max_payload_bytes,
-                                    response_topic=response_topic, correlation_data=correlation_data)
+            trigger = parse_trigger(message.payload, self.clock, max_bytes=cfg.trigger.max_payload_bytes,
+                                    response_topic=message.response_topic,
+                                    correlation_data=message.correlation_data)
         except TriggerError as exc:
             with self._counter_lock:
                 self.counters.bad_triggers += 1
             log.error("rejected trigger: %s", exc)
             self.link.publish_event("error", {"kind": "bad_trigger", "error": str(exc),
-                                              "payload_bytes": len(payload)})
+                                              "payload_bytes": len(message.payload)})
+            self.link.ack(message.ack_token)  # nothing to answer: no item was named
             return
-        self.submit(trigger)
+        trigger = replace(trigger, received_at=message.received_at,
+                          triggered_at=None if trigger.triggered_at is None
+                          else min(trigger.triggered_at, message.received_at))
+        if trigger.response_topic is not None:
+            refusal = response_topic_refusal(trigger.response_topic, cfg.mqtt.response_topic_prefix,
+                                             cfg.topic_base, cfg.mqtt.topic_prefix)
+            if refusal is not None:
+                with self._counter_lock:
+                    self.counters.refused_response_topics += 1
+                log.error("item %s: not replying on response topic %r: %s", trigger.item_id,
+                          trigger.response_topic, refusal)
+                self.link.publish_event("error", {"kind": "response_topic_refused", "item_id": trigger.item_id,
+                                                  "topic": trigger.response_topic, "error": refusal})
+                trigger = replace(trigger, response_topic=None, correlation_data=None)
+        stale = trigger.stale or self._stale_reason(message, trigger)
+        self._take_in(replace(trigger, stale=stale), message.ack_token)
 
-    def submit(self, trigger: Trigger) -> None:
+    def _stale_reason(self, message: TriggerMessage, trigger: Trigger) -> Reason | None:
+        """A reason to answer without reading, when the trigger's time cannot be trusted."""
+        if trigger.triggered_at is not None:
+            return None  # stamped by the PLC: its window and deadline are known exactly
+        if message.replayed:
+            # Queued at the broker while we were away: its envelope has passed the camera.
+            return Reason.AGENT_RESTART if message.first_connection else Reason.LATE
+        guard_s = self.config.trigger.reconnect_guard_ms / 1000.0
+        if message.since_reconnect_s is not None and message.since_reconnect_s < guard_s:
+            # Just after a broker outage the PLC may be flushing triggers it buffered: sent
+            # seconds ago, they would be read from a later envelope's frame.
+            return Reason.LATE
+        return None
+
+    def submit(self, trigger: Trigger, frame: Frame | None = None) -> None:
+        """Take in a trigger made on site (interval, scene change); ``frame`` if it is already known."""
+        self._take_in(trigger, None, frame)
+
+    def _take_in(self, trigger: Trigger, ack_token: Any, frame: Frame | None = None) -> None:
+        trigger = replace(trigger, deadline=trigger.at + self.budget_s)
+        if frame is None and trigger.stale is None:
+            frame = self._frame_in_window(trigger)  # now, while the history still holds it
         with self._counter_lock:
             self.counters.triggers += 1
-        self._queue.put((trigger, self.grabber.last_seq if self.grabber is not None else 0))
+        with self._outstanding_cond:
+            self._outstanding += 1
+        self._intake.put((trigger, ack_token, frame))
 
     def on_frame(self, detector: SceneChangeDetector):
         """A grabber callback that triggers a read when a new envelope settles under the camera."""
         def check(frame: Frame) -> None:
+            if self.stopping.is_set():
+                return
             if detector.update(frame.image, self.clock.monotonic()):
                 now = self.clock.time()
-                self.submit(Trigger(item_id=f"scene-{int(now * 1000)}-{detector.triggers}",
-                                    received_at=now))
+                self.submit(Trigger(item_id=f"scene-{int(now * 1000)}-{detector.triggers}", received_at=now),
+                            frame)
         return check
 
-    # -- the read path --------------------------------------------------------
-
-    def _frame_for(self, seq_at_trigger: int) -> Frame | None:
-        """The frame to read for an item, never one that may show an earlier envelope.
-
-        By default the newest frame if it is younger than max_frame_age_ms (a live camera's
-        frame is at most one frame interval old); otherwise, or with wait_after_trigger,
-        the first frame the camera delivers after the trigger, waiting up to
-        frame_wait_ms. None sends the item to review as no_frame.
-        """
+    def _frame_in_window(self, trigger: Trigger) -> Frame | None:
         if self.grabber is None:
             return None
-        cam = self.config.camera
-        if not cam.wait_after_trigger:
-            frame = self.grabber.latest(max_age_s=cam.max_frame_age_ms / 1000.0)
-            if frame is not None:
-                return frame
-        return self.grabber.wait_for_frame(seq_at_trigger, cam.frame_wait_ms / 1000.0)
+        return choose_frame(self.grabber.history(), trigger.at, self.window)
 
-    def process(self, trigger: Trigger, seq_at_trigger: int = 0) -> PostcodeRead:
-        """Read the right frame for one item and store the result durably."""
-        frame = self._frame_for(seq_at_trigger)
-        read: FrameRead | None = None
-        if frame is not None:
+    # -- journal: durable before acknowledged -----------------------------------
+
+    def _journal_loop(self) -> None:
+        while not self._shutdown.is_set():
+            batch = _take_batch(self._intake, _BATCH)
+            if not batch:
+                continue
+            triggers = [t for t, _token, _frame in batch]
             try:
-                read = self.reader.read_frame(frame)
-            except Exception as exc:  # a frame we cannot read must not stop the line
-                log.exception("reading frame %s failed", frame.seq)
+                outcomes = self.outbox.journal_triggers(triggers, self.config.trigger.dedup_window_s,
+                                                        self.config.topic("result"))
+            except (OutboxError, ValueError) as exc:
+                # Still answer them (nothing is lost while this process lives); say so loudly.
+                log.error("could not journal %d trigger(s): %s", len(batch), exc)
                 with self._counter_lock:
-                    self.counters.read_errors += 1
-                self.link.publish_event("error", {"kind": "read_failed", "item_id": trigger.item_id,
-                                                  "error": str(exc)})
-        result = postcode_read(trigger, frame, read, self.clock.time(), self.reader.model.version)
-        self.store(result, trigger, read)
-        return result
+                    self.counters.journal_failures += len(batch)
+                self.link.publish_event("error", {"kind": "journal_failed", "error": str(exc),
+                                                  "triggers": len(batch)})
+                outcomes = [Journaled(JournalOutcome.NEW) for _ in batch]
+            for (trigger, _token, frame), outcome in zip(batch, outcomes):
+                if outcome.outcome is JournalOutcome.NEW:
+                    self._schedule(_Item(trigger, outcome.journal_id, frame))
+                    continue
+                if outcome.outcome is JournalOutcome.ANSWERED and outcome.earlier_answer is not None:
+                    self._answer_again(trigger, outcome.earlier_answer)
+                else:
+                    with self._counter_lock:
+                        self.counters.duplicates += 1
+                self._settled(1)
+            for _trigger, token, _frame in batch:
+                if token is not None:
+                    self.link.ack(token)
 
-    def store(self, result: PostcodeRead, trigger: Trigger, read: FrameRead | None) -> None:
-        """Outbox first (durable), then the delivery loop publishes; reviews also keep their crops."""
+    def _answer_again(self, trigger: Trigger, payload: bytes) -> None:
+        """The same item asked again: the same stored answer (same result_id), never a second read."""
+        with self._counter_lock:
+            self.counters.repeats += 1
+        try:
+            stored = json.loads(payload)
+            audit = {"result_id": stored.get("result_id"), "item_id": trigger.item_id, "repeat": True}
+            self.link.submit(payload, audit, expires_at=self.clock.time() + self.config.mqtt.result_expiry_s,
+                             response_topic=trigger.response_topic, correlation_data=trigger.correlation_data)
+        except (OutboxError, ValueError) as exc:
+            log.error("could not send item %s its earlier answer again: %s", trigger.item_id, exc)
+
+    # -- binding: each item's own frame ---------------------------------------------
+
+    def _schedule(self, item: _Item) -> None:
+        if item.trigger.stale is not None:
+            self._answer_unread(item, item.trigger.stale)
+            return
+        if item.frame is None:
+            item.frame = self._frame_in_window(item.trigger)
+        if item.frame is not None:
+            self._ready.put(item)
+            return
+        with self._waiting_lock:
+            self._waiting.append(item)
+
+    def _bind_loop(self) -> None:
+        """Give waiting items the first frame captured in their window, or answer them when it closes."""
+        seq = self.grabber.last_seq if self.grabber is not None else 0
+        while not self._shutdown.is_set():
+            if self.grabber is not None:
+                seq = self.grabber.wait_for_new(seq, 0.02)
+            else:
+                self._shutdown.wait(0.02)
+            with self._waiting_lock:
+                waiting, self._waiting = self._waiting, []
+            if not waiting:
+                continue
+            history = self.grabber.history() if self.grabber is not None else []
+            now = self.clock.time()
+            still: list[_Item] = []
+            for item in waiting:
+                frame = choose_frame(history, item.trigger.at, self.window)
+                if frame is not None:
+                    item.frame = frame
+                    self._ready.put(item)
+                elif now >= item.trigger.deadline:
+                    self._answer_unread(item, Reason.LATE)
+                elif now > self.window.closes_at(item.trigger.at):
+                    self._answer_unread(item, Reason.NO_FRAME)
+                else:
+                    still.append(item)
+            with self._waiting_lock:
+                self._waiting[:0] = still
+
+    # -- reading -----------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        while not self._shutdown.is_set():
+            try:
+                item = self._ready.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                self._read_item(item)
+            except Exception as exc:  # never leave an item unanswered
+                log.exception("reading item %s failed", item.trigger.item_id)
+                self._answer_unread(item, Reason.BAD_FRAME, error=str(exc))
+
+    def _read_item(self, item: _Item) -> None:
+        trigger, frame = item.trigger, item.frame
+        assert frame is not None and trigger.deadline is not None
+        if too_late_to_read(self.clock.time(), trigger.deadline, self._read_estimate_s):
+            self._answer_unread(item, Reason.LATE, frame=frame)
+            return
+        started = self.clock.monotonic()
+        read: FrameRead | None = None
+        try:
+            read = self.reader.read_frame(frame)
+        except Exception as exc:  # a frame we cannot read must not stop the line
+            log.exception("reading frame %s failed", frame.seq)
+            with self._counter_lock:
+                self.counters.read_errors += 1
+            self.link.publish_event("error", {"kind": "read_failed", "item_id": trigger.item_id,
+                                              "error": str(exc)})
+        took = self.clock.monotonic() - started
+        # A slow estimate errs towards answering "late" a little early, never late.
+        self._read_estimate_s = max(0.8 * self._read_estimate_s + 0.2 * took, took, 0.005)
+        finished = self.clock.time()
+        late = Reason.LATE if finished > trigger.deadline else None
+        result = postcode_read(trigger, frame, read, finished, self.reader.model.version, review_reason=late)
+        self._answers.put(_Answer(result, item, read))
+
+    def _answer_unread(self, item: _Item, reason: Reason, *, frame: Frame | None = None, error: str = "") -> None:
+        result = postcode_read(item.trigger, frame, None, self.clock.time(), self.reader.model.version,
+                               review_reason=reason)
+        if error:
+            result = replace(result, extra=result.extra | {"detail": error})
+        self._answers.put(_Answer(result, item, None))
+
+    # -- storing: the answer and its journal row together ------------------------------
+
+    def _store_loop(self) -> None:
+        while not self._shutdown.is_set():
+            batch = _take_batch(self._answers, _BATCH)
+            if not batch:
+                continue
+            records = [self._answer_record(a) for a in batch]
+            while True:
+                try:
+                    self.outbox.record_answers(records)
+                    break
+                except (OutboxError, ValueError) as exc:
+                    with self._counter_lock:
+                        self.counters.store_failures += 1
+                    log.error("could not store %d answer(s): %s; retrying", len(batch), exc)
+                    self.link.publish_event("error", {"kind": "store_failed", "error": str(exc),
+                                                      "items": [a.item.trigger.item_id for a in batch][:20]})
+                    if self._shutdown.wait(1.0):
+                        log.error("stopping with %d answer(s) unstored: %s", len(batch),
+                                  [a.item.trigger.item_id for a in batch])
+                        return
+            for answer in batch:
+                self._after_store(answer)
+            self._settled(len(batch))
+
+    def _answer_record(self, answer: _Answer) -> Answer:
+        result, trigger = answer.result, answer.item.trigger
         payload_dict = result.to_payload()
         payload = json.dumps(payload_dict, separators=(",", ":")).encode()
         audit = {
@@ -164,16 +386,25 @@ class Agent:
             "accepted": result.accepted, "reason": payload_dict["reason"],
             "digits": payload_dict["digits"], "model_version": result.model_version,
             "image_sha256": result.image_sha256, "captured_at": result.captured_at,
+            "triggered_at": trigger.at, "deadline": trigger.deadline,
         }
         expires_at = self.clock.time() + self.config.mqtt.result_expiry_s
-        self.link.submit(payload, audit, expires_at=expires_at, response_topic=trigger.response_topic,
-                         correlation_data=trigger.correlation_data)
+        messages = [OutgoingMessage(self.config.topic("result"), payload, self.link.settings.result_qos,
+                                    expires_at)]
+        if trigger.response_topic:
+            messages.append(OutgoingMessage(trigger.response_topic, payload, self.link.settings.result_qos,
+                                            expires_at, trigger.correlation_data))
         if not result.accepted:
-            self.outbox.add(self.config.topic("review"), payload, 1, None, audit)
-            self.review.save(result, read.located if read else None)
+            messages.append(OutgoingMessage(self.config.topic("review"), payload, 1, None))
+        return Answer(answer.item.journal_id, result.result_id, result.item_id, tuple(messages), audit)
+
+    def _after_store(self, answer: _Answer) -> None:
+        result = answer.result
+        if not result.accepted:
+            self.review.save(result, answer.read.located if answer.read else None)
         with self._counter_lock:
             c = self.counters
-            c.reads += 1
+            c.reads += answer.read is not None
             c.accepted += result.accepted
             c.reviews += not result.accepted
             if result.reason is not None:
@@ -181,24 +412,37 @@ class Agent:
             self._latencies_ms.append(result.latency_ms)
             del self._latencies_ms[:-1000]
 
-    def _work(self) -> None:
-        while not self.stopping.is_set() or not self._queue.empty():
-            try:
-                trigger, seq_at_trigger = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            try:
-                self.process(trigger, seq_at_trigger)
-            except Exception as exc:  # the outbox refused (disk full, corrupt): say so loudly, keep serving
-                log.exception("could not store the result of item %s", trigger.item_id)
-                self.link.publish_event("error", {"kind": "store_failed", "item_id": trigger.item_id,
-                                                  "error": str(exc)})
+    def _settled(self, n: int) -> None:
+        with self._outstanding_cond:
+            self._outstanding -= n
+            self._outstanding_cond.notify_all()
 
     # -- lifecycle ------------------------------------------------------------
 
+    def recover(self) -> int:
+        """Answer every trigger a previous run journaled but did not answer (call before start)."""
+        now = self.clock.time()
+        recovered = self.outbox.open_triggers()
+        for entry in recovered:
+            trigger = entry.trigger
+            if trigger.stale is None and (trigger.deadline is None or now >= trigger.deadline):
+                trigger = replace(trigger, stale=Reason.AGENT_RESTART)
+            with self._outstanding_cond:
+                self._outstanding += 1
+            self._schedule(_Item(trigger, entry.journal_id))
+        if recovered:
+            with self._counter_lock:
+                self.counters.recovered += len(recovered)
+            log.warning("answering %d trigger(s) journaled but not answered before the last stop",
+                        len(recovered))
+        return len(recovered)
+
     def start(self) -> None:
+        self._spawn("journal", self._journal_loop)
+        self._spawn("binder", self._bind_loop)
         for n in range(self.config.reader.workers):
-            self._spawn(f"reader-{n}", self._work)
+            self._spawn(f"reader-{n}", self._read_loop)
+        self._spawn("store", self._store_loop)
         self._spawn("health", self._report_health)
         if self.config.trigger.mode == "interval":
             interval = IntervalTrigger(self.config.trigger.interval_ms / 1000.0)
@@ -209,11 +453,31 @@ class Agent:
         thread.start()
         self._threads.append(thread)
 
-    def stop(self, drain_s: float = 5.0) -> None:
-        """Finish queued items, give the link a moment to deliver, then shut down in order."""
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until every trigger taken in has its answer stored; False if some had not by then."""
+        deadline = self.clock.monotonic() + timeout_s
+        with self._outstanding_cond:
+            while self._outstanding > 0:
+                left = deadline - self.clock.monotonic()
+                if left <= 0:
+                    return False
+                self._outstanding_cond.wait(min(left, 0.1))
+        return True
+
+    def stop(self, drain_s: float | None = None) -> None:
+        """Take no more triggers, answer every one taken in, deliver, then shut down in order."""
+        if drain_s is None:
+            drain_s = self.window.wait_s + self.budget_s + 5.0
         self.stopping.set()
+        self.link.close_intake()
+        if not self.drain(drain_s):
+            with self._outstanding_cond:
+                left = self._outstanding
+            log.error("stopping with %d trigger(s) unanswered; they stay journaled and are answered "
+                      "at the next start", left)
+        self._shutdown.set()
         for thread in self._threads:
-            thread.join(timeout=drain_s)
+            thread.join(timeout=5.0)
         if self.grabber is not None:
             self.grabber.stop()
         self.link.flush(drain_s)
@@ -225,24 +489,64 @@ class Agent:
         with self._counter_lock:
             latencies = np.array(self._latencies_ms) if self._latencies_ms else np.zeros(1)
             counters = dict(vars(self.counters), by_reason=dict(self.counters.by_reason))
+        with self._waiting_lock:
+            waiting = len(self._waiting)
         return {
             "model_version": self.reader.model.version,
             "counters": counters,
+            # Load shed to keep every answer in time: items answered "late" or after a restart.
+            "shed": {reason: counters["by_reason"].get(reason, 0)
+                     for reason in (Reason.LATE.value, Reason.AGENT_RESTART.value)},
             "latency_ms": {"p50": round(float(np.percentile(latencies, 50)), 3),
                            "p99": round(float(np.percentile(latencies, 99)), 3)},
-            "queue": self._queue.qsize(),
+            "queue": {"intake": self._intake.qsize(), "waiting_for_frame": waiting,
+                      "reading": self._ready.qsize(), "storing": self._answers.qsize()},
+            "read_estimate_ms": round(self._read_estimate_s * 1000.0, 2),
             "camera": self.grabber.health() if self.grabber is not None else None,
             "outbox": self.outbox.stats(),
+            "journal": self.outbox.journal_stats(),
             "mqtt": {"connected": self.link.connected, "protocol": self.link.protocol},
         }
 
     def _report_health(self, period_s: float = 10.0) -> None:
-        while not self.stopping.wait(period_s):
+        next_report = self.clock.monotonic()
+        while not self._shutdown.wait(1.0):
             try:
+                self._check_bad_frames()
+                if self.clock.monotonic() < next_report:
+                    continue
+                next_report = self.clock.monotonic() + period_s
                 self.outbox.prune()
+                self.link.refresh_status()
                 self.link.publish_event("health", self.health())
             except Exception:
                 log.exception("health report failed")
+
+    def _check_bad_frames(self) -> None:
+        """Frames the camera delivered but nobody could decode: an error event and a count."""
+        if self.grabber is None:
+            return
+        bad = self.grabber.bad_frames
+        new, self._bad_frames_seen = bad - self._bad_frames_seen, bad
+        if new > 0:
+            with self._counter_lock:
+                self.counters.bad_frames += new
+            self.link.publish_event("error", {"kind": "bad_frame", "count": new, "total": bad,
+                                              "source": self.grabber.source.name})
+
+
+def _take_batch(q: "queue.Queue[Any]", limit: int) -> list[Any]:
+    """Up to ``limit`` items: waits briefly for the first, then takes whatever is already there."""
+    try:
+        batch = [q.get(timeout=0.2)]
+    except queue.Empty:
+        return []
+    while len(batch) < limit:
+        try:
+            batch.append(q.get_nowait())
+        except queue.Empty:
+            break
+    return batch
 
 
 def mqtt_settings(config: AgentConfig) -> MqttSettings:
@@ -257,20 +561,23 @@ def mqtt_settings(config: AgentConfig) -> MqttSettings:
         username=m.username or None, password=mqtt_password(m) if m.username else None, tls=tls,
         protocol=m.protocol, topic_prefix=config.topic_base, status_topic=config.topic("status"),
         results_topic=config.topic("result"), trigger_topic=config.topic("trigger"),
-        events_topic=config.topic("events"), window=m.max_inflight,
+        events_topic=config.topic("events"), window=m.max_inflight, session_expiry_s=m.session_expiry_s,
     )
 
 
-def build_agent(config: AgentConfig, clock: Clock | None = None) -> Agent:
-    """Wire every stage from the config (nothing started yet)."""
+def build_agent(config: AgentConfig, clock: Clock | None = None, *, start_fresh: bool = False) -> Agent:
+    """Wire every stage from the config (nothing started yet).
+
+    ``start_fresh``: accept a missing or empty outbox where an earlier run kept state.
+    """
     clock = clock or SystemClock()
     model = load_bundle(config.model.bundle, num_threads=config.model.num_threads)
     reader = PostcodeReader(model, ReaderConfig(roi=config.reader.roi,
                                                 expected_lengths=config.reader.postcode_lengths),
                             threshold_override=config.model.acceptance_threshold)
-    config.outbox.path.parent.mkdir(parents=True, exist_ok=True)
+    config.outbox.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     outbox = Outbox(config.outbox.path, clock=clock, max_pending=config.outbox.max_pending,
-                    retention_s=config.outbox.retention_days * 86_400)
+                    retention_s=config.outbox.retention_days * 86_400, start_fresh=start_fresh)
     review = ReviewStore(config.review.crops_dir, config.review.max_items)
     grabber = FrameGrabber(DeferredSource(config.camera.source, config.camera.loop), clock,
                            (config.camera.reopen_backoff_min_s, config.camera.reopen_backoff_max_s),
@@ -289,12 +596,21 @@ def build_agent(config: AgentConfig, clock: Clock | None = None) -> Agent:
     return agent
 
 
-def run_agent(config: AgentConfig, stop: threading.Event, clock: Clock | None = None) -> Agent:
-    """Start everything, serve until ``stop`` is set, then shut down cleanly."""
-    agent = build_agent(config, clock)
-    agent.link.start()
+def start_agent(agent: Agent) -> None:
+    """Start in the order that loses nothing: camera, journaled leftovers, stages, then the broker."""
+    for warning in security_warnings(agent.config):
+        log.warning("%s", warning)
     agent.grabber.start()
+    agent.recover()
     agent.start()
+    agent.link.start()
+
+
+def run_agent(config: AgentConfig, stop: threading.Event, clock: Clock | None = None, *,
+              start_fresh: bool = False) -> Agent:
+    """Start everything, serve until ``stop`` is set, then answer what was taken in and shut down."""
+    agent = build_agent(config, clock, start_fresh=start_fresh)
+    start_agent(agent)
     log.info("agent serving %s (model %s, trigger %s)", config.topic_base, agent.reader.model.version,
              config.trigger.mode)
     stop.wait()

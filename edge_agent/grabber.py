@@ -1,8 +1,8 @@
-"""Keep only the newest frame from a source, on a thread that survives camera failures.
+"""Read a source continuously and keep its last few frames, on a thread that survives camera failures.
 
-A trigger must read the envelope that is under the camera now, not one that
-sat in a buffer, so the grabber reads continuously and drops everything but
-the latest frame. When the source fails it is closed and reopened with
+A trigger must read the envelope that was under the camera when it fired, not one
+that sat in a buffer, so the grabber reads continuously and keeps only a short
+history of stamped frames (``history()``) for the agent to pick each item's frame from. When the source fails it is closed and reopened with
 exponential backoff; the agent keeps running and ``health()`` says why.
 """
 
@@ -53,6 +53,7 @@ class FrameGrabber:
         failed_after: int = 5,
         on_frame: FrameCallback | None = None,
         fps_window: int = 30,
+        history_frames: int = 32,
     ) -> None:
         low, high = reopen_backoff
         if not 0 < low <= high:
@@ -80,6 +81,9 @@ class FrameGrabber:
         self._last_error: str | None = None
         self._callback_errors = 0
         self._frame_times: deque[float] = deque(maxlen=max(2, fps_window))
+        # About a second at 30 fps: enough to find the frame at a trigger's time even when the
+        # trigger is taken in a few frames late, small enough to bound memory (~1 MB a frame).
+        self._history: deque[Frame] = deque(maxlen=max(1, history_frames))
 
     # -- public API -------------------------------------------------------
 
@@ -124,6 +128,22 @@ class FrameGrabber:
             age = self.clock.monotonic() - self._frame_times[-1]
             return frame if age <= max_age_s else None
 
+    def history(self) -> list[Frame]:
+        """The last few frames, oldest first (the newest is ``latest()``)."""
+        with self._cond:
+            return list(self._history)
+
+    def wait_for_new(self, after_seq: int, timeout: float) -> int:
+        """Wait up to ``timeout`` for a frame with seq > after_seq (or stop); returns the newest seq."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._seq > after_seq or self._finished(), timeout)
+            return self._seq
+
+    @property
+    def bad_frames(self) -> int:
+        """Frames the source could not decode and skipped (corrupt or empty files)."""
+        return int(getattr(self.source, "bad_frames", 0) or 0)
+
     @property
     def last_seq(self) -> int:
         """Sequence number of the newest frame (0 before the first); pass it to wait_for_frame."""
@@ -158,6 +178,7 @@ class FrameGrabber:
                 "fps": round(fps, 2),
                 "last_frame_age_s": None if age is None else round(age, 3),
                 "callback_errors": self._callback_errors,
+                "bad_frames": self.bad_frames,
             }
 
     @property
@@ -271,6 +292,7 @@ class FrameGrabber:
             self._seq += 1
             frame = Frame(image=image, captured_at=self.clock.time(), seq=self._seq, source=self.source.name)
             self._latest = frame
+            self._history.append(frame)
             self._frame_times.append(monotonic_now)
             self._failures_in_row = 0
             self._cond.notify_all()

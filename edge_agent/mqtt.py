@@ -16,6 +16,7 @@ import ssl
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from .outbox import Outbox, OutboxError, OutboxMessage
-from .types import Clock
+from .types import Clock, TriggerMessage
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,9 @@ PROTOCOLS = ("auto", "5", "3.1.1")
 # CONNACK refusal (return code 1) to a v5 CONNECT with this code.
 _UNSUPPORTED_PROTOCOL_VERSION = 0x84
 
-TriggerCallback = Callable[[bytes, "str | None", "bytes | None"], None]
+TriggerCallback = Callable[[TriggerMessage], None]
+# CONNACK reasons that mean "who you are" is wrong, never "which protocol you speak".
+_LOGIN_REFUSED = {0x86: "bad user name or password", 0x87: "not authorised", 0x8C: "bad authentication method"}
 
 
 class MqttError(Exception):
@@ -82,11 +85,19 @@ class MqttSettings:
     window: int = 16  # messages in flight (published, PUBACK not yet seen)
     ack_timeout_s: float = 60.0  # connected this long without a PUBACK: publish the message again
     max_queued_events: int = 100  # QoS 0 events paho may hold; beyond that events are counted and dropped
+    # Persistent session: the broker keeps the trigger subscription and queues triggers for this
+    # long while the agent is away, so none is lost; 0 would make every reconnect a clean start.
+    session_expiry_s: int = 3600
+    marker_topic: str = ""  # default {prefix}/session-marker: ends the replay of a resumed session
+    status_ttl_s: int = 30  # MQTT v5 expiry of the retained "online": a dead agent's status fades
+    receive_maximum: int = 1000  # triggers the broker may have in flight to us before our PUBACKs
+    replay_timeout_s: float = 10.0  # give up waiting for the session marker after this long
 
     def __post_init__(self) -> None:
         prefix = self.topic_prefix.rstrip("/")
         for name, suffix in (("status_topic", "status"), ("results_topic", "result"),
-                             ("trigger_topic", "trigger"), ("events_topic", "event")):
+                             ("trigger_topic", "trigger"), ("events_topic", "event"),
+                             ("marker_topic", "session-marker")):
             if not getattr(self, name):
                 object.__setattr__(self, name, f"{prefix}/{suffix}")
         errors = []
@@ -115,6 +126,10 @@ class MqttSettings:
             errors.append(f"mqtt.window must be at least 1, got {self.window}")
         if self.ack_timeout_s <= 0:
             errors.append(f"mqtt.ack_timeout_s must be positive, got {self.ack_timeout_s}")
+        if self.session_expiry_s < 0:
+            errors.append(f"mqtt.session_expiry_s must not be negative, got {self.session_expiry_s}")
+        if not 1 <= self.receive_maximum <= 65535:
+            errors.append(f"mqtt.receive_maximum must be 1-65535, got {self.receive_maximum}")
         if errors:
             raise MqttConfigError("; ".join(errors))
 
@@ -162,9 +177,17 @@ class MqttLink:
         self._connected_at = 0.0  # clock.monotonic() of the last successful connect
         self._hold_until = 0.0  # after a rejected PUBACK, pause instead of hammering the broker
         self._quiet_connect_errors = False
+        self._connack_seen = False  # on the current connection attempt, any CONNACK at all
+        self._v5_confirmed = False  # the broker once accepted MQTT v5: never fall back after that
+        self._intake_open = True
+        self._replaying = False  # until our session marker comes back, triggers are the session's backlog
+        self._marker = ""
+        self._reconnected_at: float | None = None  # clock.monotonic() of a reconnect after a lost connection
+        self._had_connection = False
+        self._online_since = 0.0
         self._counts = dict.fromkeys(
             ("connects", "disconnects", "published", "acked", "rejected", "republished", "expired",
-             "events_sent", "events_dropped", "triggers"), 0)
+             "events_sent", "events_dropped", "triggers", "replayed_triggers", "login_refused"), 0)
         outbox.add_listener(self.wake)
 
     # ------------------------------------------------------------------ lifecycle
@@ -188,8 +211,7 @@ class MqttLink:
         if client is None:
             return
         if self._connected.is_set():
-            info = client.publish(self.settings.status_topic, self._status_payload("offline", "stopped"),
-                                  qos=1, retain=True)
+            info = self._publish_status(client, "offline", "stopped")
             try:
                 info.wait_for_publish(timeout_s)
             except (RuntimeError, ValueError):
@@ -215,6 +237,25 @@ class MqttLink:
     def protocol(self) -> str:
         """The protocol in use or being tried: "5" or "3.1.1"."""
         return "5" if self._use_v5 else "3.1.1"
+
+    def close_intake(self) -> None:
+        """Take no more triggers: later ones stay unacknowledged, so the broker keeps them for the next run."""
+        self._intake_open = False
+
+    def ack(self, token: Any) -> None:
+        """Acknowledge a trigger to the broker (PUBACK) once it is safely journaled."""
+        client, mid, qos = token
+        if qos == 0 or client is not self._client:
+            # A PUBACK on a newer connection would name another message. The broker
+            # redelivers this one to the resumed session and the journal recognises it.
+            return
+        client.ack(mid, qos)
+
+    def refresh_status(self) -> None:
+        """Publish the retained "online" again, so its expiry never runs out while the agent lives."""
+        client = self._client
+        if client is not None and self._connected.is_set():
+            self._publish_status(client, "online")
 
     def wake(self) -> None:
         """Make the delivery loop look at the outbox now (the outbox calls this after each add)."""
@@ -288,14 +329,18 @@ class MqttLink:
 
     def _build_client(self) -> paho.Client:
         s = self.settings
+        # Manual acknowledgement: a trigger is acknowledged only once it is journaled, so a
+        # crash between the two makes the broker deliver it again instead of losing it.
         if self._use_v5:
             client = paho.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id,
-                                 protocol=MQTTProtocolVersion.MQTTv5)
+                                 protocol=MQTTProtocolVersion.MQTTv5, manual_ack=True)
         else:
-            # Clean session: a trigger queued while we were away is for an envelope that
-            # has long left the camera, so the broker must not replay it to us.
-            client = paho.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id, clean_session=True,
-                                 protocol=MQTTProtocolVersion.MQTTv311)
+            # Persistent session: triggers sent while we are away wait at the broker. Their
+            # envelopes have passed the camera by then, so they come back marked as replayed
+            # and are answered as review, but they are answered.
+            client = paho.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id,
+                                 clean_session=s.session_expiry_s == 0,
+                                 protocol=MQTTProtocolVersion.MQTTv311, manual_ack=True)
         client.enable_logger(logging.getLogger(f"{__name__}.paho"))  # paho logs the password flag, never the value
         if s.username:
             client.username_pw_set(s.username, s.password)
@@ -312,7 +357,7 @@ class MqttLink:
         client.max_inflight_messages_set(s.window + 2)
         client.max_queued_messages_set(s.window + s.max_queued_events + 2)
         client.on_connect = self._on_connect
-        client.on_socket_open = _disable_nagle
+        client.on_socket_open = self._on_socket_open
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
@@ -321,7 +366,11 @@ class MqttLink:
         log.info("MQTT connecting to %s:%d as %s (MQTT %s, tls=%s, user=%s)", s.host, s.port, s.client_id,
                  self.protocol, s.tls is not None, s.username or "-")
         if self._use_v5:
-            client.connect_async(s.host, s.port, s.keepalive_s, clean_start=True)
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = s.session_expiry_s
+            properties.ReceiveMaximum = s.receive_maximum
+            client.connect_async(s.host, s.port, s.keepalive_s, clean_start=s.session_expiry_s == 0,
+                                 properties=properties)
         else:
             client.connect_async(s.host, s.port, s.keepalive_s)
         # Published before the network thread starts: callbacks ignore any client but
@@ -331,42 +380,76 @@ class MqttLink:
         return client
 
     def _status_payload(self, state: str, reason: str = "") -> bytes:
+        # "at" lets a reader on MQTT 3.1.1 (no message expiry) see how old an "online" is. The
+        # last will has none: it is written at connect time, not when the connection dies.
         body: dict[str, Any] = {"state": state, "client_id": self.settings.client_id}
+        if state == "online" or reason == "stopped":
+            body["at"] = self._clock.time()
         if state == "online":
             body["protocol"] = self.protocol
-            body["since"] = self._clock.time()
+            body["since"] = self._online_since
+            body["ttl_s"] = self.settings.status_ttl_s
         else:
             body["reason"] = reason
-            if reason == "stopped":
-                body["at"] = self._clock.time()
         return json.dumps(body, sort_keys=True).encode()
+
+    def _publish_status(self, client: paho.Client, state: str, reason: str = "") -> paho.MQTTMessageInfo:
+        properties = None
+        if self._use_v5 and state == "online":
+            # A broker restored from disk would otherwise show a dead agent as online for ever.
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            properties.MessageExpiryInterval = self.settings.status_ttl_s
+        return client.publish(self.settings.status_topic, self._status_payload(state, reason), qos=1,
+                              retain=True, properties=properties)
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._connack_seen = False  # a new attempt: nothing answered yet
+        _disable_nagle(client, userdata, sock)
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: paho.ConnectFlags,
                     reason_code: ReasonCode, properties: Properties | None) -> None:
         if client is not self._client:
             return
+        self._connack_seen = True
         if reason_code.is_failure:
             if reason_code.value == _UNSUPPORTED_PROTOCOL_VERSION and self._use_v5 \
-                    and self.settings.protocol == "auto":
+                    and self.settings.protocol == "auto" and not self._v5_confirmed:
                 log.warning("broker %s refused MQTT v5; falling back to MQTT 3.1.1", self.settings.host)
                 with self._state_lock:
                     self._fallback_requested = True
                 self._wake.set()
+            elif reason_code.value in _LOGIN_REFUSED or str(reason_code).lower().startswith("not authori"):
+                self._count("login_refused")
+                log.error("broker %s:%d refused the login as %r: %s; check mqtt.username and the password "
+                          "(retrying with backoff)", self.settings.host, self.settings.port,
+                          self.settings.username or "(anonymous)", reason_code)
             else:
                 log.error("broker %s:%d refused the connection: %s (check mqtt.username/password, "
                           "client_id and the broker's ACL)", self.settings.host, self.settings.port, reason_code)
             return
+        if self._use_v5:
+            self._v5_confirmed = True
         now = self._clock.monotonic()
         with self._state_lock:
             self._counts["connects"] += 1
             self._connected_at = now
+            if self._had_connection:
+                self._reconnected_at = now
+            self._had_connection = True
+            # Only a resumed session can hold triggers queued while we were away. Until our
+            # marker, published now, comes back behind them, every trigger is that backlog.
+            self._replaying = bool(flags.session_present)
+            self._marker = uuid.uuid4().hex
+        self._online_since = self._clock.time()
         self._quiet_connect_errors = False
         self._connected.set()
         log.info("MQTT connected to %s:%d (MQTT %s, session present=%s)", self.settings.host,
                  self.settings.port, self.protocol, flags.session_present)
-        client.publish(self.settings.status_topic, self._status_payload("online"), qos=1, retain=True)
-        # Subscriptions do not survive a clean session: subscribe on every connect.
-        client.subscribe(self.settings.trigger_topic, qos=1)
+        self._publish_status(client, "online")
+        # Subscribing again is harmless with a resumed session and needed without one.
+        client.subscribe([(self.settings.trigger_topic, 1), (self.settings.marker_topic, 1)])
+        if self._replaying:
+            client.publish(self.settings.marker_topic, self._marker.encode(), qos=1)
         self._wake.set()
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
@@ -389,8 +472,8 @@ class MqttLink:
             return
         was_connected = self._connected.is_set()
         self._connected.clear()
-        if not was_connected and self._use_v5 and self.settings.protocol == "auto" \
-                and not self._stopping.is_set():
+        if not was_connected and not self._connack_seen and not self._v5_confirmed and self._use_v5 \
+                and self.settings.protocol == "auto" and not self._stopping.is_set():
             # The broker took the TCP connection and closed it without a CONNACK: a 3.1.1-only
             # broker (amqtt, old Mosquitto) that cannot parse a v5 CONNECT does exactly this.
             # A broker that is down refuses the TCP connection instead (_on_connect_fail).
@@ -420,19 +503,40 @@ class MqttLink:
                           self.settings.trigger_topic, rc)
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
-        if client is not self._client or self.on_trigger is None:
+        if client is not self._client:
             return
-        if not paho.topic_matches_sub(self.settings.trigger_topic, message.topic):
+        token = (client, message.mid, message.qos)
+        if message.topic == self.settings.marker_topic:
+            with self._state_lock:
+                if self._replaying and bytes(message.payload).decode("ascii", "replace") == self._marker:
+                    self._replaying = False
+                    log.info("session backlog replayed (%d trigger(s) in it)", self._counts["replayed_triggers"])
+            self.ack(token)
             return
+        if self.on_trigger is None or not paho.topic_matches_sub(self.settings.trigger_topic, message.topic):
+            self.ack(token)
+            return
+        if not self._intake_open:
+            return  # stopping: not acknowledged, so the broker hands it to the next run
         props = message.properties
         response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
-        self._count("triggers")
+        now = self._clock.monotonic()
+        with self._state_lock:
+            self._counts["triggers"] += 1
+            replayed = self._replaying or bool(message.retain)
+            self._counts["replayed_triggers"] += replayed
+            first = self._reconnected_at is None
+            since = None if first else now - self._reconnected_at
+        trigger = TriggerMessage(bytes(message.payload), response_topic,
+                                 None if correlation is None else bytes(correlation),
+                                 received_at=self._clock.time(), ack_token=token, replayed=replayed,
+                                 first_connection=first, since_reconnect_s=since)
         try:
             # Runs on paho's network thread: the handler must hand off, not read the camera here.
-            self.on_trigger(bytes(message.payload), response_topic,
-                             None if correlation is None else bytes(correlation))
+            self.on_trigger(trigger)
         except Exception:
+            # Not acknowledged: the broker delivers it again on the next connection.
             log.exception("trigger handler failed for a message on %s", message.topic)
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason_code: ReasonCode,
@@ -477,6 +581,7 @@ class MqttLink:
                 break
             try:
                 self._maybe_fall_back()
+                self._end_stuck_replay()
                 self._flush_acks()
                 self._expire_due()
                 if self._connected.is_set():
@@ -488,6 +593,16 @@ class MqttLink:
             except Exception:
                 log.exception("unexpected error in the delivery loop; retrying in 1 s")
                 self._stopping.wait(1.0)
+
+    def _end_stuck_replay(self) -> None:
+        with self._state_lock:
+            stuck = self._replaying and self._connected.is_set() and \
+                self._clock.monotonic() - self._connected_at > self.settings.replay_timeout_s
+            if stuck:
+                self._replaying = False
+        if stuck:
+            log.warning("the session marker on %s did not come back within %.0f s (broker ACL?); "
+                        "treating triggers as live again", self.settings.marker_topic, self.settings.replay_timeout_s)
 
     def _maybe_fall_back(self) -> None:
         with self._state_lock:

@@ -5,6 +5,11 @@ delivered only when the broker acknowledged it, so a crash, a broker outage or a
 network cut delays results but never loses them. Rows that were delivered,
 expired or dropped stay for ``retention_s`` as the audit trail used to trace a
 mis-sorted item back to its image, model and scores.
+
+The same database journals every trigger before the broker is told it arrived
+(``journal_triggers``), and an item's answer is stored in the same transaction
+that closes its journal row (``record_answers``): after any crash, every trigger
+the broker handed over has either its stored answer or an open row to answer.
 """
 
 from __future__ import annotations
@@ -12,19 +17,21 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import os
 import sqlite3
 import threading
+import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .types import Clock
+from .types import Clock, Trigger
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -51,7 +58,33 @@ CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+-- Every trigger taken in, written before its PUBACK; "open" until its answer is stored.
+CREATE TABLE IF NOT EXISTS triggers (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    item_id          TEXT    NOT NULL,
+    received_at      REAL    NOT NULL,
+    triggered_at     REAL,
+    deadline         REAL    NOT NULL,
+    response_topic   TEXT,
+    correlation_data BLOB,
+    stale            TEXT,
+    state            TEXT    NOT NULL,
+    result_id        TEXT,
+    answered_at      REAL
+);
+CREATE INDEX IF NOT EXISTS triggers_item ON triggers (item_id, id);
+CREATE INDEX IF NOT EXISTS triggers_state ON triggers (state, id);
+CREATE INDEX IF NOT EXISTS messages_result_id ON messages (result_id);
+-- instance_id: matched against the marker file beside the database, so a database that
+-- vanished or was replaced by an empty one is noticed instead of silently recreated.
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
+
+TRIGGER_OPEN = "open"
+TRIGGER_ANSWERED = "answered"
 
 _COUNTERS = ("added", "delivered", "dropped", "expired")
 
@@ -92,6 +125,49 @@ class OutboxMessage:
     correlation_data: bytes | None = None  # MQTT v5 reply to a trigger that asked for one
 
 
+class JournalOutcome(str, enum.Enum):
+    """What taking a trigger into the journal found."""
+
+    NEW = "new"  # journaled: read it and answer it
+    ANSWERED = "answered"  # the item was answered within the dedup window: send that answer again
+    IN_PROGRESS = "in_progress"  # the item's earlier trigger is still open: its answer covers this one
+
+
+@dataclass(frozen=True)
+class Journaled:
+    outcome: JournalOutcome
+    journal_id: int | None = None
+    earlier_answer: bytes | None = None  # the stored result payload, for ANSWERED
+
+
+@dataclass(frozen=True)
+class OpenTrigger:
+    """A journaled trigger with no stored answer (found at start-up after a crash)."""
+
+    journal_id: int
+    trigger: Trigger
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    expires_at: float | None = None
+    correlation_data: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One item's answer: its messages (result, reply, review) and the journal row it closes."""
+
+    journal_id: int | None
+    result_id: str
+    item_id: str
+    messages: tuple[OutgoingMessage, ...]
+    audit: Mapping[str, Any]
+
+
 @dataclass(frozen=True)
 class AuditRecord:
     """What happened to one stored message: for tracing a mis-sort back to its read."""
@@ -128,6 +204,7 @@ class Outbox:
         max_pending: int = 10_000,
         retention_s: float = 7 * 86_400.0,
         synchronous: str = "NORMAL",
+        start_fresh: bool = False,
     ) -> None:
         if max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, got {max_pending}")
@@ -150,7 +227,10 @@ class Outbox:
         self._clock = clock
         self._lock = threading.Lock()
         self._listeners: list[Callable[[], None]] = []
+        self.marker = self.path.with_name(self.path.name + ".instance")
+        self._check_continuity(start_fresh)
         self._conn = self._open(synchronous)
+        self._bind_instance()
 
     # ------------------------------------------------------------------ opening
 
@@ -163,6 +243,9 @@ class Outbox:
         try:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves so every write
             # is exactly one explicit transaction.
+            if not self.path.exists():
+                # Owner-only from the first byte: the audit trail names items and their reads.
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
             conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
@@ -205,6 +288,53 @@ class Outbox:
                                (MessageState.PENDING.value,)).fetchone()[0]
         log.info("outbox %s open: %d pending from before, synchronous=%s", self.path, pending, synchronous)
         return conn
+
+    def _check_continuity(self, start_fresh: bool) -> None:
+        """Refuse to start on a missing or empty database where an earlier run kept state.
+
+        SQLite would happily create a new database in place of a deleted or truncated one:
+        every pending result and the whole audit trail would be gone without a word.
+        """
+        empty = self.path.exists() and self.path.is_file() and self.path.stat().st_size == 0
+        missing = not self.path.exists() and self.marker.exists()
+        if not (empty or missing):
+            return
+        what = "is empty (0 bytes)" if empty else "is missing"
+        if not start_fresh:
+            raise OutboxError(
+                f"outbox {self.path} {what}, but an earlier run kept its state there ({self.marker}): "
+                "pending results and the audit trail would be lost. Restore the file, or start the agent "
+                "with --start-fresh to begin a new outbox on purpose")
+        log.warning("outbox %s %s; starting a new one as asked (--start-fresh)", self.path, what)
+        if empty:
+            aside = self.path.with_name(f"{self.path.name}.empty-{int(self._clock.time())}")
+            self.path.rename(aside)
+            for suffix in ("-wal", "-shm"):
+                extra = self.path.with_name(self.path.name + suffix)
+                if extra.exists():
+                    extra.rename(aside.with_name(aside.name + suffix))
+        self.marker.unlink(missing_ok=True)
+
+    def _bind_instance(self) -> None:
+        """Tie the database and its marker file together (see _check_continuity)."""
+        row = self._read("SELECT value FROM meta WHERE key = 'instance_id'")
+        if row:
+            instance = str(row[0][0])
+        else:
+            instance = uuid.uuid4().hex
+            with self._tx("naming the outbox") as conn:
+                conn.execute("INSERT INTO meta (key, value) VALUES ('instance_id', ?)", (instance,))
+        recorded = self.marker.read_text().strip() if self.marker.exists() else None
+        if recorded is not None and recorded != instance:
+            self.close()
+            raise OutboxError(
+                f"outbox {self.path} is not the database an earlier run used (its marker {self.marker} "
+                f"names another): was the file replaced? Restore it, or move {self.marker} aside to accept "
+                "this database")
+        if recorded is None:
+            fd = os.open(self.marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(instance + "\n")
 
     def _corrupt_message(self, detail: str) -> str:
         return (f"outbox database {self.path} is corrupt or not an outbox ({detail}). "
@@ -269,10 +399,7 @@ class Outbox:
             raise ValueError("topic must not be empty")
         audit_dict = dict(audit or {})
         now = self._clock.time()
-        try:
-            audit_json = json.dumps(audit_dict, sort_keys=True, default=_json_default)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"audit record is not JSON-serialisable: {exc}") from exc
+        audit_json = self._audit_json(audit_dict)
         result_id = audit_dict.get("result_id")
         item_id = audit_dict.get("item_id")
         with self._tx("storing a result") as conn:
@@ -285,19 +412,117 @@ class Outbox:
             )
             message_id = int(cur.lastrowid or 0)
             self._bump(conn, "added", 1)
-            pending = conn.execute("SELECT COUNT(*) FROM messages WHERE state = ?",
-                                   (MessageState.PENDING.value,)).fetchone()[0]
-            excess = pending - self.max_pending
-            dropped: list[int] = []
-            if excess > 0:
-                # Drop the oldest, never the new one: the newest result is the one the
-                # sorting machine can still act on; the oldest envelopes are long gone.
-                dropped = [r[0] for r in conn.execute(
-                    "SELECT id FROM messages WHERE state = ? ORDER BY id LIMIT ?",
-                    (MessageState.PENDING.value, excess))]
-                conn.executemany("UPDATE messages SET state = ?, finished_at = ? WHERE id = ?",
-                                 [(MessageState.DROPPED.value, now, i) for i in dropped])
-                self._bump(conn, "dropped", len(dropped))
+            dropped = self._drop_excess(conn, now)
+        self._after_add(dropped)
+        return message_id
+
+    def journal_triggers(self, triggers: Iterable[Trigger], dedup_window_s: float,
+                         results_topic: str) -> list[Journaled]:
+        """Journal triggers in one transaction (call before acknowledging them to the broker).
+
+        A trigger whose item_id was answered within ``dedup_window_s`` is not journaled
+        again: the caller sends the earlier answer (same result_id). One whose earlier
+        trigger is still open is covered by that trigger's answer.
+        """
+        now = self._clock.time()
+        outcomes: list[Journaled] = []
+        with self._tx("journaling triggers") as conn:
+            for t in triggers:
+                row = conn.execute("SELECT id, state, result_id, answered_at FROM triggers WHERE item_id = ?"
+                                   " ORDER BY id DESC LIMIT 1", (t.item_id,)).fetchone()
+                if row is not None and row[1] == TRIGGER_OPEN:
+                    outcomes.append(Journaled(JournalOutcome.IN_PROGRESS, row[0]))
+                    continue
+                if row is not None and row[3] is not None and row[3] >= now - dedup_window_s:
+                    stored = conn.execute("SELECT payload FROM messages WHERE result_id = ? AND topic = ?"
+                                          " ORDER BY id LIMIT 1", (row[2], results_topic)).fetchone()
+                    if stored is not None:
+                        outcomes.append(Journaled(JournalOutcome.ANSWERED, row[0], bytes(stored[0])))
+                        continue
+                cur = conn.execute(
+                    "INSERT INTO triggers (item_id, received_at, triggered_at, deadline, response_topic,"
+                    " correlation_data, stale, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (t.item_id, t.received_at, t.triggered_at, t.deadline, t.response_topic,
+                     t.correlation_data, t.stale.value if t.stale else None, TRIGGER_OPEN))
+                outcomes.append(Journaled(JournalOutcome.NEW, int(cur.lastrowid or 0)))
+        return outcomes
+
+    def open_triggers(self) -> list[OpenTrigger]:
+        """Journaled triggers that have no stored answer, oldest first."""
+        from .types import Reason  # the journal stores the reason's value
+
+        rows = self._read("SELECT id, item_id, received_at, triggered_at, deadline, response_topic,"
+                          " correlation_data, stale FROM triggers WHERE state = ? ORDER BY id", (TRIGGER_OPEN,))
+        return [OpenTrigger(r[0], Trigger(item_id=r[1], received_at=r[2], triggered_at=r[3], deadline=r[4],
+                                          response_topic=r[5],
+                                          correlation_data=None if r[6] is None else bytes(r[6]),
+                                          stale=Reason(r[7]) if r[7] else None)) for r in rows]
+
+    def record_answers(self, answers: Iterable[Answer]) -> list[list[int]]:
+        """Store answers and close their journal rows, all in one transaction; message ids per answer."""
+        answers = list(answers)
+        if not answers:
+            return []
+        now = self._clock.time()
+        ids: list[list[int]] = []
+        dropped: list[int] = []
+        with self._tx("storing answers") as conn:
+            for answer in answers:
+                audit_json = self._audit_json(answer.audit)
+                message_ids = []
+                for m in answer.messages:
+                    if m.qos not in (0, 1, 2) or not m.topic:
+                        raise ValueError(f"bad outgoing message: topic {m.topic!r}, qos {m.qos}")
+                    cur = conn.execute(
+                        "INSERT INTO messages (topic, payload, qos, correlation_data, expires_at, created_at,"
+                        " state, result_id, item_id, audit) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (m.topic, bytes(m.payload), m.qos, m.correlation_data, m.expires_at, now,
+                         MessageState.PENDING.value, answer.result_id, answer.item_id, audit_json))
+                    message_ids.append(int(cur.lastrowid or 0))
+                if answer.journal_id is not None:
+                    conn.execute("UPDATE triggers SET state = ?, result_id = ?, answered_at = ? WHERE id = ?",
+                                 (TRIGGER_ANSWERED, answer.result_id, now, answer.journal_id))
+                ids.append(message_ids)
+                self._bump(conn, "added", len(message_ids))
+            dropped = self._drop_excess(conn, now)
+        self._after_add(dropped)
+        return ids
+
+    def answered_result_id(self, item_id: str) -> str | None:
+        """The result_id of the item's newest answered trigger, if any (for tests and audits)."""
+        rows = self._read("SELECT result_id FROM triggers WHERE item_id = ? AND state = ? ORDER BY id DESC"
+                          " LIMIT 1", (item_id, TRIGGER_ANSWERED))
+        return rows[0][0] if rows else None
+
+    def journal_stats(self) -> dict[str, int]:
+        """Open (unanswered) and total journaled triggers."""
+        rows = dict(self._read("SELECT state, COUNT(*) FROM triggers GROUP BY state"))
+        return {"open": int(rows.get(TRIGGER_OPEN, 0)),
+                "answered": int(rows.get(TRIGGER_ANSWERED, 0))}
+
+    @staticmethod
+    def _audit_json(audit: Mapping[str, Any]) -> str:
+        try:
+            return json.dumps(dict(audit), sort_keys=True, default=_json_default)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"audit record is not JSON-serialisable: {exc}") from exc
+
+    def _drop_excess(self, conn: sqlite3.Connection, now: float) -> list[int]:
+        pending = conn.execute("SELECT COUNT(*) FROM messages WHERE state = ?",
+                               (MessageState.PENDING.value,)).fetchone()[0]
+        excess = pending - self.max_pending
+        if excess <= 0:
+            return []
+        # Drop the oldest, never the new one: the newest result is the one the
+        # sorting machine can still act on; the oldest envelopes are long gone.
+        dropped = [r[0] for r in conn.execute(
+            "SELECT id FROM messages WHERE state = ? ORDER BY id LIMIT ?", (MessageState.PENDING.value, excess))]
+        conn.executemany("UPDATE messages SET state = ?, finished_at = ? WHERE id = ?",
+                         [(MessageState.DROPPED.value, now, i) for i in dropped])
+        self._bump(conn, "dropped", len(dropped))
+        return dropped
+
+    def _after_add(self, dropped: list[int]) -> None:
         if dropped:
             log.warning("outbox full (%d pending): dropped oldest message(s) %s", self.max_pending, dropped)
         for callback in list(self._listeners):
@@ -305,7 +530,6 @@ class Outbox:
                 callback()
             except Exception:  # a listener must not make a stored result look unstored
                 log.exception("outbox listener failed")
-        return message_id
 
     def record_attempt(self, message_id: int) -> None:
         """Count one publish attempt (for the audit trail and for spotting a stuck message)."""
@@ -376,6 +600,8 @@ class Outbox:
         with self._tx("pruning the audit trail") as conn:
             cur = conn.execute("DELETE FROM messages WHERE state != ? AND finished_at < ?",
                                (MessageState.PENDING.value, now - self.retention_s))
+            conn.execute("DELETE FROM triggers WHERE state = ? AND answered_at < ?",
+                         (TRIGGER_ANSWERED, now - self.retention_s))
         return cur.rowcount
 
     # ------------------------------------------------------------------ reading

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,9 @@ def image_sha256(image: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+_CACHED_READS = 8
+
+
 class PostcodeReader:
     """Reads postcodes with the current model; the model can be swapped while reads continue."""
 
@@ -46,7 +50,8 @@ class PostcodeReader:
         self.reader_config = reader_config
         self.threshold_override = threshold_override
         self._cache_lock = threading.Lock()
-        self._cache: tuple[tuple[str, int], FrameRead] | None = None
+        # A few recent frames' reads: under a burst, items bound to the same frame share one read.
+        self._cache: OrderedDict[tuple[str, int], FrameRead] = OrderedDict()
 
     @property
     def model(self) -> LoadedModel:
@@ -56,7 +61,7 @@ class PostcodeReader:
         """Atomic reference swap: reads in progress finish on the old interpreter."""
         self._model = model
         with self._cache_lock:
-            self._cache = None
+            self._cache.clear()
 
     @property
     def threshold(self) -> float:
@@ -80,28 +85,42 @@ class PostcodeReader:
         """
         key = (frame.source, frame.seq)
         with self._cache_lock:
-            if self._cache is not None and self._cache[0] == key:
-                return self._cache[1]
+            cached = self._cache.get(key)
+            if cached is not None:
+                self._cache.move_to_end(key)
+                return cached
         read = self.read_image(frame.image)
         with self._cache_lock:
-            self._cache = (key, read)
+            self._cache[key] = read
+            while len(self._cache) > _CACHED_READS:
+                self._cache.popitem(last=False)
         return read
 
 
 def postcode_read(trigger: Trigger, frame: Frame | None, read: FrameRead | None,
-                  finished_at: float, model_version: str) -> PostcodeRead:
-    """The result for one item; with no frame or a failed read it is a review with the reason."""
+                  finished_at: float, model_version: str, *, review_reason: Reason | None = None) -> PostcodeRead:
+    """The result for one item; with no frame or a failed read it is a review with the reason.
+
+    ``review_reason`` forces a review whatever was read (e.g. "late": decided after the
+    deadline); what was read stays in the payload for the audit trail.
+    """
     result_id = uuid.uuid4().hex
     latency_ms = max(0.0, (finished_at - trigger.received_at) * 1000.0)
+    timing = {"triggered_at": trigger.at, "decided_at": finished_at}
+    if trigger.deadline is not None:
+        timing["deadline"] = trigger.deadline
     if frame is None or read is None:
-        reason = Reason.NO_FRAME if frame is None else Reason.BAD_FRAME
+        reason = review_reason or (Reason.NO_FRAME if frame is None else Reason.BAD_FRAME)
         return PostcodeRead(result_id, trigger.item_id, "", False, 0.0, (), reason, model_version,
-                            frame.captured_at if frame else 0.0, latency_ms)
+                            frame.captured_at if frame else 0.0, latency_ms,
+                            extra=timing | ({"frame_seq": frame.seq} if frame else {}))
     d = read.decision
+    accepted = d.accepted and review_reason is None
+    reason = review_reason if review_reason is not None else d.reason
     return PostcodeRead(
-        result_id=result_id, item_id=trigger.item_id, postcode=d.postcode, accepted=d.accepted,
-        confidence=d.confidence, digits=d.digits, reason=d.reason, model_version=read.model_version,
+        result_id=result_id, item_id=trigger.item_id, postcode=d.postcode, accepted=accepted,
+        confidence=d.confidence, digits=d.digits, reason=reason, model_version=read.model_version,
         captured_at=frame.captured_at, latency_ms=latency_ms, image_sha256=read.image_sha256,
-        extra={"frame_seq": frame.seq, "inverted": read.located.inverted}
-        | ({"detail": read.located.note} if read.located.note and not d.accepted else {}),
+        extra=timing | {"frame_seq": frame.seq, "inverted": read.located.inverted}
+        | ({"detail": read.located.note} if read.located.note and not accepted else {}),
     )

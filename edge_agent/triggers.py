@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from edge_agent.types import Clock, Trigger
+from edge_agent.types import Clock, Reason, Trigger
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +70,61 @@ def parse_trigger(
     if "item_id" not in data:
         raise TriggerError(f"trigger payload has no item_id; expected {_EXAMPLE}")
     item_id = _item_id(data["item_id"], max_item_id_chars)
+    received_at = clock.time()
+    triggered_at, stale = None, None
+    if "triggered_at" in data:
+        triggered_at = _stamp(data["triggered_at"])
+        if triggered_at is None:
+            # The item is named, so it gets an answer; but a stamp we cannot read could
+            # put its frame window anywhere, so that answer is a review, not a read.
+            stale = Reason.BAD_TRIGGER
+        else:
+            # A stamp from the future only means the PLC's clock runs ahead of ours.
+            triggered_at = min(triggered_at, received_at)
     return Trigger(
         item_id=item_id,
-        received_at=clock.time(),
+        received_at=received_at,
         response_topic=response_topic,
         correlation_data=correlation_data,
+        triggered_at=triggered_at,
+        stale=stale,
     )
+
+
+def _stamp(value: object) -> float | None:
+    """A PLC's ``triggered_at`` as epoch seconds, or None if it is not a plausible one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    stamp = float(value)
+    # Seconds since 1970 between 2001 and 2286: a value outside is milliseconds, a
+    # counter or garbage, and guessing which would bind the wrong frame.
+    return stamp if math.isfinite(stamp) and 1e9 <= stamp < 1e10 else None
+
+
+def response_topic_refusal(topic: str, allowed_prefix: str, own_base: str, product_prefix: str) -> str | None:
+    """Why an MQTT v5 response topic must not be published to, or None if it may.
+
+    A trigger's response topic makes the agent publish its answer wherever the sender
+    asks: allowed only under the site's configured prefix, never onto the agent's own
+    topics or any line's result/review/status/trigger topics.
+    """
+    if not allowed_prefix:
+        return "response topics are not enabled (mqtt.response_topic_prefix is empty)"
+    if any(c in topic for c in "+#") or not topic or len(topic) > 1024:
+        return "not a valid topic name"
+    if not topic.startswith(allowed_prefix):
+        return f"outside the allowed prefix {allowed_prefix!r}"
+    if topic == own_base or topic.startswith(own_base + "/"):
+        return "one of the agent's own topics"
+    parts = topic.split("/")
+    product = product_prefix.rstrip("/").split("/")
+    if parts[:len(product)] == product and len(parts) >= len(product) + 3 \
+            and parts[len(product) + 2] in PRODUCT_TOPIC_KINDS:
+        return "another line's topic"
+    return None
+
+
+PRODUCT_TOPIC_KINDS = frozenset({"trigger", "result", "review", "status", "events", "drift"})
 
 
 def _item_id(value: object, max_chars: int) -> str:

@@ -37,7 +37,10 @@ class Reason(str, enum.Enum):
     LOW_CONFIDENCE = "low_confidence"
     NO_POSTCODE = "no_postcode"
     BAD_FRAME = "bad_frame"
-    NO_FRAME = "no_frame"
+    NO_FRAME = "no_frame"  # no frame was captured within the item's window
+    LATE = "late"  # it could not be answered within the line's decision budget
+    AGENT_RESTART = "agent_restart"  # its trigger arrived before a crash or while the agent was down
+    BAD_TRIGGER = "bad_trigger"  # the trigger named the item but carried a value the agent cannot trust
 
 
 @dataclass(frozen=True)
@@ -48,12 +51,27 @@ class DigitRead:
 
 @dataclass(frozen=True)
 class Trigger:
-    """A request to read the item now under the camera."""
+    """A request to read the item now under the camera.
+
+    ``triggered_at`` is when the item was under the camera: the PLC's own stamp when it
+    sends one, else when the agent received the trigger. The item's frame window and its
+    deadline are measured from it, never from when a reader happens to be free.
+    """
 
     item_id: str
-    received_at: float
+    received_at: float  # wall-clock seconds when the agent received it
     response_topic: str | None = None  # MQTT v5: where the PLC wants the answer
     correlation_data: bytes | None = None
+    triggered_at: float | None = None  # the PLC's stamp (wall-clock seconds), if it sent one
+    deadline: float | None = None  # answer by then or answer "late"; set when the trigger is taken in
+    # Known before any frame is looked at: this trigger can only be answered as review for this
+    # reason (it arrived in a replayed backlog, or was journaled before a crash).
+    stale: Reason | None = None
+
+    @property
+    def at(self) -> float:
+        """When the item was under the camera (the start of its frame window)."""
+        return self.triggered_at if self.triggered_at is not None else self.received_at
 
 
 @dataclass(frozen=True)
@@ -89,6 +107,22 @@ class PostcodeRead:
             "image_sha256": self.image_sha256,
             **self.extra,
         }
+
+
+@dataclass(frozen=True)
+class TriggerMessage:
+    """A trigger as the MQTT link received it, before it is parsed or acknowledged."""
+
+    payload: bytes
+    response_topic: str | None
+    correlation_data: bytes | None
+    received_at: float  # wall-clock seconds
+    ack_token: Any  # hand back to the link's ack() once the trigger is journaled
+    # Delivered from the session's backlog (queued at the broker while the agent was away)
+    # or retained: its envelope has long passed the camera.
+    replayed: bool = False
+    first_connection: bool = True  # on this process's first broker connection
+    since_reconnect_s: float | None = None  # seconds since a reconnect after a lost connection
 
 
 class FrameSource(Protocol):

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent.agent import build_agent
+from edge_agent.agent import build_agent, start_agent
 from edge_agent.config import parse_config
 from edge_agent.demo import render_demo_camera
 from edge_agent.mqtt import PlcClient
@@ -58,9 +58,7 @@ class RunningAgent:
 
     def __init__(self, table: dict):
         self.agent = build_agent(parse_config(table))
-        self.agent.link.start()
-        self.agent.grabber.start()
-        self.agent.start()
+        start_agent(self.agent)
 
     def stop(self) -> None:
         self.agent.stop(drain_s=5)
@@ -76,7 +74,8 @@ def plc_for(port: int, **kwargs) -> PlcClient:
 @pytest.fixture
 def running(tmp_path, mqtt_broker, camera_frames):
     folder, _truth = camera_frames
-    agent = RunningAgent(agent_table(tmp_path, mqtt_broker.port, folder))
+    agent = RunningAgent(agent_table(tmp_path, mqtt_broker.port, folder,
+                                     mqtt={"response_topic_prefix": "plc-7/"}))
     plc = plc_for(mqtt_broker.port, watch=(f"{BASE}/events/#", f"{BASE}/review"))
     assert plc.wait_online(30)
     yield agent, plc
@@ -179,6 +178,43 @@ def test_mqtt_v5_response_topic_and_correlation_data(running):
         client.loop_stop()
         client.disconnect()
     assert box["payload"]["item_id"] == "v5-item" and box["correlation"] == b"req-42"
+
+
+def test_response_topics_outside_the_allowed_prefix_are_refused(running):
+    """A trigger cannot make the agent publish onto another line's topics or its own status."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    _agent, plc = running
+    other_line = "postcode/test-site/line-1/result"
+    own_status = f"{BASE}/status"
+    seen: list[tuple[str, bytes]] = []
+    spy = paho.Client(CallbackAPIVersion.VERSION2, client_id="spy", protocol=paho.MQTTv5)
+    spy.on_message = lambda c, u, m: seen.append((m.topic, bytes(m.payload)))
+    spy.connect("127.0.0.1", plc.port)
+    spy.subscribe([(other_line, 1), ("elsewhere/#", 1)])
+    spy.loop_start()
+    time.sleep(0.3)
+    try:
+        for item, topic in (("hijack-1", other_line), ("hijack-2", own_status), ("hijack-3", "elsewhere/x")):
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = topic
+            spy.publish(f"{BASE}/trigger", json.dumps({"item_id": item}), qos=1, properties=props)
+        for item in ("hijack-1", "hijack-2", "hijack-3"):
+            assert plc.result(item, timeout_s=20) is not None  # still answered on the result topic
+        assert plc.wait_for(lambda c: sum(t.endswith("/events/error") for t, _ in c.messages) >= 3, 10)
+        errors = [json.loads(p) for t, p in plc.messages if t.endswith("/events/error")]
+        assert {e["item_id"] for e in errors if e["kind"] == "response_topic_refused"} == \
+            {"hijack-1", "hijack-2", "hijack-3"}
+        time.sleep(0.5)
+        assert seen == []
+        status = plc.agent_status()
+        assert status["state"] == "online"  # the retained status was not overwritten by a result
+    finally:
+        spy.loop_stop()
+        spy.disconnect()
 
 
 def test_broker_restart_loses_nothing(tmp_path, persistent_mqtt_broker, camera_frames):

@@ -25,7 +25,7 @@ from paho.mqtt.properties import Properties
 
 from edge_agent.mqtt import MqttConfigError, MqttLink, MqttSettings, TlsSettings
 from edge_agent.outbox import MessageState, Outbox
-from edge_agent.types import DigitRead, PostcodeRead, Reason, SystemClock
+from edge_agent.types import DigitRead, PostcodeRead, Reason, SystemClock, TriggerMessage
 from tests.broker import MosquittoBroker, V311OnlyProxy, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,7 +144,7 @@ def links() -> Iterator[list[MqttLink]]:
 
 
 def start_link(links: list[MqttLink], settings: MqttSettings, outbox: Outbox,
-               on_trigger: Callable[[bytes, str | None, bytes | None], None] | None = None,
+               on_trigger: Callable[[TriggerMessage], None] | None = None,
                wait_connected: bool = True) -> MqttLink:
     link = MqttLink(settings, outbox, SystemClock(), on_trigger=on_trigger)
     links.append(link)
@@ -438,9 +438,11 @@ def test_trigger_reply_carries_response_topic_and_correlation_data(
     triggers: queue.Queue[tuple[bytes, str | None, bytes | None]] = queue.Queue()
     link: MqttLink | None = None
 
-    def on_trigger(payload: bytes, response_topic: str | None, correlation: bytes | None) -> None:
+    def on_trigger(message: TriggerMessage) -> None:
+        payload, response_topic, correlation = message.payload, message.response_topic, message.correlation_data
         triggers.put((payload, response_topic, correlation))
         assert link is not None
+        link.ack(message.ack_token)
         item = json.loads(payload)["item_id"]
         link.submit(read_payload(int(item)), audit(int(item)), expires_at=time.time() + 30,
                     response_topic=response_topic, correlation_data=correlation)
@@ -467,7 +469,11 @@ def test_trigger_subscription_is_restored_after_broker_restart(
         mqtt_broker: MosquittoBroker, outbox: Outbox, links: list[MqttLink]) -> None:
     settings = settings_for(mqtt_broker.address)
     triggers: queue.Queue[bytes] = queue.Queue()
-    link = start_link(links, settings, outbox, on_trigger=lambda p, rt, cd: triggers.put(p))
+    def on_trigger(message: TriggerMessage) -> None:
+        triggers.put(message.payload)
+        link.ack(message.ack_token)
+
+    link = start_link(links, settings, outbox, on_trigger=on_trigger)
     mqtt_broker.restart()  # persistence off: the broker forgets every subscription
     assert wait_until(lambda: link.stats()["connects"] == 2)
     plc = subscribe(mqtt_broker.address, ["unused/topic"])

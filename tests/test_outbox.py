@@ -331,7 +331,7 @@ def test_totals_always_add_up(tmp_path: Path, ops: list[str], max_pending: int) 
             assert pending_ids == sorted(pending_ids)
     finally:
         box.close()
-        for suffix in ("", "-wal", "-shm"):
+        for suffix in ("", "-wal", "-shm", ".instance"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
