@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -17,7 +18,8 @@ import cv2
 import numpy as np
 
 from edge_agent.bundle import BundleError
-from edge_agent.config import DEFAULT_BUNDLE, AgentConfig, ConfigError, load_config
+from edge_agent.config import (DEFAULT_BUNDLE, AgentConfig, ConfigError, error_key, load_config, parse_config,
+                               security_warnings, state_path_errors)
 from edge_agent.logs import setup_logging
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
@@ -26,26 +28,65 @@ MAX_IMAGE_BYTES = 64 * 1024 * 1024
 log = logging.getLogger("edge_agent")
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _report_config_errors(errors: list[str]) -> int:
+    for line in errors:
+        print(f"config error: {line}", file=sys.stderr)
+    return 2
+
+
+def validate_config(path: Path | None) -> int:
+    """Every problem ``run`` would meet before serving, one line each; nothing is created."""
+    from edge_agent.loader import load_bundle  # deferred: pulls in the LiteRT runtime
+
     try:
-        config = load_config(args.config) if args.config else AgentConfig()
+        config: AgentConfig | None = load_config(path) if path else parse_config({})
+        errors: list[str] = []
     except ConfigError as exc:
-        for line in exc.errors:
-            print(f"config error: {line}", file=sys.stderr)
-        return 2
+        config, errors = exc.config, list(exc.errors)
+    if config is not None:
+        errors += state_path_errors(config)
+        # A missing bundle or an impossible thread count already has its line; loading it would
+        # only repeat that (or start a thousand threads).
+        if not {"model.bundle", "model.num_threads"} & {error_key(line) for line in errors}:
+            try:
+                load_bundle(config.model.bundle, num_threads=config.model.num_threads)  # as run does
+            except (BundleError, OSError) as exc:
+                errors.append(f"model.bundle: {exc}")
+        for warning in security_warnings(config):
+            print(f"warning: {warning}", file=sys.stderr)
+    if errors:
+        return _report_config_errors(errors)
+    print(f"{path if path else 'built-in defaults'}: ok")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    # Before anything is created: the outbox, its -wal/-shm files and review crops are
+    # readable by the service's user only.
+    os.umask(0o077)
     if args.validate_config:
-        print(f"{args.config}: ok")
-        return 0
+        return validate_config(args.config)
+    try:
+        config = load_config(args.config) if args.config else parse_config({})
+    except ConfigError as exc:
+        return _report_config_errors(exc.errors)
+    state_errors = state_path_errors(config)
+    if state_errors:
+        return _report_config_errors(state_errors)
     setup_logging(config.logging.level, config.logging.json)
     from edge_agent.agent import run_agent  # deferred: pulls in paho, OpenCV threads
+    from edge_agent.mqtt import MqttConfigError
     from edge_agent.outbox import OutboxError
+    from edge_agent.sources import FrameError
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        run_agent(config, stop)
-    except (BundleError, OutboxError) as exc:
+        run_agent(config, stop, start_fresh=args.start_fresh)
+    except (BundleError, OutboxError, MqttConfigError, FrameError, OSError) as exc:
+        # What an operator can fix (model, outbox, folders, settings, background image): one
+        # line, no traceback. Anything else is a bug and keeps its traceback.
         log.error("cannot start: %s", exc)
         return 2
     return 0
@@ -129,7 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the appliance service")
     run.add_argument("--config", type=Path, help="TOML configuration (defaults for every key)")
-    run.add_argument("--validate-config", action="store_true", help="check the config and exit")
+    run.add_argument("--validate-config", action="store_true",
+                     help="check the config, the model bundle and the state folders, then exit")
+    run.add_argument("--start-fresh", action="store_true",
+                     help="start with a new, empty outbox even though a previous run left state; pending "
+                          "results and the audit trail of that run are NOT delivered")
     run.set_defaults(func=cmd_run)
 
     predict = sub.add_parser("predict", help="read postcodes from image files; one JSON line each")

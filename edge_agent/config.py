@@ -7,6 +7,7 @@ Secrets (the MQTT password) come from an environment variable or a file, never t
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import types
@@ -15,15 +16,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_agent.bundle import MANIFEST_FILE, BundleError, parse_manifest
+
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "models" / "mnist-int8"
 
 
 class ConfigError(Exception):
     """The configuration is invalid; ``errors`` holds one line per mistake."""
 
-    def __init__(self, errors: list[str]):
+    def __init__(self, errors: list[str], config: AgentConfig | None = None):
         super().__init__("\n".join(errors))
         self.errors = errors
+        # As far as it could be built (defaults stand in for unusable values), so that
+        # --validate-config can go on to check the bundle and folders; None if unreadable.
+        self.config = config
 
 
 @dataclass(frozen=True)
@@ -153,11 +159,41 @@ CHOICES = {
     "mqtt.protocol": ("auto", "5", "3.1.1"),
     "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
 }
-POSITIVE = {"model.num_threads", "camera.fps", "trigger.interval_ms", "trigger.max_payload_bytes",
-            "mqtt.port", "mqtt.keepalive_s", "mqtt.result_expiry_s", "mqtt.max_inflight",
-            "outbox.max_pending", "review.max_items", "trigger.settle_frames",
-            "camera.max_frame_age_ms", "camera.frame_wait_ms", "reader.workers",
-            "trigger.decision_budget_ms", "trigger.dedup_window_s", "mqtt.session_expiry_s"}
+MQTT_MAX_UINT16 = 65_535  # port, keepalive and receive maximum are 16-bit fields in MQTT
+MQTT_MAX_UINT32 = 4_294_967_295  # message and session expiry intervals are 32-bit seconds
+# Inclusive (lowest, highest) bounds; None: no bound on that side.
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "model.num_threads": (1, 64),
+    "camera.fps": (None, 1000),  # above 0 too (POSITIVE); more than this is a typo, not a camera
+    "camera.max_frame_age_ms": (1, None),
+    "camera.frame_wait_ms": (1, None),
+    "trigger.interval_ms": (1, None),
+    "trigger.max_payload_bytes": (1, None),
+    "trigger.settle_frames": (1, None),
+    "trigger.settle_ms": (0, None),
+    "trigger.decision_budget_ms": (1, None),
+    "trigger.reconnect_guard_ms": (0, None),
+    "reader.workers": (1, 16),
+    "mqtt.port": (1, MQTT_MAX_UINT16),
+    # The MQTT link refuses less: pings that often only add false disconnects on a slow link.
+    "mqtt.keepalive_s": (5, MQTT_MAX_UINT16),
+    "mqtt.result_expiry_s": (1, MQTT_MAX_UINT32),
+    "mqtt.max_inflight": (1, MQTT_MAX_UINT16),
+    "mqtt.session_expiry_s": (1, MQTT_MAX_UINT32),
+    "outbox.max_pending": (1, None),
+    "outbox.retention_days": (0, None),
+    "review.max_items": (1, None),
+}
+# Fractional keys that must be above zero (a range's inclusive lower bound cannot say that).
+POSITIVE = {"camera.fps", "camera.reopen_backoff_min_s", "trigger.dedup_window_s"}
+# Topic levels: a wildcard would make the agent subscribe to, or answer on, other lines' topics.
+TOPIC_LEVELS = ("site.site_id", "site.line_id")
+TOPIC_PREFIXES = ("mqtt.topic_prefix", "mqtt.response_topic_prefix")
+
+
+def error_key(line: str) -> str:
+    """The config key an error line is about: every line starts with it (``mqtt.port: ...``)."""
+    return line.split(": ", 1)[0].split("[", 1)[0]
 
 
 def _convert(value: Any, hint: Any, where: str, errors: list[str]) -> Any:
@@ -205,52 +241,196 @@ def _build(cls: type, table: dict[str, Any], where: str, errors: list[str]) -> A
     return cls(**{k: v for k, v in values.items() if v is not None})
 
 
-def _check_values(config: AgentConfig, errors: list[str]) -> None:
+def _value(config: AgentConfig, path: str) -> Any:
+    section, key = path.split(".")
+    return getattr(getattr(config, section), key)
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def _bound_error(path: str, value: float, low: float | None, high: float | None) -> str | None:
+    if (low is None or value >= low) and (high is None or value <= high):
+        return None
+    given = _number(value)
+    if low is not None and high is not None:
+        return f"{path}: must be between {_number(low)} and {_number(high)}, got {given}"
+    if low == 0:
+        return f"{path}: must not be negative, got {given}"
+    if low == 1:
+        return f"{path}: must be positive, got {given}"
+    return f"{path}: must be at least {_number(low)}, got {given}" if low is not None \
+        else f"{path}: must be at most {_number(high)}, got {given}"
+
+
+def _check_values(config: AgentConfig, errors: list[str], unusable: set[str]) -> None:
+    """Ranges and cross-field rules; keys in ``unusable`` already have a line and hold their default."""
+    def given(*keys: str) -> bool:
+        # A wrong-typed value was replaced by its default: a rule comparing it with another key
+        # would blame a number the operator never wrote.
+        return not any(k in unusable or k.split(".")[0] in unusable for k in keys)
+
     for path, allowed in CHOICES.items():
-        section, key = path.split(".")
-        value = getattr(getattr(config, section), key)
+        value = _value(config, path)
         if value not in allowed:
             errors.append(f"{path}: {value!r} is not one of {', '.join(allowed)}")
-    for path in POSITIVE:
-        section, key = path.split(".")
-        if getattr(getattr(config, section), key) <= 0:
-            errors.append(f"{path}: must be positive")
+    for path in sorted(POSITIVE):
+        value = _value(config, path)
+        if value <= 0:
+            errors.append(f"{path}: must be positive, got {_number(value)}")
+    for path, (low, high) in RANGES.items():
+        line = _bound_error(path, _value(config, path), low, high)
+        if line and not (path in POSITIVE and _value(config, path) <= 0):  # one line per key
+            errors.append(line)
+    if not config.mqtt.host.strip():
+        errors.append("mqtt.host: must name the broker (a host name or an IP address)")
+    for path in TOPIC_LEVELS:
+        value = _value(config, path)
+        if not value or any(c in value for c in "/+#"):
+            errors.append(f"{path}: {value!r} must be a single MQTT topic level: not empty, no '/', '+' or '#'")
+    for path in TOPIC_PREFIXES:
+        value = _value(config, path)
+        if any(c in value for c in "+#"):
+            errors.append(f"{path}: {value!r} must not contain the MQTT wildcards '+' or '#'; "
+                          "it is the start of a topic name, not a subscription filter")
+    if not config.mqtt.topic_prefix.strip("/"):
+        errors.append("mqtt.topic_prefix: must not be empty (topics are <prefix>/<site>/<line>/...)")
     threshold = config.model.acceptance_threshold
     if threshold is not None and not 0.0 < threshold <= 1.0:
         errors.append("model.acceptance_threshold: must be in (0, 1]")
-    if not config.reader.postcode_lengths or any(n < 1 or n > 12 for n in config.reader.postcode_lengths):
+    elif threshold is not None and given("model.bundle", "model.acceptance_threshold"):
+        _check_threshold_is_stricter(config.model.bundle, threshold, errors)
+    lengths = config.reader.postcode_lengths
+    if not lengths or any(n is not None and not 1 <= n <= 12 for n in lengths):
         errors.append("reader.postcode_lengths: give one or more lengths between 1 and 12")
     roi = config.reader.roi
-    if roi is not None and (len(roi) != 4 or roi[2] <= 0 or roi[3] <= 0 or min(roi[:2]) < 0):
+    if roi is not None and None not in roi and (len(roi) != 4 or roi[2] <= 0 or roi[3] <= 0
+                                                or min(roi[:2]) < 0):
         errors.append("reader.roi: expected [x, y, width, height] with positive size")
-    if not (config.model.bundle / "manifest.json").is_file():
+    if not (config.model.bundle / MANIFEST_FILE).is_file():
         errors.append(f"model.bundle: no model bundle at {config.model.bundle} (manifest.json missing)")
     background = config.trigger.background_image
     if background is not None and not background.is_file():
         errors.append(f"trigger.background_image: {background} does not exist")
     if config.mqtt.password_file is not None and not config.mqtt.password_file.is_file():
         errors.append(f"mqtt.password_file: {config.mqtt.password_file} does not exist")
-    if (config.mqtt.cert_file is None) != (config.mqtt.key_file is None):
+    if (config.mqtt.cert_file is None) != (config.mqtt.key_file is None) \
+            and given("mqtt.cert_file", "mqtt.key_file"):
         errors.append("mqtt.cert_file and mqtt.key_file: give both for client-certificate TLS, or neither")
     for key in ("ca_file", "cert_file", "key_file"):
         path = getattr(config.mqtt, key)
         if path is not None and not path.is_file():
             errors.append(f"mqtt.{key}: {path} does not exist")
-    if config.camera.reopen_backoff_min_s > config.camera.reopen_backoff_max_s:
+    camera, trigger = config.camera, config.trigger
+    if camera.reopen_backoff_min_s > camera.reopen_backoff_max_s \
+            and given("camera.reopen_backoff_min_s", "camera.reopen_backoff_max_s"):
         errors.append("camera.reopen_backoff_min_s: must not exceed reopen_backoff_max_s")
+    if camera.frame_wait_ms >= trigger.decision_budget_ms \
+            and given("camera.frame_wait_ms", "trigger.decision_budget_ms"):
+        errors.append(f"camera.frame_wait_ms: {camera.frame_wait_ms} must be less than "
+                      f"trigger.decision_budget_ms ({trigger.decision_budget_ms}), else an item whose "
+                      "frame arrives at the end of its wait is already answered as late")
+
+
+def _check_threshold_is_stricter(bundle: Path, threshold: float, errors: list[str]) -> None:
+    """A site may demand more confidence than the bundle's own threshold, never less."""
+    manifest_path = bundle / MANIFEST_FILE
+    if not manifest_path.is_file():
+        return  # reported as model.bundle
+    try:
+        manifest = parse_manifest(manifest_path.read_text(encoding="utf-8", errors="replace"))
+    except (OSError, BundleError) as exc:
+        errors.append(f"model.acceptance_threshold: cannot compare {threshold} with the bundle's own "
+                      f"threshold, {manifest_path} cannot be read: {exc}")
+        return
+    if threshold < manifest.acceptance_threshold:
+        errors.append(f"model.acceptance_threshold: {threshold} is looser than the bundle's own "
+                      f"{manifest.acceptance_threshold} ({manifest.name} {manifest.version}); an override "
+                      f"may only be stricter: set it to {manifest.acceptance_threshold} or more, or remove it")
 
 
 def parse_config(table: dict[str, Any], base_dir: Path | None = None) -> AgentConfig:
-    """Build and validate an AgentConfig from a parsed TOML table."""
+    """Build and validate an AgentConfig from a parsed TOML table; ConfigError lists every mistake."""
     errors: list[str] = []
     config = _build(AgentConfig, table, "", errors)
     if base_dir is not None:
         config = _resolve_paths(config, base_dir)
-    if not errors:
-        _check_values(config, errors)
+    _check_values(config, errors, unusable={error_key(line) for line in errors})
     if errors:
-        raise ConfigError(errors)
+        raise ConfigError(errors, config)
     return config
+
+
+def state_path_errors(config: AgentConfig) -> list[str]:
+    """Why the agent could not keep its outbox or review crops where configured; creates nothing."""
+    errors = []
+    outbox = config.outbox.path
+    if outbox.is_dir():
+        errors.append(f"outbox.path: {outbox} is a folder; give the path of the outbox file, "
+                      f"e.g. {outbox / 'outbox.sqlite'}")
+    else:
+        problem = _folder_problem(outbox.parent)
+        if problem:
+            errors.append(f"outbox.path: {problem}")
+        elif outbox.exists() and not os.access(outbox, os.R_OK | os.W_OK):
+            errors.append(f"outbox.path: {outbox} cannot be read and written by this user "
+                          f"(uid {os.geteuid()})")
+    problem = _folder_problem(config.review.crops_dir)
+    if problem:
+        errors.append(f"review.crops_dir: {problem}")
+    return errors
+
+
+def _folder_problem(folder: Path) -> str | None:
+    """Why ``folder`` is neither a usable folder nor creatable by this user, or None."""
+    user = f"this user (uid {os.geteuid()})"
+    # mkdir -p succeeds if the nearest thing that exists on the way down is a folder we may write in.
+    existing = next((p for p in (folder, *folder.parents) if os.path.lexists(p)), None)
+    if existing is None:
+        return f"cannot create {folder}: none of its parent folders exists"
+    if not existing.is_dir():
+        what = "a file" if existing.exists() else "a broken symbolic link"
+        if existing == folder:
+            return f"{folder} is {what}, not a folder"
+        return f"cannot create {folder}: {existing} is {what}, not a folder"
+    if existing == folder:
+        if not os.access(folder, os.R_OK | os.W_OK | os.X_OK):
+            return f"{folder} is not writable by {user}"
+        return None
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot create {folder}: {existing} is not writable by {user}"
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+    name = host.strip().lower().rstrip(".")
+    if name == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def security_warnings(config: AgentConfig) -> list[str]:
+    """Risky but working MQTT settings, one line each: the broker is reached over a network."""
+    mqtt = config.mqtt
+    if _is_loopback(mqtt.host):
+        return []  # the broker is on this machine: nothing crosses a network
+    warnings = []
+    if not mqtt.username:
+        warnings.append(f"mqtt.username: empty, so the agent connects to {mqtt.host} anonymously; a broker "
+                        "that lets it in lets any client on the network publish triggers and read results: "
+                        "set mqtt.username and its password (mqtt.password_env or mqtt.password_file)")
+    if not mqtt.tls:
+        carried = "triggers, results and the password" if mqtt.username else "triggers and results"
+        warnings.append(f"mqtt.tls: false, so {carried} cross the network to {mqtt.host} in plain text: "
+                        "set mqtt.tls = true (and mqtt.ca_file for the site's own CA)")
+    return warnings
 
 
 def _resolve_paths(config: AgentConfig, base_dir: Path) -> AgentConfig:

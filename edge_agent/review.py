@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,25 @@ from edge_agent.types import LocatedDigits, PostcodeRead
 
 log = logging.getLogger(__name__)
 
+# Crops are pictures of people's handwriting and the reads name their items: owner-only,
+# set explicitly so a permissive umask (a shell, a test runner) cannot widen them.
+FOLDER_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def _make_private_folder(folder: Path) -> None:
+    folder.mkdir(mode=FOLDER_MODE, parents=True)
+    os.chmod(folder, FOLDER_MODE)  # mkdir's mode is narrowed by the umask; this makes it exact
+
+
+def _write_private_file(path: Path, data: bytes) -> None:
+    """Create ``path`` (it must not exist) readable and writable by its owner only."""
+    # O_EXCL: never write through a link or into a file someone else made.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    with open(fd, "wb") as handle:
+        os.fchmod(handle.fileno(), FILE_MODE)
+        handle.write(data)
+
 
 class ReviewStore:
     """One folder per reviewed item: digit crops as PNG and the read as JSON; oldest removed first."""
@@ -21,18 +41,28 @@ class ReviewStore:
     def __init__(self, directory: Path, max_items: int):
         self.directory = Path(directory)
         self.max_items = max_items
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
+        try:
+            os.chmod(self.directory, FOLDER_MODE)
+        except PermissionError:
+            # A folder prepared by someone else (e.g. root with group write for us): usable, but its
+            # mode is theirs to set.
+            log.warning("review folder %s is not ours to make owner-only; check its permissions",
+                        self.directory)
         self._items = sorted(p for p in self.directory.iterdir() if p.is_dir())
 
     def save(self, read: PostcodeRead, located: LocatedDigits | None) -> Path | None:
         """Store crops and the read; a full disk is logged, never raised into the read path."""
         folder = self.directory / f"{int(read.captured_at * 1000):015d}-{read.result_id}"
         try:
-            folder.mkdir(parents=True)
+            _make_private_folder(folder)
             if located is not None:
                 for i, digit in enumerate(np.asarray(located.digits)):
-                    cv2.imwrite(str(folder / f"digit-{i}.png"), digit)
-            (folder / "read.json").write_text(json.dumps(read.to_payload(), indent=1))
+                    ok, png = cv2.imencode(".png", digit)
+                    if not ok:
+                        raise OSError(f"digit {i} could not be encoded as PNG")
+                    _write_private_file(folder / f"digit-{i}.png", png.tobytes())
+            _write_private_file(folder / "read.json", json.dumps(read.to_payload(), indent=1).encode())
         except OSError as exc:
             log.error("could not keep review crops in %s: %s", folder, exc)
             return None
