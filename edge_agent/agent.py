@@ -78,6 +78,7 @@ class AgentCounters:
     journal_failures: int = 0
     store_failures: int = 0
     bad_frames: int = 0
+    crops_skipped: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
 
 
@@ -101,6 +102,7 @@ class _Answer:
 # deadline is not started (the item is answered "late" at once instead).
 _FIRST_READ_ESTIMATE_S = 0.05
 _BATCH = 500  # triggers journaled, or answers stored, per transaction under a burst
+_MAX_QUEUED_CROPS = 1000  # review crops waiting for the disk; past this they are skipped and counted
 
 
 class Agent:
@@ -130,6 +132,7 @@ class Agent:
         self._intake: queue.Queue[tuple[Trigger, Any, Frame | None]] = queue.Queue()
         self._ready: queue.Queue[_Item] = queue.Queue()
         self._answers: queue.Queue[_Answer] = queue.Queue()
+        self._crops: queue.Queue[tuple[PostcodeRead, Any]] = queue.Queue(maxsize=_MAX_QUEUED_CROPS)
         self._waiting: list[_Item] = []
         self._waiting_lock = threading.Lock()
         self._outstanding = 0  # triggers taken in whose answer is not stored yet
@@ -337,8 +340,9 @@ class Agent:
             self.link.publish_event("error", {"kind": "read_failed", "item_id": trigger.item_id,
                                               "error": str(exc)})
         took = self.clock.monotonic() - started
-        # A slow estimate errs towards answering "late" a little early, never late.
-        self._read_estimate_s = max(0.8 * self._read_estimate_s + 0.2 * took, took, 0.005)
+        # Cached reads (items sharing a frame) take no time, fresh ones several ms: the
+        # average is what the next read will likely cost.
+        self._read_estimate_s = max(0.8 * self._read_estimate_s + 0.2 * took, 0.005)
         finished = self.clock.time()
         late = Reason.LATE if finished > trigger.deadline else None
         result = postcode_read(trigger, frame, read, finished, self.reader.model.version, review_reason=late)
@@ -394,14 +398,20 @@ class Agent:
         if trigger.response_topic:
             messages.append(OutgoingMessage(trigger.response_topic, payload, self.link.settings.result_qos,
                                             expires_at, trigger.correlation_data))
-        if not result.accepted:
+        if _worth_a_look(result, answer.read):
             messages.append(OutgoingMessage(self.config.topic("review"), payload, 1, None))
         return Answer(answer.item.journal_id, result.result_id, result.item_id, tuple(messages), audit)
 
     def _after_store(self, answer: _Answer) -> None:
         result = answer.result
-        if not result.accepted:
-            self.review.save(result, answer.read.located if answer.read else None)
+        if _worth_a_look(result, answer.read):
+            # Crops are for labelling, best effort and off the answer path: under a burst the
+            # disk writes would otherwise hold back the answers queued behind them.
+            try:
+                self._crops.put_nowait((result, answer.read.located))
+            except queue.Full:
+                with self._counter_lock:
+                    self.counters.crops_skipped += 1
         with self._counter_lock:
             c = self.counters
             c.reads += answer.read is not None
@@ -411,6 +421,14 @@ class Agent:
                 c.by_reason[result.reason.value] = c.by_reason.get(result.reason.value, 0) + 1
             self._latencies_ms.append(result.latency_ms)
             del self._latencies_ms[:-1000]
+
+    def _crops_loop(self) -> None:
+        while not self._shutdown.is_set() or not self._crops.empty():
+            try:
+                result, located = self._crops.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            self.review.save(result, located)
 
     def _settled(self, n: int) -> None:
         with self._outstanding_cond:
@@ -443,6 +461,7 @@ class Agent:
         for n in range(self.config.reader.workers):
             self._spawn(f"reader-{n}", self._read_loop)
         self._spawn("store", self._store_loop)
+        self._spawn("review-crops", self._crops_loop)
         self._spawn("health", self._report_health)
         if self.config.trigger.mode == "interval":
             interval = IntervalTrigger(self.config.trigger.interval_ms / 1000.0)
@@ -533,6 +552,20 @@ class Agent:
                 self.counters.bad_frames += new
             self.link.publish_event("error", {"kind": "bad_frame", "count": new, "total": bad,
                                               "source": self.grabber.source.name})
+
+
+def _worth_a_look(result: PostcodeRead, read: FrameRead | None) -> bool:
+    """A review a person can learn from: a doubtful read with its crops.
+
+    Every review reaches the sorting machine on the result topic (and the envelope goes to
+    manual keying); the review topic and the kept crops are for reads whose digits were in
+    doubt, not for items that were never read (no frame, late, restart): under a burst those
+    would double the messages on the wire and the writes to disk for nothing to label.
+    """
+    return not result.accepted and read is not None and result.reason not in _NOT_DOUBTFUL
+
+
+_NOT_DOUBTFUL = frozenset({Reason.LATE, Reason.AGENT_RESTART})
 
 
 def _take_batch(q: "queue.Queue[Any]", limit: int) -> list[Any]:

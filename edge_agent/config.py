@@ -103,7 +103,7 @@ class MqttConfig:
     cert_file: Path | None = None
     key_file: Path | None = None
     result_expiry_s: int = 600  # MQTT v5 message expiry: a read this old is of no use to a sorter
-    max_inflight: int = 100
+    max_inflight: int = 1000  # results in flight to the broker: a burst drains in round trips of this many
     # Persistent session: triggers sent while the agent is down wait at the broker this long.
     session_expiry_s: int = 3600
     # MQTT v5 response topics are honoured only under this prefix ("" allows none); never the

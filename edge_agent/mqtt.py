@@ -185,6 +185,9 @@ class MqttLink:
         self._reconnected_at: float | None = None  # clock.monotonic() of a reconnect after a lost connection
         self._had_connection = False
         self._online_since = 0.0
+        # Highest outbox id handed to paho; 0 means "look from the start" (after a message
+        # has to go out again: rejected, unacknowledged for too long, or a new client).
+        self._cursor = 0
         self._counts = dict.fromkeys(
             ("connects", "disconnects", "published", "acked", "rejected", "republished", "expired",
              "events_sent", "events_dropped", "triggers", "replayed_triggers", "login_refused"), 0)
@@ -563,6 +566,7 @@ class MqttLink:
             # A v5 broker refused it (e.g. not authorised on that topic). It stays pending
             # and is retried after a pause: an ACL fix on the broker then lets it through.
             self._counts["rejected"] += 1
+            self._cursor = 0
             self._hold_until = self._clock.monotonic() + max(5.0, self.settings.reconnect_min_delay_s)
             log.error("broker refused outbox message %d: %s; retrying later", entry.message_id, reason_code)
 
@@ -617,6 +621,7 @@ class MqttLink:
             old.loop_stop()
         with self._state_lock:
             # The old client's queue died with it: whatever it held goes out again.
+            self._cursor = 0
             self._inflight.clear()
             self._inflight_ids.clear()
             self._early.clear()
@@ -652,6 +657,8 @@ class MqttLink:
             since = max(self._connected_at, 0.0)
             stale = [e for e in self._inflight.values()
                      if now - max(e.sent_at, since) > self.settings.ack_timeout_s]
+            if stale:
+                self._cursor = 0
             for entry in stale:
                 del self._inflight[entry.mid]
                 self._inflight_ids.pop(entry.message_id, None)
@@ -668,12 +675,25 @@ class MqttLink:
             if free <= 0 or held:
                 return
             busy = self._busy_ids()
-            batch = [m for m in self._outbox.pending(len(busy) + free) if m.id not in busy]
+            with self._state_lock:
+                cursor = self._cursor
+            # Messages go out in id order, so the next ones are simply those after the last one
+            # handed to paho; re-reading the whole window each time capped delivery under a burst.
+            limit = free if cursor else free + len(busy)
+            batch = [m for m in self._outbox.pending(limit, after_id=cursor) if m.id not in busy]
             if not batch:
                 return
-            for message in batch[:free]:
-                if not self._publish(message):
-                    return  # paho refused: keep the order, try again on the next wake-up
+            sent: list[int] = []
+            try:
+                for message in batch[:free]:
+                    if not self._publish(message):
+                        return  # paho refused: keep the order, try again on the next wake-up
+                    sent.append(message.id)
+                    with self._state_lock:
+                        self._cursor = max(self._cursor, message.id)
+            finally:
+                # One transaction for the batch: per-message commits capped delivery near 1,500/s.
+                self._outbox.record_attempts(sent)
 
     def _publish(self, message: OutboxMessage) -> bool:
         client = self._client
@@ -730,7 +750,6 @@ class MqttLink:
             log.warning("paho did not take outbox message %d (%s); will retry", message.id,
                         paho.error_string(info.rc))
             return False
-        self._outbox.record_attempt(message.id)
         return True
 
 

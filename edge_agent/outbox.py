@@ -533,8 +533,14 @@ class Outbox:
 
     def record_attempt(self, message_id: int) -> None:
         """Count one publish attempt (for the audit trail and for spotting a stuck message)."""
-        with self._tx("recording an attempt") as conn:
-            conn.execute("UPDATE messages SET attempts = attempts + 1 WHERE id = ?", (message_id,))
+        self.record_attempts([message_id])
+
+    def record_attempts(self, message_ids: Iterable[int]) -> None:
+        """Count one publish attempt for each message, in one transaction."""
+        ids = [(i,) for i in message_ids]
+        if ids:
+            with self._tx("recording attempts") as conn:
+                conn.executemany("UPDATE messages SET attempts = attempts + 1 WHERE id = ?", ids)
 
     def mark_delivered(self, message_id: int) -> bool:
         """Record the broker's acknowledgement; False if the message was already finished or unknown."""
@@ -606,11 +612,12 @@ class Outbox:
 
     # ------------------------------------------------------------------ reading
 
-    def pending(self, limit: int = 100) -> list[OutboxMessage]:
-        """Pending messages, oldest first."""
+    def pending(self, limit: int = 100, after_id: int = 0) -> list[OutboxMessage]:
+        """Pending messages with an id above ``after_id``, oldest first."""
         rows = self._read(
             "SELECT id, topic, payload, qos, expires_at, created_at, attempts, correlation_data"
-            " FROM messages WHERE state = ? ORDER BY id LIMIT ?", (MessageState.PENDING.value, limit))
+            " FROM messages WHERE state = ? AND id > ? ORDER BY id LIMIT ?",
+            (MessageState.PENDING.value, after_id, limit))
         return [OutboxMessage(id=r[0], topic=r[1], payload=bytes(r[2]), qos=r[3], expires_at=r[4],
                               created_at=r[5], attempts=r[6],
                               correlation_data=None if r[7] is None else bytes(r[7])) for r in rows]
