@@ -112,7 +112,9 @@ def response_topic_refusal(topic: str, allowed_prefix: str, own_base: str, produ
         return "response topics are not enabled (mqtt.response_topic_prefix is empty)"
     if any(c in topic for c in "+#") or not topic or len(topic) > 1024:
         return "not a valid topic name"
-    if not topic.startswith(allowed_prefix):
+    # Whole topic levels: the prefix "plc" must not admit "plc-evil/...".
+    levels = allowed_prefix if allowed_prefix.endswith("/") else allowed_prefix + "/"
+    if not topic.startswith(levels):
         return f"outside the allowed prefix {allowed_prefix!r}"
     if topic == own_base or topic.startswith(own_base + "/"):
         return "one of the agent's own topics"

@@ -645,3 +645,118 @@ def test_tls_hostname_mismatch_needs_the_insecure_flag(tls_broker: MosquittoBrok
     relaxed = start_link(links, settings_for(("127.0.0.1", tls_broker.tls_port),
                                              tls=TlsSettings(ca_certs=ca, insecure=True)), outbox)
     assert relaxed.connected
+
+
+# ---------------------------------------------------------------------- triggers: durable, replayed, refused logins
+
+def _collecting(ack: bool = True) -> tuple[queue.Queue, list[MqttLink], Callable[[TriggerMessage], None]]:
+    got: queue.Queue[TriggerMessage] = queue.Queue()
+    holder: list[MqttLink] = []
+
+    def on_trigger(message: TriggerMessage) -> None:
+        got.put(message)
+        if ack:
+            holder[0].ack(message.ack_token)
+    return got, holder, on_trigger
+
+
+def _drain(q: queue.Queue, n: int, timeout_s: float = WAIT_S) -> list[TriggerMessage]:
+    out = []
+    deadline = time.monotonic() + timeout_s
+    while len(out) < n and time.monotonic() < deadline:
+        try:
+            out.append(q.get(timeout=0.1))
+        except queue.Empty:
+            pass
+    return out
+
+
+def test_triggers_sent_while_the_agent_is_away_wait_in_its_session_and_come_back_marked_replayed(
+        mqtt_broker: MosquittoBroker, tmp_path: Path, links: list[MqttLink]) -> None:
+    settings = settings_for(mqtt_broker.address, client_id="line-7-agent")
+    first_box = Outbox(tmp_path / "a.db", clock=SystemClock())
+    got, holder, on_trigger = _collecting()
+    link = start_link(links, settings, first_box, on_trigger=on_trigger)
+    holder.append(link)
+    link.stop()
+    links.clear()
+    plc = subscribe(mqtt_broker.address, ["unused"])
+    for i in range(5):
+        plc.client.publish(settings.trigger_topic, json.dumps({"item_id": f"away-{i}"}), qos=1).wait_for_publish(5)
+    got2, holder2, on_trigger2 = _collecting()
+    second = start_link(links, settings, first_box, on_trigger=on_trigger2)
+    holder2.append(second)
+    replayed = _drain(got2, 5)
+    assert [json.loads(m.payload)["item_id"] for m in replayed] == [f"away-{i}" for i in range(5)]
+    assert all(m.replayed and m.first_connection for m in replayed)
+    assert wait_until(lambda: second.stats()["replayed_triggers"] == 5)
+    time.sleep(0.3)  # the session marker came back behind the backlog: what follows is live
+    plc.client.publish(settings.trigger_topic, b'{"item_id": "live"}', qos=1).wait_for_publish(5)
+    [live] = _drain(got2, 1)
+    assert json.loads(live.payload)["item_id"] == "live" and not live.replayed
+    plc.stop()
+    first_box.close()
+
+
+def test_a_trigger_not_acknowledged_before_a_crash_is_delivered_again(
+        mqtt_broker: MosquittoBroker, tmp_path: Path, links: list[MqttLink]) -> None:
+    settings = settings_for(mqtt_broker.address, client_id="line-8-agent")
+    box = Outbox(tmp_path / "a.db", clock=SystemClock())
+    got, holder, on_trigger = _collecting(ack=False)  # dies before journaling: never acknowledges
+    link = start_link(links, settings, box, on_trigger=on_trigger)
+    holder.append(link)
+    plc = subscribe(mqtt_broker.address, ["unused"])
+    plc.client.publish(settings.trigger_topic, b'{"item_id": "fragile"}', qos=1).wait_for_publish(5)
+    assert len(_drain(got, 1)) == 1
+    link.stop()
+    links.clear()
+    got2, holder2, on_trigger2 = _collecting()
+    holder2.append(start_link(links, settings, box, on_trigger=on_trigger2))
+    [again] = _drain(got2, 1)
+    assert json.loads(again.payload)["item_id"] == "fragile" and again.replayed
+    plc.stop()
+    box.close()
+
+
+def test_a_refused_password_never_downgrades_the_protocol(tmp_path: Path, mosquitto_executable: str,
+                                                          outbox: Outbox, links: list[MqttLink]) -> None:
+    passwd = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "reader", "right"], check=True,
+                   capture_output=True)
+    passwd.chmod(0o600)
+    broker = MosquittoBroker(tmp_path / "auth-broker", mosquitto_executable,
+                             extra_config=["allow_anonymous false", f"password_file {passwd}"])
+    broker.start()
+    try:
+        link = start_link(links, settings_for(broker.address, username="reader", password="wrong"), outbox,
+                          wait_connected=False)
+        assert wait_until(lambda: link.stats()["login_refused"] >= 2, 15)
+        assert link.protocol == "5" and not link.connected
+        # The same broker with the right password: MQTT v5 (result expiry works), not 3.1.1.
+        good = start_link(links, settings_for(broker.address, username="reader", password="right"), outbox)
+        assert good.protocol == "5"
+    finally:
+        for link in links:
+            link.stop(timeout_s=2)
+        links.clear()
+        broker.kill()
+
+
+def test_the_retained_online_status_carries_its_time_and_expires(mqtt_broker: MosquittoBroker, outbox: Outbox,
+                                                                  links: list[MqttLink]) -> None:
+    settings = settings_for(mqtt_broker.address, status_ttl_s=2)
+    start_link(links, settings, outbox)
+    sub = subscribe(mqtt_broker.address, [settings.status_topic])
+    assert wait_until(lambda: len(sub.received()) >= 1)
+    first = sub.received()[0]
+    body = json.loads(first.payload)
+    assert body["state"] == "online" and abs(body["at"] - time.time()) < 10 and body["ttl_s"] == 2
+    assert 0 < first.properties.MessageExpiryInterval <= 2
+    sub.stop()
+    # Nothing refreshes it here (the agent's health loop does, every 10 s): past its expiry the
+    # broker stops handing it out, as it would for a dead agent whose broker was restored from disk.
+    time.sleep(2.5)
+    late = subscribe(mqtt_broker.address, [settings.status_topic])
+    time.sleep(0.3)
+    assert late.received() == []
+    late.stop()

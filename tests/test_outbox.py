@@ -343,3 +343,126 @@ def test_audit_json_round_trips_numpy_and_enums(outbox: Outbox) -> None:
     [record] = outbox.audit("a")
     assert record.audit == {"item_id": "a", "scores": [[0.25, 0.75]], "top": 0.75,
                             "decision": {"accepted": False, "reason": "low_confidence"}}
+
+
+# -- the trigger journal -------------------------------------------------------------
+
+from edge_agent.outbox import Answer, JournalOutcome, OutgoingMessage  # noqa: E402
+from edge_agent.types import Trigger  # noqa: E402
+
+RESULTS = "postcode/s/l/result"
+
+
+def trig(item: str, at: float, **kw: object) -> Trigger:
+    return Trigger(item_id=item, received_at=at, deadline=at + 1.5, **kw)  # type: ignore[arg-type]
+
+
+def answer_for(journal_id: int | None, item: str, result_id: str, accepted: bool = True) -> Answer:
+    payload = f'{{"result_id": "{result_id}", "item_id": "{item}"}}'.encode()
+    messages = [OutgoingMessage(RESULTS, payload, 1, None)]
+    if not accepted:
+        messages.append(OutgoingMessage("postcode/s/l/review", payload))
+    return Answer(journal_id, result_id, item, tuple(messages), {"result_id": result_id, "item_id": item})
+
+
+def test_journaled_trigger_stays_open_until_its_answer_is_stored(outbox: Outbox, clock: FakeClock) -> None:
+    [j] = outbox.journal_triggers([trig("A", clock.now, response_topic="plc/r", correlation_data=b"\x01")],
+                                  3600, RESULTS)
+    assert j.outcome is JournalOutcome.NEW
+    [open_one] = outbox.open_triggers()
+    assert open_one.journal_id == j.journal_id
+    assert (open_one.trigger.item_id, open_one.trigger.response_topic, open_one.trigger.correlation_data,
+            open_one.trigger.deadline) == ("A", "plc/r", b"\x01", clock.now + 1.5)
+    [ids] = outbox.record_answers([answer_for(j.journal_id, "A", "r-A", accepted=False)])
+    assert len(ids) == 2 and outbox.open_triggers() == []
+    assert outbox.journal_stats() == {"open": 0, "answered": 1}
+    assert outbox.answered_result_id("A") == "r-A"
+
+
+def test_a_repeated_item_gets_its_stored_answer_not_a_new_read(outbox: Outbox, clock: FakeClock) -> None:
+    [j] = outbox.journal_triggers([trig("A", clock.now)], 3600, RESULTS)
+    # Asked again while the first is still being answered: covered by that answer.
+    [again] = outbox.journal_triggers([trig("A", clock.now)], 3600, RESULTS)
+    assert again.outcome is JournalOutcome.IN_PROGRESS
+    outbox.record_answers([answer_for(j.journal_id, "A", "r-A")])
+    clock.advance(60)
+    [later] = outbox.journal_triggers([trig("A", clock.now)], 3600, RESULTS)
+    assert later.outcome is JournalOutcome.ANSWERED and b'"r-A"' in later.earlier_answer
+    clock.advance(3600)  # outside the dedup window: a new envelope with a reused number
+    [much_later] = outbox.journal_triggers([trig("A", clock.now)], 3600, RESULTS)
+    assert much_later.outcome is JournalOutcome.NEW
+
+
+def test_the_same_item_twice_in_one_batch_is_journaled_once(outbox: Outbox, clock: FakeClock) -> None:
+    outcomes = outbox.journal_triggers([trig("B", clock.now), trig("B", clock.now)], 3600, RESULTS)
+    assert [o.outcome for o in outcomes] == [JournalOutcome.NEW, JournalOutcome.IN_PROGRESS]
+    assert len(outbox.open_triggers()) == 1
+
+
+def test_open_triggers_survive_a_reopen(tmp_path: Path, clock: FakeClock) -> None:
+    box = Outbox(tmp_path / "o.db", clock=clock)
+    box.journal_triggers([trig(f"I{i}", clock.now) for i in range(3)], 3600, RESULTS)
+    box.close()
+    box = Outbox(tmp_path / "o.db", clock=clock)
+    assert [o.trigger.item_id for o in box.open_triggers()] == ["I0", "I1", "I2"]
+    box.close()
+
+
+def test_outbox_and_journal_files_are_owner_only(tmp_path: Path, clock: FakeClock) -> None:
+    old = os.umask(0o022)
+    try:
+        box = Outbox(tmp_path / "state" / "o.db", clock=clock)
+        box.add("t", b"x", 1, None, audit_for(1))
+        for path in (tmp_path / "state" / "o.db", tmp_path / "state" / "o.db.instance"):
+            assert path.stat().st_mode & 0o077 == 0, oct(path.stat().st_mode)
+        box.close()
+    finally:
+        os.umask(old)
+
+
+def test_an_emptied_outbox_is_refused_unless_starting_afresh(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "o.db"
+    box = Outbox(path, clock=clock)
+    box.add("t", b"pending result", 1, None, audit_for(1))
+    box.close()
+    path.write_bytes(b"")  # truncated: SQLite alone would silently start a new, empty database
+    with pytest.raises(OutboxError, match="is empty.*--start-fresh"):
+        Outbox(path, clock=clock)
+    box = Outbox(path, clock=clock, start_fresh=True)
+    assert box.stats()["pending"] == 0
+    box.close()
+    assert list(tmp_path.glob("o.db.empty-*"))  # the empty file was kept aside, not deleted
+
+
+def test_a_deleted_outbox_is_refused_while_its_marker_remains(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "o.db"
+    Outbox(path, clock=clock).close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    with pytest.raises(OutboxError, match="is missing"):
+        Outbox(path, clock=clock)
+    Outbox(path, clock=clock, start_fresh=True).close()
+
+
+def test_a_replaced_outbox_is_refused(tmp_path: Path, clock: FakeClock) -> None:
+    Outbox(tmp_path / "a.db", clock=clock).close()
+    Outbox(tmp_path / "b.db", clock=clock).close()
+    (tmp_path / "b.db").replace(tmp_path / "a.db")  # another database under the old name
+    with pytest.raises(OutboxError, match="not the database an earlier run used"):
+        Outbox(tmp_path / "a.db", clock=clock)
+
+
+def test_schema_1_outbox_is_upgraded_in_place(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "v1.db"
+    box = Outbox(path, clock=clock)
+    box.add("t", b"kept", 1, None, audit_for(1))
+    box.close()
+    with sqlite3.connect(path) as conn:  # what a release before the journal left behind
+        conn.execute("DROP TABLE triggers")
+        conn.execute("DROP TABLE meta")
+        conn.execute("PRAGMA user_version = 1")
+    Path(f"{path}.instance").unlink()
+    box = Outbox(path, clock=clock)
+    assert [m.payload for m in box.pending(10)] == [b"kept"]
+    assert box.journal_triggers([trig("X", clock.now)], 3600, RESULTS)[0].outcome is JournalOutcome.NEW
+    box.close()

@@ -451,3 +451,55 @@ def test_settings_that_would_hide_a_swap_are_rejected():
         SceneSettings(motion_fraction=0.05, change_fraction=0.01)
     with pytest.raises(ValueError):
         SceneSettings(settle_frames=0)
+
+
+# -- the PLC's own time stamp and MQTT v5 response topics --------------------------------
+
+from edge_agent.triggers import response_topic_refusal  # noqa: E402
+from edge_agent.types import Reason  # noqa: E402
+
+
+class _At:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_triggered_at_sets_the_items_time():
+    trigger = parse_trigger(b'{"item_id": "A", "triggered_at": 1800000000.25}', _At(1800000000.5))
+    assert trigger.triggered_at == 1800000000.25 and trigger.at == 1800000000.25
+    assert trigger.received_at == 1800000000.5 and trigger.stale is None
+
+
+def test_a_stamp_from_the_future_is_clamped_to_arrival():
+    trigger = parse_trigger(b'{"item_id": "A", "triggered_at": 1800000009.0}', _At(1800000000.5))
+    assert trigger.at == 1800000000.5
+
+
+@pytest.mark.parametrize("stamp", ['"soon"', "true", "1800000000000", "12", "null", "1e400"])
+def test_an_unreadable_stamp_still_answers_the_item_but_as_review(stamp):
+    trigger = parse_trigger(f'{{"item_id": "A", "triggered_at": {stamp}}}'.encode(), _At(1800000000.0))
+    assert trigger.item_id == "A" and trigger.stale is Reason.BAD_TRIGGER and trigger.triggered_at is None
+
+
+@pytest.mark.parametrize("topic, allowed, refused", [
+    ("plc/replies/3", "plc/", None),
+    ("plc/replies/3", "", "not enabled"),
+    ("elsewhere/x", "plc/", "outside the allowed prefix"),
+    ("plc-evil/x", "plc", "outside the allowed prefix"),
+    ("plc/x", "plc", None),
+    ("plc/+/x", "plc/", "not a valid topic"),
+    ("postcode/site-1/line-1/status", "postcode/", "agent's own topics"),
+    ("postcode/site-1/line-1", "postcode/", "agent's own topics"),
+    ("postcode/site-1/line-2/result", "postcode/", "another line's topic"),
+    ("postcode/site-2/line-1/trigger", "postcode/", "another line's topic"),
+    ("postcode/site-1/replies/x", "postcode/", None),
+])
+def test_response_topics_are_allowed_only_under_the_prefix_and_never_on_product_topics(topic, allowed, refused):
+    why = response_topic_refusal(topic, allowed, "postcode/site-1/line-1", "postcode")
+    assert (why is None) if refused is None else (refused in why)

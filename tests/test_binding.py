@@ -1,0 +1,62 @@
+"""Which frame an item is read from: the one at its trigger time, never a later envelope's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from edge_agent.binding import FrameWindow, choose_frame, too_late_to_read
+from edge_agent.types import Frame
+
+WINDOW = FrameWindow(max_age_s=0.2, wait_s=0.5)
+PIXELS = np.zeros((2, 2), np.uint8)
+
+
+def frames_at(*times: float) -> list[Frame]:
+    return [Frame(PIXELS, t, seq, "cam") for seq, t in enumerate(times, start=1)]
+
+
+def test_the_newest_frame_at_or_before_the_trigger_is_chosen():
+    history = frames_at(9.80, 9.90, 9.97, 10.03, 10.10)
+    assert choose_frame(history, 10.0, WINDOW).captured_at == 9.97
+
+
+def test_a_frame_captured_after_the_trigger_is_never_preferred_to_the_one_at_it():
+    # Under a backlog the newest frame shows a later envelope: it must not win.
+    history = frames_at(9.99, 10.2, 10.4)
+    assert choose_frame(history, 10.0, WINDOW).captured_at == 9.99
+
+
+def test_too_old_a_frame_gives_way_to_the_first_one_after_the_trigger():
+    history = frames_at(9.5, 10.1, 10.2)
+    assert choose_frame(history, 10.0, WINDOW).captured_at == 10.1
+
+
+def test_nothing_in_the_window_is_none():
+    assert choose_frame(frames_at(9.5, 10.6), 10.0, WINDOW) is None  # too old, and too late
+    assert choose_frame([], 10.0, WINDOW) is None
+
+
+def test_after_only_skips_the_frame_at_the_trigger():
+    window = FrameWindow(0.2, 0.5, after_only=True)
+    assert choose_frame(frames_at(9.99, 10.05, 10.2), 10.0, window).captured_at == 10.05
+
+
+def test_window_edges_are_inclusive():
+    assert choose_frame(frames_at(9.8), 10.0, WINDOW).captured_at == 9.8
+    assert choose_frame(frames_at(10.5), 10.0, WINDOW).captured_at == 10.5
+    assert WINDOW.closes_at(10.0) == 10.5
+
+
+@given(st.lists(st.floats(0, 20, allow_nan=False), max_size=40), st.floats(0, 20, allow_nan=False))
+def test_any_chosen_frame_lies_in_the_items_window(times, at):
+    frame = choose_frame(frames_at(*sorted(times)), at, WINDOW)
+    if frame is not None:
+        assert at - WINDOW.max_age_s <= frame.captured_at <= at + WINDOW.wait_s
+
+
+@pytest.mark.parametrize("now, estimate, late", [(10.0, 0.05, False), (11.46, 0.05, True), (11.6, 0.0, True)])
+def test_a_read_that_would_end_after_the_deadline_is_not_started(now, estimate, late):
+    assert too_late_to_read(now, 11.5, estimate) is late
