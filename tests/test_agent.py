@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -433,3 +434,70 @@ def test_scene_change_reads_each_new_envelope_once(tmp_path, mqtt_broker, camera
     read_frames = [truth[p["image_sha256"]] for p in sorted(results.values(), key=lambda p: p["captured_at"])]
     expected = [truth[image_sha256(cv2.imread(str(e)))] for e in envelopes]
     assert read_frames == expected
+
+
+def test_triggers_journaled_before_a_crash_are_answered_at_the_next_start(tmp_path, mqtt_broker, camera_frames):
+    """Open journal rows left by a dead process: each answered once, as review agent_restart."""
+    from edge_agent.outbox import Outbox
+    from edge_agent.types import SystemClock, Trigger
+
+    folder, _ = camera_frames
+    table = agent_table(tmp_path, mqtt_broker.port, folder)
+    box = Outbox(tmp_path / "state" / "outbox.sqlite", clock=SystemClock())
+    then = time.time() - 30  # the crash was a while ago: every deadline has passed
+    box.journal_triggers([Trigger(item_id=f"orphan-{i}", received_at=then, deadline=then + 1.5)
+                          for i in range(3)], 3600, f"{BASE}/result")
+    box.close()
+    plc = plc_for(mqtt_broker.port, persistent=True, client_id="sorter-restart")
+    agent = RunningAgent(table)
+    try:
+        for i in range(3):
+            payload, _ = plc.result(f"orphan-{i}", timeout_s=20)
+            assert payload["accepted"] is False and payload["reason"] == "agent_restart"
+        assert agent.agent.counters.recovered == 3
+        assert agent.agent.outbox.journal_stats()["open"] == 0
+    finally:
+        plc.stop()
+        agent.stop()
+
+
+def test_corrupt_frames_raise_error_events_and_count_in_health(tmp_path, mqtt_broker, camera_frames):
+    folder, _ = camera_frames
+    camera = tmp_path / "camera"
+    shutil.copytree(folder, camera)
+    (camera / "zz-corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 100)
+    agent = RunningAgent(agent_table(tmp_path, mqtt_broker.port, camera))
+    plc = plc_for(mqtt_broker.port, watch=(f"{BASE}/events/error",))
+    try:
+        assert plc.wait_for(lambda c: any(json.loads(p).get("kind") == "bad_frame" for _t, p in c.messages), 20)
+        assert agent.agent.health()["counters"]["bad_frames"] >= 1
+        assert agent.agent.health()["camera"]["bad_frames"] >= 1
+        payload, _ = plc.request("still-reading", timeout_s=20)  # the line goes on
+        assert payload["reason"] != "no_frame"
+    finally:
+        plc.stop()
+        agent.stop()
+
+
+def test_items_without_a_frame_do_not_hold_up_each_other(tmp_path, mqtt_broker, camera_frames):
+    """With the camera gone, a burst of items is answered no_frame together, not one wait after another."""
+    folder, _ = camera_frames
+    camera = tmp_path / "camera"
+    shutil.copytree(folder, camera)
+    agent = RunningAgent(agent_table(tmp_path, mqtt_broker.port, camera,
+                                     camera={"max_frame_age_ms": 200, "frame_wait_ms": 500}))
+    plc = plc_for(mqtt_broker.port)
+    try:
+        assert plc.wait_online(30)
+        camera.rename(tmp_path / "unplugged")
+        time.sleep(1.0)
+        items = [f"dark-{i}" for i in range(20)]
+        plc.burst(items, timeout_s=30)
+        results = plc.results()
+        assert {results[i]["reason"] for i in items} == {"no_frame"}
+        # Twenty items waiting one after another would take 20 x 0.5 s; together they take one wait.
+        spread = max(results[i]["decided_at"] for i in items) - min(results[i]["triggered_at"] for i in items)
+        assert spread < 5.0, spread
+    finally:
+        plc.stop()
+        agent.stop()

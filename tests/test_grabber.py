@@ -316,3 +316,54 @@ def test_bad_settings_are_rejected(source):
         FrameGrabber(source, SystemClock(), (5, 1))
     with pytest.raises(ValueError):
         FrameGrabber(source, SystemClock(), file_fps=0)
+
+
+class TimedSource(ScriptedSource):
+    """Records when each open was tried, to see how soon a returning camera is picked up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open_attempts: list[float] = []
+
+    def open(self) -> None:
+        self.open_attempts.append(time.monotonic())
+        super().open()
+
+
+def test_with_the_shipped_backoff_a_returning_camera_is_retried_within_about_a_second():
+    from edge_agent.config import CameraConfig
+
+    cam = CameraConfig()
+    source = TimedSource()
+    grabber = FrameGrabber(source, SystemClock(), (cam.reopen_backoff_min_s, cam.reopen_backoff_max_s),
+                           stall_timeout_s=None, failed_after=1000)
+    with grabber:
+        source.push(1)
+        assert grabber.wait_for_frame(0, WAIT) is not None
+        source.available = False
+        time.sleep(6.0)  # unplugged for a while: backoff must not grow past the cap
+        attempts = [t for t in source.open_attempts[1:]]
+        gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+        assert len(attempts) >= 4 and max(gaps) <= cam.reopen_backoff_max_s + 0.5, gaps
+        source.available = True
+        source.push(2)
+        assert grabber.wait_for_frame(1, cam.reopen_backoff_max_s + 2.0) is not None
+
+
+def test_history_keeps_the_last_frames_oldest_first(source):
+    with grabber_for(source, history_frames=3) as grabber:
+        source.push(1, 2, 3, 4, 5)
+        wait_until(lambda: grabber.last_seq == 5)
+        assert [value(f) for f in grabber.history()] == [3, 4, 5]
+        assert grabber.wait_for_new(5, 0.05) == 5  # nothing newer: returns after the timeout
+
+
+def test_skipped_corrupt_files_are_counted_in_health(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"\x89PNG broken")
+    cv2.imwrite(str(tmp_path / "b.png"), np.full((8, 8), 200, np.uint8))
+    from edge_agent.agent import DeferredSource
+
+    with FrameGrabber(DeferredSource(str(tmp_path), loop=False), SystemClock(), FAST_BACKOFF) as grabber:
+        assert grabber.wait_for_frame(0, WAIT) is not None
+        wait_until(lambda: grabber.bad_frames == 1)
+        assert grabber.health()["bad_frames"] == 1
