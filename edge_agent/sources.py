@@ -304,6 +304,7 @@ class DirectorySource:
         self.max_file_bytes = max_file_bytes
         self.name = f"dir:{self.path}"
         self.bad_files = 0
+        self._replayed: dict[str, tuple[_Seen, np.ndarray]] = {}
         self.last_bad: str | None = None
         # Kept across close()/open() so a reconnect does not re-read old files.
         self._seen: dict[str, _Seen] = {}
@@ -426,11 +427,21 @@ class DirectorySource:
         for _ in range(len(names)):
             name = names[self._replay_index % len(names)]
             self._replay_index = (self._replay_index + 1) % len(names)
+            # A replayed file that has not changed decodes to the same pixels: keep them
+            # (read-only, shared) instead of decoding the same PNG thirty times a second.
+            cached = self._replayed.get(name)
+            if cached is not None and cached[0] == listing[name]:
+                return cached[1]
             image = self._load(name, listing[name])
             if image is not None:
+                if len(self._replayed) < _MAX_REPLAY_CACHE:
+                    image.flags.writeable = False
+                    self._replayed[name] = (listing[name], image)
                 return image
         return None
 
+
+_MAX_REPLAY_CACHE = 256  # decoded images kept for looping a folder (~1 MB each at 640x480)
 
 _DEVICE_INDEX = re.compile(r"\d+")
 
