@@ -10,6 +10,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 MOSQUITTO_CANDIDATES = ("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
@@ -55,13 +56,15 @@ class MosquittoBroker:
     host = "127.0.0.1"
 
     def __init__(self, workdir: Path, executable: str, *, persistence: bool = False,
-                 tls: tuple[Path, Path, Path] | None = None) -> None:
-        """``tls``: (CA file, server certificate, server key) adds a TLS listener on ``tls_port``."""
+                 tls: tuple[Path, Path, Path] | None = None, extra_config: Sequence[str] = ()) -> None:
+        """``tls``: (CA file, server certificate, server key) adds a TLS listener on ``tls_port``;
+        ``extra_config``: further mosquitto.conf lines, written last so they override the defaults."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.executable = executable
         self.persistence = persistence
         self.tls = tls
+        self.extra_config = tuple(extra_config)
         self.port = free_port()
         self.tls_port = free_port() if tls else None
         self.log_path = self.workdir / "mosquitto.log"
@@ -97,6 +100,7 @@ class MosquittoBroker:
             lines += ["persistence true", f"persistence_location {self.workdir}/", "autosave_interval 1"]
         else:
             lines.append("persistence false")
+        lines += self.extra_config
         conf = self.workdir / "mosquitto.conf"
         conf.write_text("\n".join(lines) + "\n")
         return conf
