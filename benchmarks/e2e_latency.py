@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edge_agent.demo import SITE, LINE, free_port, render_demo_camera, start_broker, write_demo_config  # noqa: E402
-from edge_agent.mqtt import PlcClient  # noqa: E402
+from edge_agent.simulated_plc import PlcClient  # noqa: E402
 
 
 def main() -> int:

@@ -136,7 +136,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 def run_demo(workdir: Path, items: int = 20, burst: int = 500, seed: int = 7, broker_kind: str = "auto") -> int:
     """Run the whole appliance for a minute and print what the sorting machine receives."""
-    from edge_agent.mqtt import PlcClient  # the simulated PLC speaks MQTT like a real one
+    from edge_agent.simulated_plc import PlcClient  # the simulated PLC speaks MQTT like a real one
 
     workdir = Path(workdir).resolve()
     shutil.rmtree(workdir / "state", ignore_errors=True)

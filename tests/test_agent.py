@@ -25,7 +25,7 @@ import pytest
 from edge_agent.agent import build_agent, start_agent
 from edge_agent.config import parse_config
 from edge_agent.demo import render_demo_camera
-from edge_agent.mqtt import PlcClient
+from edge_agent.simulated_plc import PlcClient
 from edge_agent.pipeline import image_sha256
 from tests.paths import ROOT
 
