@@ -870,8 +870,13 @@ def _start(site: ChaosSite) -> None:
     site.wait_online()
 
 
-def scenario_flood(site: ChaosSite, n: int, *, answer_timeout_s: float = 60.0) -> Report:
-    """n triggers as fast as the PLC can send them: all answered, reads from their own frames, in time."""
+def scenario_flood(site: ChaosSite, n: int, *, answer_timeout_s: float = 60.0,
+                   demand_arrival_in_time: bool = True) -> Report:
+    """n triggers as fast as the PLC can send them: all answered, reads from their own frames, in time.
+
+    ``demand_arrival_in_time``: fail the report when answers reach the sorter after deadline + 0.1 s.
+    That is a speed figure of this machine (benchmarks/chaos.py demands it); the CI test only prints it.
+    """
     assert site.plc is not None
     _start(site)
     started = time.monotonic()
@@ -884,9 +889,12 @@ def scenario_flood(site: ChaosSite, n: int, *, answer_timeout_s: float = 60.0) -
     report.facts["publish_s"] = round(publish_s, 3)
     report.require("all sent within 2 s", publish_s < 2.0, f"the PLC needed {publish_s:.2f} s")
     late = len(report.arrived_after_deadline_review) + len(report.arrived_after_deadline_accepted)
-    report.require("every answer arrived by deadline + 0.1 s", late == 0,
-                   f"{len(report.arrived_after_deadline_review)} review and "
-                   f"{len(report.arrived_after_deadline_accepted)} accepted answer(s) late")
+    detail = (f"{len(report.arrived_after_deadline_review)} review and "
+              f"{len(report.arrived_after_deadline_accepted)} accepted answer(s) late")
+    if demand_arrival_in_time:
+        report.require("every answer arrived by deadline + 0.1 s", late == 0, detail)
+    else:
+        report.notes.append(f"arrival by deadline + 0.1 s (speed, not demanded here): {detail}")
     return report
 
 

@@ -162,9 +162,10 @@ def run(capsys):
     return judge
 
 
-def test_flood_of_3000_triggers(site_factory, run):
+def test_flood_of_10000_triggers(site_factory, run):
     with site_factory() as site:
-        run(scenario_flood(site, 3000, answer_timeout_s=45.0))
+        # Timings are this machine's (see benchmarks/chaos.py); the promise is checked here.
+        run(scenario_flood(site, 10_000, answer_timeout_s=120.0, demand_arrival_in_time=False))
 
 
 def test_kill_9_agent_during_steady_traffic(site_factory, run):
@@ -184,6 +185,20 @@ def test_kill_9_agent_then_broker_during_steady_traffic(site_factory, run):
         run(scenario_kill(site, target="agent-and-broker", rate=100.0, duration_s=10.0,
                           events=[(2.5, "kill agent"), (3.5, "kill broker"), (5.0, "start agent"),
                                   (6.0, "start broker")]))
+
+
+def test_kill_9_agent_with_a_plc_that_does_not_stamp_its_triggers(site_factory, run):
+    """Without triggered_at the agent must recognise the triggers queued while it was down."""
+    with site_factory(plc_stamp=False) as site:
+        run(scenario_kill(site, target="agent", rate=100.0, duration_s=9.0,
+                          events=[(3.0, "kill agent"), (5.0, "start agent")]))
+
+
+def test_kill_9_broker_with_a_plc_that_does_not_stamp_its_triggers(site_factory, run):
+    """Without triggered_at, triggers the PLC buffered during the outage must not be read from later frames."""
+    with site_factory(plc_stamp=False, broker_autosave_changes=1) as site:
+        run(scenario_kill(site, target="broker", rate=100.0, duration_s=9.0,
+                          events=[(3.0, "kill broker"), (5.0, "start broker")]))
 
 
 def test_sigterm_during_traffic(site_factory, run):
