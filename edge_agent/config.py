@@ -125,6 +125,33 @@ class ReviewConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The agent's own HTTP endpoint: /metrics (Prometheus), /healthz, /readyz."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"  # loopback: a site that scrapes from elsewhere sets it deliberately
+    port: int = 9400  # one agent per line: give each line on a box its own port
+    # /readyz wants a read completed this recently while triggers are coming in
+    ready_max_read_age_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class ObservabilityConfig:
+    """Model and data observability: sliding windows, drift against the site's reference."""
+
+    window_reads: int = 500  # the sliding window: the last N reads ...
+    window_s: float = 3600.0  # ... within the last hour
+    # The site's own reference: the first N reads after a model change (a real office's digit
+    # mix is never uniform: its postcodes share their first digits).
+    reference_reads: int = 500
+    min_reads: int = 100  # fewer reads in the window: drift is not judged yet
+    psi_alarm: float = 0.25  # population stability index at or above this raises the alarm
+    blur_alarm: float = 0.5  # mean sharpness below this share of the reference's: "blurred frames"
+    health_period_s: float = 2.0  # events/health every this often (the site dashboard's pulse)
+    read_events_per_s: float = 5.0  # events/read (one read with its digit crops) at most this often
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "INFO"
     json: bool = True  # JSON lines for journald; plain text for a terminal
@@ -140,6 +167,8 @@ class AgentConfig:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     review: ReviewConfig = field(default_factory=ReviewConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
@@ -183,6 +212,16 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "outbox.max_pending": (1, None),
     "outbox.retention_days": (0, None),
     "review.max_items": (1, None),
+    "http.port": (1, 65_535),
+    "http.ready_max_read_age_s": (1, None),
+    "observability.window_reads": (10, 1_000_000),
+    "observability.window_s": (10, None),
+    "observability.reference_reads": (10, 1_000_000),
+    "observability.min_reads": (1, None),
+    "observability.psi_alarm": (0.01, 10),
+    "observability.blur_alarm": (0.01, 1),
+    "observability.health_period_s": (0.2, 3600),
+    "observability.read_events_per_s": (0, 100),
 }
 # Fractional keys that must be above zero (a range's inclusive lower bound cannot say that).
 POSITIVE = {"camera.fps", "camera.reopen_backoff_min_s", "trigger.dedup_window_s"}

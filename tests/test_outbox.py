@@ -413,7 +413,9 @@ def test_outbox_and_journal_files_are_owner_only(tmp_path: Path, clock: FakeCloc
     try:
         box = Outbox(tmp_path / "state" / "o.db", clock=clock)
         box.add("t", b"x", 1, None, audit_for(1))
-        for path in (tmp_path / "state" / "o.db", tmp_path / "state" / "o.db.instance"):
+        # SQLite gives its -wal and -shm files the database file's mode.
+        for path in (tmp_path / "state" / "o.db", tmp_path / "state" / "o.db.instance",
+                     tmp_path / "state" / "o.db-wal", tmp_path / "state" / "o.db-shm"):
             assert path.stat().st_mode & 0o077 == 0, oct(path.stat().st_mode)
         box.close()
     finally:
