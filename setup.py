@@ -16,6 +16,8 @@ setup(
         "paho-mqtt>=2.1,<3",
         "flask>=3.0",
         "psutil>=5.9",
+        "prometheus-client>=0.20",
+        "waitress>=3.0",
     ],
     extras_require={
         # TensorFlow only where models are built, never on site hardware.
