@@ -7,19 +7,24 @@ list of steps so an engineer can read what runs.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import queue
 import threading
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import cv2
 import numpy as np
 
 from edge_agent.binding import FrameWindow, choose_frame, too_late_to_read
 from edge_agent.config import AgentConfig, mqtt_password, security_warnings
+from edge_agent.endpoints import Check, EndpointServer, make_app
 from edge_agent.grabber import FrameGrabber
 from edge_agent.loader import load_bundle
+from edge_agent.metrics import STAGES, AgentMetrics, RateWindow, SnapshotCollector, SystemProbe
 from edge_agent.mqtt import MqttLink, MqttSettings, TlsSettings
 from edge_agent.outbox import Answer, Journaled, JournalOutcome, Outbox, OutboxError, OutgoingMessage
 from edge_agent.pipeline import FrameRead, PostcodeReader, postcode_read
@@ -103,6 +108,8 @@ class _Answer:
 _FIRST_READ_ESTIMATE_S = 0.05
 _BATCH = 500  # triggers journaled, or answers stored, per transaction under a burst
 _MAX_QUEUED_CROPS = 1000  # review crops waiting for the disk; past this they are skipped and counted
+_CAMERA_SILENT_S = 5.0  # /readyz: a live camera silent this long is not delivering frames
+_PRUNE_EVERY_S = 600.0  # the audit trail's retention is days: pruning every few minutes is plenty
 
 
 class Agent:
@@ -142,6 +149,18 @@ class Agent:
         self._counter_lock = threading.Lock()
         self._read_estimate_s = _FIRST_READ_ESTIMATE_S
         self._bad_frames_seen = 0
+        self.metrics = AgentMetrics()
+        self.metrics.model.info({"version": reader.model.version, "name": reader.model.manifest.name})
+        self.endpoint: EndpointServer | None = None
+        self._system = SystemProbe(config.outbox.path.parent)
+        self._system_figures: dict[str, Any] = {}
+        self._rates = RateWindow(60.0)
+        self._stage_samples = {stage: deque(maxlen=1000) for stage in (*STAGES, "trigger_to_result")}
+        self._last_trigger_at: float | None = None  # clock.monotonic()
+        self._last_answer_at: float | None = None
+        self._read_events = _TokenBucket(config.observability.read_events_per_s)
+        # Last: registering takes a first snapshot, which needs everything above.
+        self.metrics.registry.register(SnapshotCollector(self.health))
 
     # -- intake ---------------------------------------------------------------
 
@@ -155,8 +174,9 @@ class Agent:
         except TriggerError as exc:
             with self._counter_lock:
                 self.counters.bad_triggers += 1
+            self.metrics.bad_triggers.inc()
             log.error("rejected trigger: %s", exc)
-            self.link.publish_event("error", {"kind": "bad_trigger", "error": str(exc),
+            self._report_error("bad_trigger", {"error": str(exc),
                                               "payload_bytes": len(message.payload)})
             self.link.ack(message.ack_token)  # nothing to answer: no item was named
             return
@@ -171,11 +191,16 @@ class Agent:
                     self.counters.refused_response_topics += 1
                 log.error("item %s: not replying on response topic %r: %s", trigger.item_id,
                           trigger.response_topic, refusal)
-                self.link.publish_event("error", {"kind": "response_topic_refused", "item_id": trigger.item_id,
+                self._report_error("response_topic_refused", {"item_id": trigger.item_id,
                                                   "topic": trigger.response_topic, "error": refusal})
                 trigger = replace(trigger, response_topic=None, correlation_data=None)
         stale = trigger.stale or self._stale_reason(message, trigger)
         self._take_in(replace(trigger, stale=stale), message.ack_token)
+
+    def _report_error(self, kind: str, fields: dict[str, Any]) -> None:
+        """An error event on MQTT (events/error) and a count in /metrics, for every kind of error."""
+        self.metrics.error(kind)
+        self.link.publish_event("error", {"kind": kind, **fields})
 
     def _stale_reason(self, message: TriggerMessage, trigger: Trigger) -> Reason | None:
         """A reason to answer without reading, when the trigger's time cannot be trusted."""
@@ -193,9 +218,11 @@ class Agent:
 
     def submit(self, trigger: Trigger, frame: Frame | None = None) -> None:
         """Take in a trigger made on site (interval, scene change); ``frame`` if it is already known."""
-        self._take_in(trigger, None, frame)
+        self._take_in(trigger, None, frame, source=self.config.trigger.mode)
 
-    def _take_in(self, trigger: Trigger, ack_token: Any, frame: Frame | None = None) -> None:
+    def _take_in(self, trigger: Trigger, ack_token: Any, frame: Frame | None = None, source: str = "mqtt") -> None:
+        self.metrics.triggers.labels(source=source).inc()
+        self._last_trigger_at = self.clock.monotonic()
         trigger = replace(trigger, deadline=trigger.at + self.budget_s)
         if frame is None and trigger.stale is None:
             frame = self._frame_in_window(trigger)  # now, while the history still holds it
@@ -237,7 +264,7 @@ class Agent:
                 log.error("could not journal %d trigger(s): %s", len(batch), exc)
                 with self._counter_lock:
                     self.counters.journal_failures += len(batch)
-                self.link.publish_event("error", {"kind": "journal_failed", "error": str(exc),
+                self._report_error("journal_failed", {"error": str(exc),
                                                   "triggers": len(batch)})
                 outcomes = [Journaled(JournalOutcome.NEW) for _ in batch]
             for (trigger, _token, frame), outcome in zip(batch, outcomes):
@@ -258,6 +285,7 @@ class Agent:
         """The same item asked again: the same stored answer (same result_id), never a second read."""
         with self._counter_lock:
             self.counters.repeats += 1
+        self.metrics.repeats.inc()
         try:
             stored = json.loads(payload)
             audit = {"result_id": stored.get("result_id"), "item_id": trigger.item_id, "repeat": True}
@@ -275,6 +303,7 @@ class Agent:
         if item.frame is None:
             item.frame = self._frame_in_window(item.trigger)
         if item.frame is not None:
+            self.record_stage("wait_frame", 0.0)
             self._ready.put(item)
             return
         with self._waiting_lock:
@@ -299,6 +328,7 @@ class Agent:
                 frame = choose_frame(history, item.trigger.at, self.window)
                 if frame is not None:
                     item.frame = frame
+                    self.record_stage("wait_frame", now - item.trigger.received_at)
                     self._ready.put(item)
                 elif now >= item.trigger.deadline:
                     self._answer_unread(item, Reason.LATE)
@@ -332,12 +362,15 @@ class Agent:
         started = self.clock.monotonic()
         read: FrameRead | None = None
         try:
-            read = self.reader.read_frame(frame)
+            read, cached = self.reader.read_frame_cached(frame)
+            if not cached:
+                for stage, seconds in zip(("locate", "classify", "decide"), read.seconds):
+                    self.record_stage(stage, seconds)
         except Exception as exc:  # a frame we cannot read must not stop the line
             log.exception("reading frame %s failed", frame.seq)
             with self._counter_lock:
                 self.counters.read_errors += 1
-            self.link.publish_event("error", {"kind": "read_failed", "item_id": trigger.item_id,
+            self._report_error("read_failed", {"item_id": trigger.item_id,
                                               "error": str(exc)})
         took = self.clock.monotonic() - started
         # Cached reads (items sharing a frame) take no time, fresh ones several ms: the
@@ -371,13 +404,16 @@ class Agent:
                     with self._counter_lock:
                         self.counters.store_failures += 1
                     log.error("could not store %d answer(s): %s; retrying", len(batch), exc)
-                    self.link.publish_event("error", {"kind": "store_failed", "error": str(exc),
+                    self._report_error("store_failed", {"error": str(exc),
                                                       "items": [a.item.trigger.item_id for a in batch][:20]})
                     if self._shutdown.wait(1.0):
                         log.error("stopping with %d answer(s) unstored: %s", len(batch),
                                   [a.item.trigger.item_id for a in batch])
                         return
+            stored_at = self.clock.time()
             for answer in batch:
+                self.record_stage("store", stored_at - answer.result.extra.get("decided_at", stored_at))
+                self.record_stage("trigger_to_result", stored_at - answer.item.trigger.at)
                 self._after_store(answer)
             self._settled(len(batch))
 
@@ -404,6 +440,15 @@ class Agent:
 
     def _after_store(self, answer: _Answer) -> None:
         result = answer.result
+        outcome = "accepted" if result.accepted else "review"
+        self.metrics.answers.labels(outcome=outcome).inc()
+        if result.reason is not None:
+            self.metrics.reviews.labels(reason=result.reason.value).inc()
+        now = self.clock.monotonic()
+        self._last_answer_at = now
+        self._rates.add(now, result.accepted, result.reason.value if result.reason else None)
+        if answer.read is not None and self._read_events.take(now):
+            self._publish_read(result, answer.read)
         if _worth_a_look(result, answer.read):
             # Crops are for labelling, best effort and off the answer path: under a burst the
             # disk writes would otherwise hold back the answers queued behind them.
@@ -421,6 +466,22 @@ class Agent:
                 c.by_reason[result.reason.value] = c.by_reason.get(result.reason.value, 0) + 1
             self._latencies_ms.append(result.latency_ms)
             del self._latencies_ms[:-1000]
+
+    def _publish_read(self, result: PostcodeRead, read: FrameRead) -> None:
+        """One read with its digit crops, for the site dashboard (QoS 0, rate-limited)."""
+        payload = result.to_payload()
+        self.link.publish_event("read", {
+            key: payload.get(key) for key in ("result_id", "item_id", "postcode", "accepted", "reason", "confidence",
+                                               "digits", "decided_at", "latency_ms", "captured_at")
+        } | {"crops_png": crops_strip_png(read.located.digits)})
+
+    def record_stage(self, stage: str, seconds: float) -> None:
+        """One item's time in one stage, for /metrics and the health event."""
+        if stage == "trigger_to_result":
+            self.metrics.trigger_to_result.observe(max(0.0, seconds))
+        else:
+            self.metrics.observe_stage(stage, seconds)
+        self._stage_samples[stage].append(seconds)
 
     def _crops_loop(self) -> None:
         while not self._shutdown.is_set() or not self._crops.empty():
@@ -501,23 +562,33 @@ class Agent:
             self.grabber.stop()
         self.link.flush(drain_s)
         self.link.stop()
+        if self.endpoint is not None:
+            self.endpoint.stop()
         self.outbox.close()
 
     def health(self) -> dict[str, Any]:
-        """A snapshot for the status event and the status page."""
+        """A snapshot for the health event, the site dashboard and /metrics."""
+        cfg = self.config
         with self._counter_lock:
             latencies = np.array(self._latencies_ms) if self._latencies_ms else np.zeros(1)
             counters = dict(vars(self.counters), by_reason=dict(self.counters.by_reason))
         with self._waiting_lock:
             waiting = len(self._waiting)
         return {
+            "site": cfg.site.site_id,
+            "line": cfg.site.line_id,
+            "at": self.clock.time(),
             "model_version": self.reader.model.version,
+            "metrics_url": f"{self.endpoint.url}/metrics" if self.endpoint is not None else None,
+            "health_period_s": cfg.observability.health_period_s,
             "counters": counters,
+            "rates": self._rates.rates(self.clock.monotonic()),
             # Load shed to keep every answer in time: items answered "late" or after a restart.
             "shed": {reason: counters["by_reason"].get(reason, 0)
                      for reason in (Reason.LATE.value, Reason.AGENT_RESTART.value)},
             "latency_ms": {"p50": round(float(np.percentile(latencies, 50)), 3),
                            "p99": round(float(np.percentile(latencies, 99)), 3)},
+            "stages_ms": {stage: _percentiles_ms(samples) for stage, samples in self._stage_samples.items()},
             "queue": {"intake": self._intake.qsize(), "waiting_for_frame": waiting,
                       "reading": self._ready.qsize(), "storing": self._answers.qsize()},
             "read_estimate_ms": round(self._read_estimate_s * 1000.0, 2),
@@ -525,17 +596,55 @@ class Agent:
             "outbox": self.outbox.stats(),
             "journal": self.outbox.journal_stats(),
             "mqtt": {"connected": self.link.connected, "protocol": self.link.protocol},
+            "system": dict(self._system_figures),
         }
 
-    def _report_health(self, period_s: float = 10.0) -> None:
-        next_report = self.clock.monotonic()
-        while not self._shutdown.wait(1.0):
+    def readiness(self) -> dict[str, Check]:
+        """What /readyz checks: model loaded, camera delivering, broker connected, reads completing."""
+        now = self.clock.monotonic()
+        checks = {"model": Check(self.reader.model is not None, f"model {self.reader.model.version}")}
+        camera = self.grabber.health() if self.grabber is not None else None
+        if camera is None:
+            checks["camera"] = Check(False, "no camera configured")
+        else:
+            age = camera.get("last_frame_age_s")
+            live = bool(getattr(self.grabber, "live", True))
+            delivering = camera["state"] == "ok" and (not live or (age is not None and age < _CAMERA_SILENT_S))
+            checks["camera"] = Check(delivering, f"state {camera['state']}, last frame "
+                                     + ("never" if age is None else f"{age:.1f} s ago")
+                                     + (f", last error: {camera['last_error']}" if camera.get("last_error") else ""))
+        checks["broker"] = Check(self.link.connected, "connected" if self.link.connected else
+                                 f"not connected to {self.config.mqtt.host}:{self.config.mqtt.port}")
+        max_age = self.config.http.ready_max_read_age_s
+        busy = self._last_trigger_at is not None and now - self._last_trigger_at < max_age
+        recent = self._last_answer_at is not None and now - self._last_answer_at < max_age
+        checks["reads"] = Check(recent or not busy,
+                                "idle: no trigger lately" if not busy else
+                                ("a read completed in the last %.0f s" % max_age if recent else
+                                 f"triggers arrive but no answer was stored in the last {max_age:.0f} s"))
+        return checks
+
+    def start_endpoint(self) -> None:
+        """Serve /metrics, /healthz and /readyz on the configured address (raises OSError if taken)."""
+        http = self.config.http
+        if http.enabled and self.endpoint is None:
+            self.endpoint = EndpointServer(make_app(self.metrics.registry, self.readiness), http.host,
+                                           http.port).start()
+
+    def _report_health(self) -> None:
+        period_s = self.config.observability.health_period_s
+        next_report = next_prune = self.clock.monotonic()
+        while not self._shutdown.wait(min(1.0, period_s)):
             try:
                 self._check_bad_frames()
-                if self.clock.monotonic() < next_report:
+                now = self.clock.monotonic()
+                if now >= next_prune:
+                    next_prune = now + _PRUNE_EVERY_S
+                    self.outbox.prune()
+                if now < next_report:
                     continue
-                next_report = self.clock.monotonic() + period_s
-                self.outbox.prune()
+                next_report = now + period_s
+                self._system_figures = self._system.read()
                 self.link.refresh_status()
                 self.link.publish_event("health", self.health())
             except Exception:
@@ -550,8 +659,45 @@ class Agent:
         if new > 0:
             with self._counter_lock:
                 self.counters.bad_frames += new
-            self.link.publish_event("error", {"kind": "bad_frame", "count": new, "total": bad,
+            self._report_error("bad_frame", {"count": new, "total": bad,
                                               "source": self.grabber.source.name})
+
+
+def crops_strip_png(digits: np.ndarray) -> str | None:
+    """The digit crops side by side as one small base64 PNG (about 1 KB for five digits)."""
+    digits = np.asarray(digits)
+    if digits.ndim != 3 or len(digits) == 0:
+        return None
+    ok, png = cv2.imencode(".png", np.hstack(list(digits[:12])))
+    return base64.b64encode(png.tobytes()).decode("ascii") if ok else None
+
+
+def _percentiles_ms(samples: "deque[float]") -> dict[str, float | None]:
+    if not samples:
+        return {"p50": None, "p99": None, "n": 0}
+    values = np.fromiter(samples, float) * 1000.0
+    return {"p50": round(float(np.percentile(values, 50)), 3), "p99": round(float(np.percentile(values, 99)), 3),
+            "n": len(values)}
+
+
+class _TokenBucket:
+    """At most ``rate`` events a second on average, in bursts of up to one second's worth."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._tokens = rate
+        self._at: float | None = None
+
+    def take(self, now: float) -> bool:
+        if self.rate <= 0:
+            return False
+        if self._at is not None:
+            self._tokens = min(self.rate, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
 
 
 def _worth_a_look(result: PostcodeRead, read: FrameRead | None) -> bool:
@@ -618,6 +764,7 @@ def build_agent(config: AgentConfig, clock: Clock | None = None, *, start_fresh:
     link = MqttLink(mqtt_settings(config), outbox, clock)
     agent = Agent(config, reader, grabber, link, outbox, review, clock)
     link.on_trigger = agent.on_mqtt_trigger
+    link.on_ack_latency = lambda seconds: agent.record_stage("publish_ack", seconds)
     if config.trigger.mode == "change":
         detector = SceneChangeDetector(SceneSettings(settle_frames=config.trigger.settle_frames,
                                                      min_still_s=config.trigger.settle_ms / 1000.0))
@@ -633,6 +780,7 @@ def start_agent(agent: Agent) -> None:
     """Start in the order that loses nothing: camera, journaled leftovers, stages, then the broker."""
     for warning in security_warnings(agent.config):
         log.warning("%s", warning)
+    agent.start_endpoint()  # first: a port already taken stops the start before anything runs
     agent.grabber.start()
     agent.recover()
     agent.start()

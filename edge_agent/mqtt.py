@@ -160,6 +160,7 @@ class MqttLink:
         self._outbox = outbox
         self._clock = clock
         self.on_trigger = on_trigger  # may also be set after construction, before start()
+        self.on_ack_latency: Callable[[float], None] | None = None  # seconds from publish to PUBACK
         self._use_v5 = settings.protocol in ("auto", "5")
         self._client: paho.Client | None = None
         self._connected = threading.Event()
@@ -561,6 +562,8 @@ class MqttLink:
         if ok:
             self._acked.append(entry.message_id)
             self._counts["acked"] += 1
+            if self.on_ack_latency is not None:
+                self.on_ack_latency(self._clock.monotonic() - entry.sent_at)
         else:
             # A v5 broker refused it (e.g. not authorised on that topic). It stays pending
             # and is retried after a pause: an ACL fix on the broker then lets it through.

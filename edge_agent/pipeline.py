@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ class FrameRead:
     model_version: str
     image_sha256: str
     error: str = ""
+    seconds: tuple[float, float, float] = (0.0, 0.0, 0.0)  # locate, classify, decide (for the metrics)
 
 
 def image_sha256(image: np.ndarray) -> str:
@@ -70,15 +72,23 @@ class PostcodeReader:
     def read_image(self, image: np.ndarray) -> FrameRead:
         """Locate, classify (one batch) and decide on one image."""
         model = self._model  # one model for the whole read, even if a swap happens meanwhile
+        started = time.perf_counter()
         sha = image_sha256(image)
         located = locate_digits(image, self.reader_config)
+        located_at = time.perf_counter()
         result = model.classifier.classify(located.digits)
+        classified_at = time.perf_counter()
         decision = decide(result.labels, result.probabilities,
                           self.reader_config.expected_lengths, self.threshold)
-        return FrameRead(located, decision, model.version, sha)
+        seconds = (located_at - started, classified_at - located_at, time.perf_counter() - classified_at)
+        return FrameRead(located, decision, model.version, sha, seconds=seconds)
 
     def read_frame(self, frame: Frame) -> FrameRead:
-        """As read_image, but a frame already read (same source and sequence) is not read again.
+        """As read_image, but a frame already read (same source and sequence) is not read again."""
+        return self.read_frame_cached(frame)[0]
+
+    def read_frame_cached(self, frame: Frame) -> tuple[FrameRead, bool]:
+        """The frame's read, and whether it came from the cache (so its stage times are not new).
 
         Identical pixels give an identical read, so items triggered faster than the
         camera delivers frames share the work, not the result id.
@@ -88,13 +98,13 @@ class PostcodeReader:
             cached = self._cache.get(key)
             if cached is not None:
                 self._cache.move_to_end(key)
-                return cached
+                return cached, True
         read = self.read_image(frame.image)
         with self._cache_lock:
             self._cache[key] = read
             while len(self._cache) > _CACHED_READS:
                 self._cache.popitem(last=False)
-        return read
+        return read, False
 
 
 def postcode_read(trigger: Trigger, frame: Frame | None, read: FrameRead | None,

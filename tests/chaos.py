@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # benchmarks/chaos.py imports this file as a plain script's library
     sys.path.insert(0, str(ROOT))
 
-from tests.broker import BrokerError, MosquittoBroker, find_mosquitto  # noqa: E402
+from tests.broker import BrokerError, MosquittoBroker, find_mosquitto, free_port  # noqa: E402
 
 SITE_ID, LINE_ID = "chaos-site", "line-1"
 OTHER_LINE_ID = "line-2"
@@ -713,6 +713,7 @@ class ChaosSite:
                      "response_topic_prefix": self.response_topic_prefix},
             "outbox": {"path": str(state / "outbox.sqlite")},
             "review": {"crops_dir": str(state / "review"), "max_items": 20000},
+            "http": {"port": free_port()},
             "logging": {"level": self.log_level, "json": False},
         }
         for section, values in self._overrides.items():

@@ -27,6 +27,7 @@ from edge_agent.config import parse_config
 from edge_agent.demo import render_demo_camera
 from edge_agent.simulated_plc import PlcClient
 from edge_agent.pipeline import image_sha256
+from tests.broker import free_port
 from tests.paths import ROOT
 
 BASE = "postcode/test-site/line-9"
@@ -47,6 +48,7 @@ def agent_table(tmp_path: Path, port: int, camera_dir: Path, **overrides) -> dic
         "mqtt": {"host": "127.0.0.1", "port": port},
         "outbox": {"path": str(tmp_path / "state" / "outbox.sqlite")},
         "review": {"crops_dir": str(tmp_path / "state" / "review"), "max_items": 50},
+        "http": {"port": free_port()},
         "logging": {"json": False},
     }
     for section, values in overrides.items():
