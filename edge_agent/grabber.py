@@ -53,7 +53,7 @@ class FrameGrabber:
         failed_after: int = 5,
         on_frame: FrameCallback | None = None,
         fps_window: int = 30,
-        history_frames: int = 32,
+        history_frames: int = 16,
     ) -> None:
         low, high = reopen_backoff
         if not 0 < low <= high:
@@ -81,8 +81,8 @@ class FrameGrabber:
         self._last_error: str | None = None
         self._callback_errors = 0
         self._frame_times: deque[float] = deque(maxlen=max(2, fps_window))
-        # About a second at 30 fps: enough to find the frame at a trigger's time even when the
-        # trigger is taken in a few frames late, small enough to bound memory (~1 MB a frame).
+        # Half a second at 30 fps: items are bound to their frame as their trigger arrives, so
+        # this only has to cover a PLC stamp's transit and max_frame_age; ~1 MB a 640x480 frame.
         self._history: deque[Frame] = deque(maxlen=max(1, history_frames))
 
     # -- public API -------------------------------------------------------
