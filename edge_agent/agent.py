@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import queue
 import threading
 from collections import deque
@@ -25,6 +26,7 @@ from edge_agent.endpoints import Check, EndpointServer, make_app
 from edge_agent.grabber import FrameGrabber
 from edge_agent.loader import load_bundle
 from edge_agent.metrics import STAGES, AgentMetrics, RateWindow, SnapshotCollector, SystemProbe
+from edge_agent.observability import DriftMonitor, ObservedRead, Reference, TrainingBaseline
 from edge_agent.mqtt import MqttLink, MqttSettings, TlsSettings
 from edge_agent.outbox import Answer, Journaled, JournalOutcome, Outbox, OutboxError, OutgoingMessage
 from edge_agent.pipeline import FrameRead, PostcodeReader, postcode_read
@@ -159,6 +161,12 @@ class Agent:
         self._last_trigger_at: float | None = None  # clock.monotonic()
         self._last_answer_at: float | None = None
         self._read_events = _TokenBucket(config.observability.read_events_per_s)
+        self.drift = DriftMonitor(config.observability, TrainingBaseline.from_manifest(reader.model.manifest.raw),
+                                  model_version=reader.model.version)
+        self._drift_lock = threading.Lock()
+        self._drift_published: tuple[str, ...] | None = None  # alarm kinds last published (retained)
+        self._reference_path = config.outbox.path.parent / f"reference-{_safe_name(reader.model.version)}.json"
+        self._restore_reference()
         # Last: registering takes a first snapshot, which needs everything above.
         self.metrics.registry.register(SnapshotCollector(self.health))
 
@@ -449,6 +457,7 @@ class Agent:
         self._rates.add(now, result.accepted, result.reason.value if result.reason else None)
         if answer.read is not None and self._read_events.take(now):
             self._publish_read(result, answer.read)
+        self._observe(result, answer.read, now)
         if _worth_a_look(result, answer.read):
             # Crops are for labelling, best effort and off the answer path: under a burst the
             # disk writes would otherwise hold back the answers queued behind them.
@@ -466,6 +475,54 @@ class Agent:
                 c.by_reason[result.reason.value] = c.by_reason.get(result.reason.value, 0) + 1
             self._latencies_ms.append(result.latency_ms)
             del self._latencies_ms[:-1000]
+
+    def _observe(self, result: PostcodeRead, read: FrameRead | None, now: float) -> None:
+        """Feed the drift monitor; keep the site's reference once it is complete."""
+        observed = ObservedRead.from_postcode_read(result, read.quality if read is not None else None)
+        with self._drift_lock:
+            was_complete = self.drift.reference.complete
+            self.drift.observe(observed, now)
+            completed = not was_complete and self.drift.reference.complete
+            reference = self.drift.reference.to_json() if completed else None
+        if reference is not None:
+            self._save_reference(reference)
+
+    def _restore_reference(self) -> None:
+        """The reference window survives restarts: it belongs to the model version, not the process."""
+        if not self._reference_path.exists():
+            return
+        try:
+            self.drift.restore_reference(Reference.from_json(self._reference_path.read_text()))
+            log.info("drift reference restored from %s", self._reference_path)
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring the saved drift reference %s (%s); a new one is being built",
+                        self._reference_path, exc)
+
+    def _save_reference(self, text: str) -> None:
+        try:
+            fd = os.open(self._reference_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(text)
+            log.info("drift reference complete (%d reads); kept in %s", self.config.observability.reference_reads,
+                     self._reference_path)
+        except OSError as exc:
+            log.error("could not keep the drift reference in %s: %s", self._reference_path, exc)
+
+    def _publish_drift(self) -> None:
+        """Retained drift state on MQTT whenever the set of alarms changes (and once at start)."""
+        now = self.clock.monotonic()
+        with self._drift_lock:
+            report = self.drift.assess(now)
+        if report.kinds == self._drift_published:
+            return
+        state = {"state": "alarm" if report.alarms else "ok", "at": self.clock.time(),
+                 "model_version": self.reader.model.version, **report.to_json()}
+        if self.link.publish_state("drift", state):
+            if report.alarms:
+                log.warning("drift alarm: %s", "; ".join(a.message for a in report.alarms))
+            elif self._drift_published:
+                log.info("drift alarms cleared")
+            self._drift_published = report.kinds
 
     def _publish_read(self, result: PostcodeRead, read: FrameRead) -> None:
         """One read with its digit crops, for the site dashboard (QoS 0, rate-limited)."""
@@ -597,7 +654,12 @@ class Agent:
             "journal": self.outbox.journal_stats(),
             "mqtt": {"connected": self.link.connected, "protocol": self.link.protocol},
             "system": dict(self._system_figures),
+            "observability": self._observability_snapshot(),
         }
+
+    def _observability_snapshot(self) -> dict[str, Any]:
+        with self._drift_lock:
+            return self.drift.snapshot(self.clock.monotonic())
 
     def readiness(self) -> dict[str, Check]:
         """What /readyz checks: model loaded, camera delivering, broker connected, reads completing."""
@@ -645,6 +707,7 @@ class Agent:
                     continue
                 next_report = now + period_s
                 self._system_figures = self._system.read()
+                self._publish_drift()
                 self.link.refresh_status()
                 self.link.publish_event("health", self.health())
             except Exception:
@@ -661,6 +724,10 @@ class Agent:
                 self.counters.bad_frames += new
             self._report_error("bad_frame", {"count": new, "total": bad,
                                               "source": self.grabber.source.name})
+
+
+def _safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)[:64] or "model"
 
 
 def crops_strip_png(digits: np.ndarray) -> str | None:

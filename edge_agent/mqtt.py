@@ -254,6 +254,21 @@ class MqttLink:
             return
         client.ack(mid, qos)
 
+    def publish_state(self, kind: str, data: Mapping[str, Any]) -> bool:
+        """Publish a retained state message on ``{prefix}/{kind}`` (QoS 1); False if not connected now.
+
+        For states a late subscriber must see at once (drift alarms); the caller publishes
+        again after a reconnect if it could not.
+        """
+        if not kind or any(c in kind for c in "/+#"):
+            raise ValueError(f"state kind must be a plain word, got {kind!r}")
+        client = self._client
+        if client is None or not self._connected.is_set():
+            return False
+        payload = json.dumps(dict(data), sort_keys=True, default=str).encode()
+        info = client.publish(f"{self.settings.topic_prefix.rstrip('/')}/{kind}", payload, qos=1, retain=True)
+        return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+
     def refresh_status(self) -> None:
         """Publish the retained "online" again, so its expiry never runs out while the agent lives."""
         client = self._client

@@ -17,6 +17,7 @@ import numpy as np
 
 from edge_agent.decision import Decision, decide
 from edge_agent.loader import LoadedModel
+from edge_agent.observability import InputQuality, input_quality
 from edge_agent.reader import ReaderConfig, locate_digits
 from edge_agent.types import Frame, LocatedDigits, PostcodeRead, Reason, Trigger
 
@@ -31,6 +32,7 @@ class FrameRead:
     image_sha256: str
     error: str = ""
     seconds: tuple[float, float, float] = (0.0, 0.0, 0.0)  # locate, classify, decide (for the metrics)
+    quality: InputQuality | None = None  # brightness, contrast, sharpness of the frame (for drift)
 
 
 def image_sha256(image: np.ndarray) -> str:
@@ -81,7 +83,8 @@ class PostcodeReader:
         decision = decide(result.labels, result.probabilities,
                           self.reader_config.expected_lengths, self.threshold)
         seconds = (located_at - started, classified_at - located_at, time.perf_counter() - classified_at)
-        return FrameRead(located, decision, model.version, sha, seconds=seconds)
+        return FrameRead(located, decision, model.version, sha, seconds=seconds,
+                         quality=input_quality(image, located.inverted))
 
     def read_frame(self, frame: Frame) -> FrameRead:
         """As read_image, but a frame already read (same source and sequence) is not read again."""
