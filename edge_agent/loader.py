@@ -1,14 +1,19 @@
 """Open a model bundle and classify batches of 28x28 digits with the int8 model under LiteRT.
 
 This is the only module that imports a TFLite runtime. It tries LiteRT
-(``ai_edge_litert``), then the legacy ``tflite_runtime``, then ``tensorflow.lite``.
+(``ai_edge_litert``), then the legacy ``tflite_runtime``, then ``tensorflow.lite``. What the
+runtime prints natively while an interpreter is built goes to this module's logger.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +28,58 @@ log = logging.getLogger(__name__)
 # biases of conv/fully-connected ops and the shape operand of RESHAPE.
 OUTPUT_KINDS = ("logits", "probabilities")
 INT32_ALLOWED_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "RESHAPE", "TRANSPOSE_CONV"}
+
+
+# The runtime's C++ side writes straight to file descriptor 2, past Python's logging, and LiteRT
+# (ai-edge-litert 2.x) ignores TF_CPP_MIN_LOG_LEVEL: interpreters are built with fd 2 caught.
+# File descriptors belong to the process, so one capture at a time. What it prints on a healthy
+# start (once per process) is debug detail:
+_NATIVE_STDERR_LOCK = threading.Lock()
+_ROUTINE_RUNTIME_LINES = frozenset({
+    "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",
+    "INFO: Initialized TensorFlow Lite runtime.",
+})
+
+
+def _runtime_line_level(line: str) -> int:
+    """DEBUG for the runtime's routine start-up lines, ERROR for its errors, WARNING otherwise."""
+    if line in _ROUTINE_RUNTIME_LINES:
+        return logging.DEBUG
+    if line.startswith(("ERROR", "FATAL", "E0", "F0")):
+        return logging.ERROR
+    return logging.WARNING
+
+
+@contextmanager
+def native_stderr_to_log(source: str) -> Iterator[None]:
+    """Catch what native code writes to fd 2 inside the block and log it, line by line.
+
+    While the block runs, anything else the process writes to fd 2 is caught too and logged
+    with it (at WARNING, so nothing is lost); keep the block to the native calls that print.
+    """
+    with _NATIVE_STDERR_LOCK, tempfile.TemporaryFile() as sink:  # a file, not a pipe: never blocks
+        if sys.stderr is not None:
+            sys.stderr.flush()  # Python's text written before the block goes where it was meant to
+        try:
+            saved = os.dup(2)
+        except OSError:  # no fd 2 at all (a daemon that closed it): nothing to catch
+            saved = None
+        if saved is None:
+            yield
+            return
+        try:
+            os.dup2(sink.fileno(), 2)
+            yield
+        finally:
+            if sys.stderr is not None:
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            # Also when the block raised: the runtime's own words are often the best explanation.
+            for line in sink.read().decode("utf-8", errors="replace").splitlines():
+                if line.strip():
+                    log.log(_runtime_line_level(line.strip()), "%s: %s", source, line.rstrip())
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -92,8 +149,9 @@ class Int8Classifier:
                 options["experimental_op_resolver_type"] = resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
             # XNNPACK is LiteRT's default CPU delegate; num_threads sizes its thread pool.
-            self._interpreter = interpreter_class(**options)
-            self._interpreter.allocate_tensors()
+            with native_stderr_to_log(self.runtime):
+                self._interpreter = interpreter_class(**options)
+                self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise BundleError(f"{model_path} is not a loadable TFLite model: {exc}") from exc
         inputs = self._interpreter.get_input_details()

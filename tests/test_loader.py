@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
+import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
+from edge_agent import loader
 from edge_agent.bundle import BundleError, sha256_file
 from edge_agent.loader import Int8Classifier, load_bundle, non_integer_ops
 from tests.paths import ROOT, SHIPPED_BUNDLE, mnist_split
@@ -187,3 +194,56 @@ def test_site_install_requires_no_tensorflow():
     setup_py = (ROOT / "setup.py").read_text()
     base = setup_py.split("install_requires=[", 1)[1].split("]", 1)[0]
     assert "tensorflow" not in base and "ai-edge-litert" in base
+
+
+# What the runtime's C++ side prints on fd 2 goes to the log, never straight to the operator.
+
+def _noisy_interpreter(monkeypatch, say: Callable[[], bytes], raises: Exception | None = None) -> str:
+    """Make the interpreter's constructor write say() to fd 2 as native code does; returns the runtime."""
+    real_class, runtime = loader._interpreter_class()
+
+    class Noisy(real_class):
+        def __init__(self, *args, **kwargs):
+            time.sleep(0.002)  # as long as a real build: concurrent builds overlap
+            os.write(2, say())  # to the file descriptor, as C++ does: no Python stream involved
+            if raises is not None:
+                raise raises
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "_interpreter_class", lambda: (Noisy, runtime))
+    return runtime
+
+
+def _loader_records(caplog) -> dict[str, int]:
+    return {r.getMessage(): r.levelno for r in caplog.records if r.name == "edge_agent.loader"}
+
+
+def test_unexpected_native_stderr_is_logged_as_a_warning(monkeypatch, caplog, capfd):
+    runtime = _noisy_interpreter(monkeypatch, lambda: b"WARNING: delegate fell back to reference kernels\n")
+    with caplog.at_level(logging.DEBUG, logger="edge_agent.loader"):
+        load_bundle(SHIPPED_BUNDLE)
+    assert capfd.readouterr().err == ""
+    records = _loader_records(caplog)
+    assert records[f"{runtime}: WARNING: delegate fell back to reference kernels"] == logging.WARNING
+
+
+def test_native_error_is_logged_when_the_interpreter_fails(monkeypatch, caplog, capfd):
+    runtime = _noisy_interpreter(monkeypatch, lambda: b"ERROR: Didn't find op for builtin opcode 'FOO'\n",
+                                 raises=RuntimeError("Encountered unresolved custom op"))
+    with caplog.at_level(logging.DEBUG, logger="edge_agent.loader"), \
+            pytest.raises(BundleError, match="not a loadable TFLite model"):
+        load_bundle(SHIPPED_BUNDLE)
+    assert _loader_records(caplog)[f"{runtime}: ERROR: Didn't find op for builtin opcode 'FOO'"] == logging.ERROR
+    os.write(2, b"fd 2 is back\n")
+    assert capfd.readouterr().err == "fd 2 is back\n"
+
+
+def test_concurrent_loads_each_log_their_own_native_output(monkeypatch, caplog, capfd):
+    """fd 2 is one per process: interpreters built at once must not lose or swap what they print."""
+    counter = itertools.count()
+    runtime = _noisy_interpreter(monkeypatch, lambda: f"WARNING: interpreter {next(counter)}\n".encode())
+    with caplog.at_level(logging.DEBUG, logger="edge_agent.loader"), ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: load_bundle(SHIPPED_BUNDLE), range(32)))
+    assert capfd.readouterr().err == ""
+    warnings = sorted(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert warnings == sorted(f"{runtime}: WARNING: interpreter {i}" for i in range(32))
