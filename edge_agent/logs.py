@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 
 # paho logs through the logger MqttLink gives it (``edge_agent.mqtt.paho``), or its own ``paho.*``.
@@ -91,4 +92,13 @@ def setup_logging(level: str = "INFO", json_lines: bool = True) -> None:
     for name in PAHO_LOGGERS:
         logging.getLogger(name).setLevel(logging.NOTSET if debugging else max(logging.WARNING, numeric))
     logging.captureWarnings(True)  # library DeprecationWarnings and the like, as records
+    threading.excepthook = _log_thread_crash  # a dying thread's traceback as one record, not raw text
     quiet_native_logs()
+
+
+def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    logging.getLogger("edge_agent").critical(
+        "thread %s died", getattr(args.thread, "name", "?"),
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))

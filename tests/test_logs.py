@@ -177,3 +177,22 @@ def test_paho_outage_chatter_is_debug_detail(capsys):
 def test_paho_still_words_its_outage_chatter_as_we_filter_it():
     source = inspect.getsource(paho.mqtt.client)
     assert "Client is not connected" in source and "failed to receive on socket" in source
+
+
+def test_a_crashing_thread_is_one_log_record_not_raw_text(capsys):
+    import threading
+
+    from edge_agent.logs import setup_logging
+
+    old = threading.excepthook
+    try:
+        setup_logging("INFO", json_lines=True)
+        thread = threading.Thread(target=lambda: 1 / 0, name="doomed")
+        thread.start()
+        thread.join()
+        out, err = capsys.readouterr()
+        assert err == ""
+        [line] = [json.loads(x) for x in out.splitlines() if "doomed" in x]
+        assert line["level"] == "CRITICAL" and "ZeroDivisionError" in line["exc"]
+    finally:
+        threading.excepthook = old
