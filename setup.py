@@ -8,7 +8,7 @@ setup(
     description="Edge appliance that reads handwritten postcodes with an int8 LiteRT model",
     python_requires=">=3.11",
     packages=find_packages(include=["edge_agent*", "training*", "quantize*", "sync*", "web*"]),
-    package_data={"edge_agent": ["assets/*"]},
+    package_data={"edge_agent": ["assets/*"], "web": ["templates/*", "static/*", "static/vendor/*"]},
     install_requires=[
         "ai-edge-litert>=1.2",
         "numpy>=1.26",
@@ -22,7 +22,7 @@ setup(
     extras_require={
         # TensorFlow only where models are built, never on site hardware.
         "train": ["tensorflow-cpu>=2.16"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "amqtt>=0.11"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "amqtt>=0.11", "selenium>=4.20"],
         # An embedded MQTT broker so the demo runs where Mosquitto is not installed.
         "demo": ["amqtt>=0.11"],
     },
@@ -31,6 +31,7 @@ setup(
             "edge-train=training.cli:main",
             "edge-quantize=quantize.cli:main",
             "edge-agent=edge_agent.cli:main",
+            "edge-web=web.cli:main",
         ]
     },
 )
