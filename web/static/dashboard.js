@@ -220,6 +220,7 @@
       setText(root, 'p99', fmtMs(latency.p99));
     });
     setText(card, 'status_reason', line.status_reason || '');
+    setText(tile, 'tile_reason', status === 'up' ? '' : (line.status_reason || ''));
     setText(card, 'model_version', line.model_version || DASH);
     setText(card, 'since', since(pick(line, 'agent.since'), nowS));
     setText(card, 'health_age', age(line.health_age_s));
