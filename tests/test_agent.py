@@ -287,7 +287,9 @@ def test_kill_minus_9_with_a_backlog_loses_nothing(tmp_path, mqtt_broker, camera
             order = [r[0] for r in conn.execute(
                 "SELECT item_id FROM messages WHERE topic LIKE '%/result' ORDER BY id")]
         arrival = [i for i in plc.arrival_order() if i in backlog]
-        assert arrival == order  # delivered in the order they were read
+        # Triggers journaled but not yet answered at the kill are answered after the restart
+        # (agent_restart): they follow the backlog and are not part of it.
+        assert arrival == [i for i in order if i in backlog]  # delivered in the order they were read
     finally:
         plc.stop()
         agent.send_signal(signal.SIGTERM)
