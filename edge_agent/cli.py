@@ -161,7 +161,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_demo_run(args: argparse.Namespace) -> int:
     from edge_agent.demo import run_demo
 
-    return run_demo(args.workdir, items=args.items, burst=args.burst, seed=args.seed, broker_kind=args.broker)
+    return run_demo(args.workdir, items=args.items, burst=args.burst, seed=args.seed, broker_kind=args.broker,
+                    duration_s=args.duration, web_port=args.web_port)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 <= value <= 30 * 86_400:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 30 days of seconds")
+    return value
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port from 1 to 65535, got {text!r}")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,13 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: the 300 digits shipped with the agent)")
     demo.set_defaults(func=cmd_demo)
 
-    demo_run = sub.add_parser("demo-run", help="the whole appliance: broker, agent, simulated PLC")
+    demo_run = sub.add_parser("demo-run", help="the whole appliance: broker, agent, dashboard, simulated PLC; "
+                                                "runs until Ctrl-C or --duration")
     demo_run.add_argument("--workdir", type=Path, default=Path("demo-out"))
     demo_run.add_argument("--items", type=int, default=20)
     demo_run.add_argument("--burst", type=int, default=500)
     demo_run.add_argument("--seed", type=int, default=7)
     demo_run.add_argument("--broker", choices=("auto", "mosquitto", "amqtt"), default="auto",
                           help="auto: Mosquitto when installed, else the embedded amqtt")
+    demo_run.add_argument("--duration", type=_seconds, metavar="SECONDS",
+                          help="end by itself this many seconds after the start (the PLC's 20 envelopes and "
+                               "the burst always complete); default: run until Ctrl-C")
+    demo_run.add_argument("--web-port", type=_port, metavar="PORT",
+                          help="port of the dashboard on 127.0.0.1 (default 8080, or a free one if 8080 is taken)")
     demo_run.set_defaults(func=cmd_demo_run)
     return parser
 

@@ -476,3 +476,46 @@ def _rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS")
+
+
+@pytest.mark.slow
+def test_demo_run_starts_the_dashboard_prints_its_urls_and_ends_by_itself(tmp_path, mosquitto_executable):
+    web_port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "edge_agent.cli", "demo-run", "--workdir", str(tmp_path / "demo"),
+                             "--items", "2", "--burst", "20", "--duration", "0", "--broker", "mosquitto",
+                             "--web-port", str(web_port)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    lines: list[str] = []
+    seen_by_dashboard = None
+    try:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith("3/5"):  # the agent is online: the page must know its line
+                seen_by_dashboard = wait_until(
+                    lambda: [l["line"] for l in get_json(f"http://127.0.0.1:{web_port}/api/site")[1]["lines"]], 10)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = "\n".join(lines)
+    assert proc.returncode == 0, output
+    assert f"dashboard: http://127.0.0.1:{web_port}/" in output
+    assert re.search(r"its metrics: http://127\.0\.0\.1:\d+/metrics", output)
+    assert seen_by_dashboard == ["line-1"]
+    assert "stopped cleanly" in lines[-1]
+    # Only the demo's own lines (and the agent's JSON log records), no library noise.
+    assert all(re.match(r"(\d/5 |   |\{\"ts\"|$)", line) for line in lines), output
+    with pytest.raises(OSError):  # edge-web stopped with the demo
+        urllib.request.urlopen(f"http://127.0.0.1:{web_port}/healthz", timeout=2)
+
+
+def test_demo_run_options_are_checked():
+    from edge_agent.cli import build_parser as agent_parser
+
+    args = agent_parser().parse_args(["demo-run", "--duration", "90", "--web-port", "8081"])
+    assert (args.duration, args.web_port) == (90.0, 8081)
+    assert agent_parser().parse_args(["demo-run"]).duration is None  # until Ctrl-C
+    for bad in (["--duration", "-1"], ["--duration", "soon"], ["--web-port", "0"], ["--web-port", "http"]):
+        with pytest.raises(SystemExit):
+            agent_parser().parse_args(["demo-run", *bad])
