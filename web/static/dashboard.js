@@ -358,6 +358,7 @@
       if (r.crops_png) {
         var img = el('img');
         img.alt = 'digit crops of ' + (r.postcode || 'the read');
+        img.addEventListener('error', function () { this.replaceWith(document.createTextNode(DASH)); });
         img.src = 'data:image/png;base64,' + r.crops_png;  // validated base64 from the server
         crops.appendChild(img);
       } else {
