@@ -103,6 +103,7 @@ class _Answer:
     result: PostcodeRead
     item: _Item
     read: FrameRead | None
+    first_of_frame: bool = True  # False when an earlier item already read the same frame
 
 
 # What one read is assumed to take before any was timed; a read that would end past the
@@ -369,6 +370,7 @@ class Agent:
             return
         started = self.clock.monotonic()
         read: FrameRead | None = None
+        cached = False
         try:
             read, cached = self.reader.read_frame_cached(frame)
             if not cached:
@@ -387,7 +389,7 @@ class Agent:
         finished = self.clock.time()
         late = Reason.LATE if finished > trigger.deadline else None
         result = postcode_read(trigger, frame, read, finished, self.reader.model.version, review_reason=late)
-        self._answers.put(_Answer(result, item, read))
+        self._answers.put(_Answer(result, item, read, first_of_frame=not cached))
 
     def _answer_unread(self, item: _Item, reason: Reason, *, frame: Frame | None = None, error: str = "") -> None:
         result = postcode_read(item.trigger, frame, None, self.clock.time(), self.reader.model.version,
@@ -457,7 +459,10 @@ class Agent:
         self._rates.add(now, result.accepted, result.reason.value if result.reason else None)
         if answer.read is not None and self._read_events.take(now):
             self._publish_read(result, answer.read)
-        self._observe(result, answer.read, now)
+        if answer.first_of_frame:
+            # One observation per image: a burst of items sharing one frame would otherwise
+            # fill the window (and the site's reference) with copies of a few envelopes.
+            self._observe(result, answer.read, now)
         if _worth_a_look(result, answer.read):
             # Crops are for labelling, best effort and off the answer path: under a burst the
             # disk writes would otherwise hold back the answers queued behind them.

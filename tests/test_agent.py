@@ -122,8 +122,11 @@ def test_reads_reach_the_sorting_machine(running, camera_frames):
     # Every review also went to the review topic, with its crops kept on disk.
     reviews = [p for p, _ in answers if not p["accepted"]]
     assert plc.wait_for(lambda c: sum(t.endswith("/review") for t, _ in c.messages) >= len(reviews), 10)
-    crops = list((agent.agent.review.directory).glob("*/read.json"))
-    assert len(crops) == len(reviews)
+    # Crops are written off the answer path: give the disk a moment.
+    deadline = time.monotonic() + 10
+    while len(list(agent.agent.review.directory.glob("*/read.json"))) < len(reviews) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(list(agent.agent.review.directory.glob("*/read.json"))) == len(reviews)
 
 
 def test_audit_trail_traces_each_item(running):
