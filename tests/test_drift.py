@@ -89,9 +89,10 @@ def shifted_run(tmp_path: Path, port: int, camera: Path, kind: str) -> None:
                                           kind in {a["kind"] for a in json.loads(p)["alarms"]}
                                           for t, p in c.messages if t.endswith("/drift")), 10)
         body = urllib.request.urlopen(f"{agent.agent.endpoint.url}/metrics", timeout=10).read().decode()
-        alarms = {s.labels["kind"] for f in text_string_to_metric_families(body) if f.name == "postcode_drift_alarm"
-                  for s in f.samples}
-        assert kind in alarms
+        families = {f.name: f for f in text_string_to_metric_families(body)}
+        assert kind in {s.labels["kind"] for s in families["postcode_drift_alarm"].samples}
+        figures = {s.labels["figure"]: s.value for s in families["postcode_drift_figure"].samples}
+        assert {"prediction_psi", "confidence_psi", "sharpness_ratio"} <= figures.keys()
     finally:
         plc.stop()
         agent.stop()
