@@ -18,6 +18,7 @@ setup(
         "psutil>=5.9",
         "prometheus-client>=0.20",
         "waitress>=3.0",
+        "cryptography>=42",
     ],
     extras_require={
         # TensorFlow only where models are built, never on site hardware.
@@ -32,6 +33,7 @@ setup(
             "edge-quantize=quantize.cli:main",
             "edge-agent=edge_agent.cli:main",
             "edge-web=web.cli:main",
+            "edge-sync=sync.cli:main",
         ]
     },
 )
