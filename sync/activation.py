@@ -144,11 +144,10 @@ def install(models_dir: Path, version: str, staged: Path,
         raise ActivationError(f"activation of {version} failed: {exc.strerror or exc}") from exc
 
 
-def prune(models_dir: Path, keep: int, protect: set[str]) -> list[str]:
-    """Delete installed versions beyond the ``keep`` newest non-active ones; ``protect`` always stays."""
-    installed = installed_versions(models_dir)
-    others = [v for v in installed if v not in protect]
-    doomed = others[:-keep] if keep > 0 else others
+def prune(models_dir: Path, keep: int, active: str, previous: str | None) -> list[str]:
+    """Keep the active version and the ``keep`` newest others (the rollback target always); delete the rest."""
+    others = [v for v in installed_versions(models_dir) if v != active]
+    doomed = [v for v in (others[:-keep] if keep > 0 else others) if v != previous]
     for version in doomed:
         shutil.rmtree(Path(models_dir) / VERSIONS / version, ignore_errors=True)
     return doomed

@@ -250,8 +250,7 @@ def _pull(settings: PullSettings, state: dict[str, Any], report: Report,
     high = state.get("high_water")
     if not high or parse_version(target) > parse_version(high):
         state["high_water"] = target
-    protect = {target} | ({state["previous"]} if state.get("previous") else set())
-    pruned = activation.prune(models_dir, settings.keep, protect)
+    pruned = activation.prune(models_dir, settings.keep, target, state.get("previous"))
     report({"event": "activated", "version": target, "previous": active, "pruned": pruned})
     return PullResult("updated", target)
 
