@@ -140,6 +140,7 @@ def install(models_dir: Path, version: str, staged: Path,
         fsync_dir(staged.parent)
         pause("during_activation")
         switch_active(models_dir, version)
+        pause("after_switch")
     except OSError as exc:
         raise ActivationError(f"activation of {version} failed: {exc.strerror or exc}") from exc
 
@@ -153,8 +154,12 @@ def prune(models_dir: Path, keep: int, active: str, previous: str | None) -> lis
     return doomed
 
 
-def rollback(models_dir: Path) -> tuple[str, str]:
-    """Switch ``active`` back to the recorded previous version; the high-water mark stays."""
+def rollback(models_dir: Path, reason: str = "rolled back") -> tuple[str, str]:
+    """Switch ``active`` back to the recorded previous version; the high-water mark stays.
+
+    The version left is remembered as failed with ``reason`` (the health check passes its own),
+    so the next pull does not install it again; a newer version supersedes it.
+    """
     models_dir = Path(models_dir)
     state = load_state(models_dir)
     current = active_version(models_dir)
@@ -167,6 +172,25 @@ def rollback(models_dir: Path) -> tuple[str, str]:
     state["previous"] = current
     if current:
         # The rolled-back version is not fetched again; a newer version supersedes it.
-        state.setdefault("failed", {})[current] = "rolled back"
+        state.setdefault("failed", {})[current] = reason
     save_state(models_dir, state)
     return current or "", previous
+
+
+class ActivePointer:
+    """What the agent polls between frames: has ``DIR/active`` been switched since the last look?
+
+    ``changed()`` costs one readlink; it returns the newly active bundle's folder once per switch
+    (a pull or a rollback), else None. Load from that folder, never from ``DIR/active`` itself.
+    """
+
+    def __init__(self, models_dir: Path):
+        self.models_dir = Path(models_dir)
+        self.seen = active_version(self.models_dir)
+
+    def changed(self) -> Path | None:
+        current = active_version(self.models_dir)
+        if current is None or current == self.seen:
+            return None
+        self.seen = current
+        return active_bundle(self.models_dir)

@@ -147,6 +147,18 @@ def _validate(settings: PullSettings, staged: Path, version: str) -> float:
     return run_selftest(model, staged, settings.tolerance)
 
 
+def _finish_interrupted_activation(state: dict[str, Any], active: str | None, report: Report) -> None:
+    """Record previous and the high-water mark for a switch that happened (now, or before a kill)."""
+    pending = state.pop("activating", None)
+    if pending and pending.get("version") == active and active:
+        if pending.get("previous") and pending["previous"] != active:
+            state["previous"] = pending["previous"]
+    if active:
+        high = state.get("high_water")
+        if not high or parse_version(active) > parse_version(high):
+            state["high_water"] = active
+
+
 def pull(settings: PullSettings, report: Report = lambda event: None,
          now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
          pause: Callable[[str], None] = lambda step: None) -> PullResult:
@@ -182,6 +194,7 @@ def _pull(settings: PullSettings, state: dict[str, Any], report: Report,
           now: Callable[[], datetime], pause: Callable[[str], None]) -> PullResult:
     models_dir = Path(settings.models_dir)
     active = activation.active_version(models_dir)
+    _finish_interrupted_activation(state, active, report)
     report({"event": "check", "active": active, "channel": settings.channel, "pin": settings.pin})
     index_bytes, _ = _fetch_index(settings, state, report)
     index = parse_index(index_bytes, now())
@@ -240,16 +253,16 @@ def _pull(settings: PullSettings, state: dict[str, Any], report: Report,
         if "sha256" in str(exc) or "more than" in str(exc):
             shutil.rmtree(staged, ignore_errors=True)
         raise
+    # Written before the switch: a kill right after it still leaves previous and high-water right.
+    state["activating"] = {"version": target, "previous": active}
+    activation.save_state(models_dir, {k: v for k, v in state.items() if not k.startswith("_")})
     try:
         activation.install(models_dir, target, staged, pause)
     except SyncError:
         shutil.rmtree(staged, ignore_errors=True)
+        state.pop("activating", None)
         raise
-    if active and active != target:
-        state["previous"] = active
-    high = state.get("high_water")
-    if not high or parse_version(target) > parse_version(high):
-        state["high_water"] = target
+    _finish_interrupted_activation(state, target, report)
     pruned = activation.prune(models_dir, settings.keep, target, state.get("previous"))
     report({"event": "activated", "version": target, "previous": active, "pruned": pruned})
     return PullResult("updated", target)

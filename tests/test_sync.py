@@ -373,6 +373,12 @@ def case_expired_index_replayed(ctx):
     return r"index expired at .* stale or replayed"
 
 
+def case_older_index_replayed(ctx):
+    """Still within its validity, but older than the index the site already acted on."""
+    ctx.add("2.0.0", now=datetime.now(timezone.utc) - timedelta(days=2))
+    return r"index issued .* is older than one already seen .*: replayed"
+
+
 def case_v2_manifest_with_v1_model(ctx):
     v1_model = (SHIPPED_BUNDLE / "model.tflite").read_bytes()
     ctx.add("2.0.0", prepare=lambda b: set_model(b, v1_model + b"\0" * 16))
@@ -456,6 +462,7 @@ def case_registry_returns_html(ctx):
 
 CASES = [case_tampered_model, case_tampered_manifest, case_tampered_manifest_resigned_index,
          case_index_signed_by_other_key, case_unsigned_index, case_expired_index_replayed,
+         case_older_index_replayed,
          case_v2_manifest_with_v1_model, case_sha_mismatch_in_index, case_truncated_download,
          case_endless_response, case_larger_than_cap, case_index_larger_than_cap, case_downgrade,
          case_selftest_fails, case_model_outputs_nan,
@@ -504,6 +511,18 @@ def test_a_version_that_failed_validation_is_not_fetched_again(tmp_path, base_bu
     # A newer, good version supersedes it.
     add_version(tmp_path, base_bundle, server, keys[0], "2.0.1")
     assert pull(settings_for(server, site_v1, keys)).version == "2.0.1"
+
+
+def test_the_agent_sees_each_switch_once(tmp_path, base_bundle, server, keys, site_v1):
+    pointer = activation.ActivePointer(site_v1)
+    assert pointer.changed() is None
+    add_version(tmp_path, base_bundle, server, keys[0], "2.0.0")
+    pull(settings_for(server, site_v1, keys))
+    assert pointer.changed() == site_v1 / "versions" / "2.0.0"
+    assert pointer.changed() is None
+    activation.rollback(site_v1, reason="health check: no healthy reads within 60 s")
+    assert pointer.changed() == site_v1 / "versions" / "1.0.0"
+    assert status(site_v1)["failed"] == {"2.0.0": "health check: no healthy reads within 60 s"}
 
 
 def test_downgrade_only_with_a_pin(tmp_path, base_bundle, server, keys, site_v1):
@@ -633,7 +652,7 @@ def _wait_for(predicate, timeout=30.0):
     raise AssertionError("timed out waiting")
 
 
-@pytest.mark.parametrize("step", ["during_download", "after_verify", "during_activation"])
+@pytest.mark.parametrize("step", ["during_download", "after_verify", "during_activation", "after_switch"])
 def test_kill_9_at_each_step_leaves_a_complete_model(step, tmp_path, base_bundle, server, keys, site_v1):
     add_version(tmp_path, base_bundle, server, keys[0], "2.0.0")
     if step == "during_download":
@@ -649,11 +668,12 @@ def test_kill_9_at_each_step_leaves_a_complete_model(step, tmp_path, base_bundle
     child.stderr.close()
     # Whatever the moment, active is a complete bundle whose model matches its manifest: old or new.
     manifest, _ = read_bundle(activation.active_bundle(site_v1))
-    # Killed before the switch in every case: the old one, complete (a kill after it leaves the new one).
-    assert manifest.version == "1.0.0"
-    assert not (site_v1 / "active.tmp").exists() or step == "during_activation"
+    # Killed before the switch: the old one, complete; killed right after it: the new one, complete.
+    assert manifest.version == ("2.0.0" if step == "after_switch" else "1.0.0")
     server.misbehave.clear()
     result = pull(settings_for(server, site_v1, keys))
-    assert (result.outcome, result.version) == ("updated", "2.0.0"), result
+    assert (result.outcome, result.version) == (
+        ("up_to_date" if step == "after_switch" else "updated"), "2.0.0"), result
+    assert status(site_v1)["high_water"] == "2.0.0"
     read_bundle(activation.active_bundle(site_v1))
     assert status(site_v1)["previous"] == "1.0.0"
