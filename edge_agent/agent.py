@@ -20,7 +20,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from edge_agent.binding import FrameWindow, choose_frame, too_late_to_read
+from edge_agent.binding import FrameWindow, SurgeGuard, choose_frame, too_late_to_read
 from edge_agent.config import AgentConfig, mqtt_password, security_warnings
 from edge_agent.endpoints import Check, EndpointServer, make_app
 from edge_agent.grabber import FrameGrabber
@@ -151,6 +151,7 @@ class Agent:
         self._latencies_ms: list[float] = []
         self._counter_lock = threading.Lock()
         self._read_estimate_s = _FIRST_READ_ESTIMATE_S
+        self._surge = SurgeGuard(config.trigger.surge_rate_per_s)  # only the paho thread uses it
         self._bad_frames_seen = 0
         self.metrics = AgentMetrics()
         self.metrics.model.info({"version": reader.model.version, "name": reader.model.manifest.name})
@@ -223,6 +224,10 @@ class Agent:
             # Just after a broker outage the PLC may be flushing triggers it buffered: sent
             # seconds ago, they would be read from a later envelope's frame.
             return Reason.LATE
+        if self._surge.surging(self.clock.monotonic()):
+            # A flood queues at the broker and in our socket: a trigger taken in now may have
+            # been sent a second ago, and "now" shows a later envelope.
+            return Reason.SURGE
         return None
 
     def submit(self, trigger: Trigger, frame: Frame | None = None) -> None:
@@ -647,7 +652,7 @@ class Agent:
             "rates": self._rates.rates(self.clock.monotonic()),
             # Load shed to keep every answer in time: items answered "late" or after a restart.
             "shed": {reason: counters["by_reason"].get(reason, 0)
-                     for reason in (Reason.LATE.value, Reason.AGENT_RESTART.value)},
+                     for reason in (Reason.LATE.value, Reason.AGENT_RESTART.value, Reason.SURGE.value)},
             "latency_ms": {"p50": round(float(np.percentile(latencies, 50)), 3),
                            "p99": round(float(np.percentile(latencies, 99)), 3)},
             "stages_ms": {stage: _percentiles_ms(samples) for stage, samples in self._stage_samples.items()},
@@ -783,7 +788,7 @@ def _worth_a_look(result: PostcodeRead, read: FrameRead | None) -> bool:
     return not result.accepted and read is not None and result.reason not in _NOT_DOUBTFUL
 
 
-_NOT_DOUBTFUL = frozenset({Reason.LATE, Reason.AGENT_RESTART})
+_NOT_DOUBTFUL = frozenset({Reason.LATE, Reason.AGENT_RESTART, Reason.SURGE})
 
 
 def _take_batch(q: "queue.Queue[Any]", limit: int) -> list[Any]:

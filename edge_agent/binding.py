@@ -7,6 +7,7 @@ a reader gets round to it. Under a backlog "newest" is a later envelope.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -47,3 +48,32 @@ def choose_frame(frames: Sequence[Frame], at: float, window: FrameWindow) -> Fra
 def too_late_to_read(now: float, deadline: float, read_estimate_s: float) -> bool:
     """True when a read started now would finish after the item's deadline."""
     return now + read_estimate_s > deadline
+
+
+class SurgeGuard:
+    """Tells when triggers arrive faster than envelopes can pass one camera.
+
+    Beyond that rate the triggers have queued somewhere (the broker, the PLC, our own socket)
+    and the moment each one arrives says nothing about when its envelope was under the camera:
+    an unstamped trigger read "now" would be read from a later envelope. The guard stays up
+    ``hold_s`` after the rate falls, because the tail of a flood is its most delayed part.
+    Times are monotonic seconds; not thread-safe (one intake thread calls it).
+    """
+
+    def __init__(self, rate_per_s: float, window_s: float = 0.25, hold_s: float = 1.0) -> None:
+        self.limit = rate_per_s * window_s  # arrivals allowed within one window
+        self.window_s = window_s
+        self.hold_s = hold_s
+        self._arrivals: deque[float] = deque()
+        self._until = float("-inf")
+
+    def surging(self, now: float) -> bool:
+        """Record one arrival at ``now``; True while arrivals exceed the rate (and ``hold_s`` after)."""
+        if self.limit <= 0:
+            return False
+        self._arrivals.append(now)
+        while self._arrivals and self._arrivals[0] <= now - self.window_s:
+            self._arrivals.popleft()
+        if len(self._arrivals) > self.limit:
+            self._until = now + self.hold_s
+        return now < self._until

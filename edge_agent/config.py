@@ -78,6 +78,10 @@ class TriggerConfig:
     # broker was away: without a "triggered_at" stamp their time is unknown, so triggers that
     # arrive this soon after a reconnect are answered as review "late" instead of being read.
     reconnect_guard_ms: int = 3000
+    # One camera sees envelopes one after another: unstamped triggers arriving faster than this
+    # have queued somewhere and their moment is unknown, so they are answered as review "surge"
+    # (0 turns the guard off). Far above a line's rate and the brief's 100/s bursts.
+    surge_rate_per_s: float = 250.0
 
 
 @dataclass(frozen=True)
@@ -202,6 +206,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "trigger.settle_ms": (0, None),
     "trigger.decision_budget_ms": (1, None),
     "trigger.reconnect_guard_ms": (0, None),
+    "trigger.surge_rate_per_s": (0, 100_000),
     "reader.workers": (1, 16),
     "mqtt.port": (1, MQTT_MAX_UINT16),
     # The MQTT link refuses less: pings that often only add false disconnects on a slow link.

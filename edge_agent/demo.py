@@ -278,6 +278,17 @@ def run_demo(workdir: Path, items: int = 20, burst: int = 500, seed: int = 7, br
         elapsed = time.monotonic() - burst_started
         print(f"   {len(latencies)}/{burst} answered in {elapsed:.2f} s; trigger->result "
               f"p50 {_percentile(latencies, 50):.1f} ms, p99 {_percentile(latencies, 99):.1f} ms", flush=True)
+        burst_results = plc.results()
+        reasons: dict[str, int] = {}
+        for i in range(burst):
+            payload = burst_results.get(f"burst-{i:05d}")
+            if payload is not None:
+                key = "sorted" if payload["accepted"] else str(payload["reason"])
+                reasons[key] = reasons.get(key, 0) + 1
+        print("   " + ", ".join(f"{n} {k}" for k, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+              + "\n   (one camera sees one envelope at a time: triggers arriving faster than that cannot be"
+                " matched to an image,\n    so past the first few they go to manual keying as 'surge', never"
+                " to a bin read from another envelope)", flush=True)
         finished_script = True
 
         if deadline is None:

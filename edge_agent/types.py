@@ -40,6 +40,7 @@ class Reason(str, enum.Enum):
     NO_FRAME = "no_frame"  # no frame was captured within the item's window
     LATE = "late"  # it could not be answered within the line's decision budget
     AGENT_RESTART = "agent_restart"  # its trigger arrived before a crash or while the agent was down
+    SURGE = "surge"  # triggers arrived faster than envelopes can pass the camera: their moment is unknown
     BAD_TRIGGER = "bad_trigger"  # the trigger named the item but carried a value the agent cannot trust
 
 

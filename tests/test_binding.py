@@ -60,3 +60,15 @@ def test_any_chosen_frame_lies_in_the_items_window(times, at):
 @pytest.mark.parametrize("now, estimate, late", [(10.0, 0.05, False), (11.46, 0.05, True), (11.6, 0.0, True)])
 def test_a_read_that_would_end_after_the_deadline_is_not_started(now, estimate, late):
     assert too_late_to_read(now, 11.5, estimate) is late
+
+
+def test_surge_guard_lets_a_line_rate_through_and_flags_a_flood():
+    from edge_agent.binding import SurgeGuard
+
+    guard = SurgeGuard(rate_per_s=100, window_s=0.25, hold_s=1.0)
+    assert not any(guard.surging(t / 90) for t in range(450))  # 90/s for 5 s: never a surge
+    flood = [guard.surging(10.0 + i / 5000) for i in range(1000)]  # 5,000/s, after a quiet spell
+    assert flood[:25] == [False] * 25 and all(flood[26:])  # 25 fit the window, then the rest is surge
+    assert guard.surging(10.2 + 0.9)  # held after the flood stops...
+    assert not guard.surging(10.2 + 1.5)  # ...then released
+    assert not SurgeGuard(0).surging(0.0)  # 0 turns it off

@@ -168,6 +168,12 @@ def test_flood_of_10000_triggers(site_factory, run):
         run(scenario_flood(site, 10_000, answer_timeout_s=120.0, demand_arrival_in_time=False))
 
 
+def test_flood_from_a_plc_that_does_not_stamp_its_triggers(site_factory, run):
+    """Unstamped, a flood's tail reaches the agent seconds late: it must not be read from a later frame."""
+    with site_factory(plc_stamp=False) as site:
+        run(scenario_flood(site, 3000, answer_timeout_s=60.0, demand_arrival_in_time=False))
+
+
 def test_kill_9_agent_during_steady_traffic(site_factory, run):
     with site_factory() as site:
         run(scenario_kill(site, target="agent", rate=100.0, duration_s=9.0,
