@@ -49,6 +49,10 @@ class Retryable(Exception):
     """A transient failure (5xx, timeout, reset, short body): worth another attempt."""
 
 
+class RangeRefused(Retryable):
+    """HTTP 416: the partial file does not fit what the server has; start that file over."""
+
+
 def _with_retries(settings: HttpSettings, what: str, attempt: Callable[[], object],
                   sleep: Callable[[float], None] = time.sleep):
     last: Exception | None = None
@@ -73,6 +77,8 @@ def _open(url: str, headers: dict[str, str], settings: HttpSettings):
             return exc
         if exc.code >= 500 or exc.code == 429:
             raise Retryable(f"HTTP {exc.code} from registry") from exc
+        if exc.code == 416:
+            raise RangeRefused("HTTP 416: the server refused to resume") from exc
         if exc.code == 404:
             raise NotFound(f"{url.rsplit('/', 1)[-1]} not found in the registry (HTTP 404)") from exc
         raise DownloadError(f"HTTP {exc.code} from registry for {url.rsplit('/', 1)[-1]}") from exc
@@ -159,16 +165,21 @@ def download(url: str, dest: Path, size: int, sha256: str, settings: HttpSetting
             with open(part, "rb") as handle:
                 for chunk in iter(lambda: handle.read(1 << 20), b""):
                     digest.update(chunk)
+        resumed = have > 0
         headers = {"Range": f"bytes={have}-"} if 0 < have < size else {}
         if have == size:
             response = None
         else:
-            response = _open(url, headers, settings)
+            try:
+                response = _open(url, headers, settings)
+            except RangeRefused:
+                part.unlink(missing_ok=True)
+                raise
         if response is not None:
             with response:
                 status = getattr(response, "status", 200)
                 if have and status != 206:  # the server ignored Range: start over
-                    digest, have = hashlib.sha256(), 0
+                    digest, have, resumed = hashlib.sha256(), 0, False
                     part.unlink(missing_ok=True)
                 with open(part, "ab") as handle:
                     while True:
@@ -201,6 +212,8 @@ def download(url: str, dest: Path, size: int, sha256: str, settings: HttpSetting
             raise Retryable(f"{name}: truncated at {have} of {size} bytes")
         if digest.hexdigest() != sha256:
             part.unlink(missing_ok=True)
+            if resumed:  # the bytes kept from before may be the bad ones: once more from zero
+                raise Retryable(f"{name}: sha256 mismatch after resuming; starting over")
             raise DownloadError(f"{name}: sha256 {digest.hexdigest()[:12]}... does not match the signed "
                                 f"index {sha256[:12]}...; tampered or corrupt")
         os.replace(part, dest)

@@ -144,7 +144,12 @@ def _validate(settings: PullSettings, staged: Path, version: str) -> float:
         model = load_bundle(staged)
     except BundleError as exc:
         raise ValidationError(f"bundle {version} does not load: {exc}") from exc
-    return run_selftest(model, staged, settings.tolerance)
+    try:
+        return run_selftest(model, staged, settings.tolerance)
+    except ValidationError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the runtime raises, the bundle is unfit
+        raise ValidationError(f"bundle {version} self-test crashed: {exc!r}") from exc
 
 
 def _finish_interrupted_activation(state: dict[str, Any], active: str | None, report: Report) -> None:
@@ -175,9 +180,11 @@ def pull(settings: PullSettings, report: Report = lambda event: None,
         try:
             result = _pull(settings, state, report, now, pause)
             state["last_error"] = None
-        except SyncError as exc:
-            result = PullResult("refused", state.get("_target"), str(exc))
-            state["last_error"] = str(exc)
+        except (SyncError, OSError) as exc:
+            reason = str(exc) if isinstance(exc, SyncError) else \
+                f"file system error in {models_dir}: {exc.strerror or exc}"
+            result = PullResult("refused", state.get("_target"), reason)
+            state["last_error"] = reason
             report({"event": "refused", "version": result.version, "reason": result.reason})
         state.pop("_fresh", None)
         state.pop("_target", None)
@@ -230,7 +237,7 @@ def _pull(settings: PullSettings, state: dict[str, Any], report: Report,
             if dest.is_file() and dest.stat().st_size == spec["size"] and sha256_file(dest) == spec["sha256"]:
                 continue  # verified by an earlier, interrupted pull
             dest.unlink(missing_ok=True)
-            download(_url(settings.registry_url, entry["path"] + name), dest, spec["size"], spec["sha256"],
+            download(_url(settings.registry_url, entry["path"].rstrip("/") + "/" + name), dest, spec["size"], spec["sha256"],
                      settings.http, on_chunk=lambda done: pause("during_download"))
         for stray in staged.iterdir():
             if stray.name not in files:

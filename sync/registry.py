@@ -127,6 +127,8 @@ def publish(bundle: Path, registry: Path, channel: str, key: Ed25519PrivateKey,
         manifest, _ = read_bundle(bundle)
     except BundleError as exc:
         raise SyncError(f"cannot publish: {exc}") from exc
+    if not isinstance(manifest.raw.get("selftest"), dict):
+        raise SyncError(f"cannot publish {bundle}: no self-test (sites refuse it); run edge-sync add-selftest")
     version = manifest.version
     registry.mkdir(parents=True, exist_ok=True)
     index = read_registry_index(registry)

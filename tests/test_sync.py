@@ -547,6 +547,23 @@ def test_interrupted_download_resumes_with_range(tmp_path, base_bundle, server, 
     assert status(site_v1)["staged"] == []
 
 
+def test_a_corrupt_partial_file_is_started_over(tmp_path, base_bundle, server, keys, site_v1):
+    add_version(tmp_path, base_bundle, server, keys[0], "2.0.0")
+    staged = site_v1 / "staging" / "2.0.0"
+    staged.mkdir(parents=True)
+    (staged / "model.tflite.part").write_bytes(b"\xff" * 1000)  # not what the registry holds
+    assert pull(settings_for(server, site_v1, keys)).version == "2.0.0"
+    read_bundle(activation.active_bundle(site_v1))
+
+
+def test_publish_refuses_a_bundle_without_self_test(tmp_path, server, keys):
+    bundle = tmp_path / "bare"
+    shutil.copytree(SHIPPED_BUNDLE, bundle)
+    with pytest.raises(SyncError, match="no self-test"):
+        publish(bundle, server.root, "stable", keys[0].private)
+    assert not (server.root / "index.json").exists()
+
+
 def test_key_rotation_any_pinned_key_may_sign(tmp_path, base_bundle, server, keys, site_v1):
     add_version(tmp_path, base_bundle, server, keys[1], "2.0.0")
     both = PullSettings(registry_url=server.url, public_keys=[keys[0].public, keys[1].public],
