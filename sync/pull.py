@@ -112,10 +112,12 @@ def _choose(settings: PullSettings, index: dict[str, Any], state: dict[str, Any]
     if target in failed:
         raise ValidationError(f"version {target} failed before ({failed[target]}); waiting for a newer one")
     if not settings.pin:
+        # Equal to the high-water mark is allowed: published versions are immutable, so that is
+        # exactly a version this site once verified (one it rolled back from is in ``failed``).
         floor = [v for v in (active, state.get("high_water")) if v]
         for mark in floor:
-            if parse_version(target) <= parse_version(mark):
-                raise RegistryError(f"downgrade refused: {settings.channel} offers {target}, not newer than "
+            if parse_version(target) < parse_version(mark):
+                raise RegistryError(f"downgrade refused: {settings.channel} offers {target}, older than "
                                     f"{mark} (high-water mark {state.get('high_water')}); pin it to downgrade")
     return target
 

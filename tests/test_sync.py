@@ -422,7 +422,7 @@ def case_index_larger_than_cap(ctx):
 
 def case_downgrade(ctx):
     ctx.add("0.9.0")
-    return r"downgrade refused: stable offers 0\.9\.0, not newer than 1\.0\.0"
+    return r"downgrade refused: stable offers 0\.9\.0, older than 1\.0\.0 \(high-water mark 1\.0\.0\)"
 
 
 def case_selftest_fails(ctx):
@@ -531,6 +531,10 @@ def test_downgrade_only_with_a_pin(tmp_path, base_bundle, server, keys, site_v1)
     result = pull(settings_for(server, site_v1, keys, pin="0.9.0"))
     assert (result.outcome, result.version) == ("updated", "0.9.0")
     assert status(site_v1)["high_water"] == "1.0.0"
+    assert "0.9.0" in activation.installed_versions(site_v1)
+    # Unpinned again: back up to the channel's version (equal to the mark, so no downgrade).
+    result = pull(settings_for(server, site_v1, keys))
+    assert (result.outcome, result.version) == ("updated", "1.0.0")
 
 
 def test_interrupted_download_resumes_with_range(tmp_path, base_bundle, server, keys, site_v1):
