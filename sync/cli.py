@@ -47,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--channel", default="stable")
     p.add_argument("--pin", help="install exactly this version (the only way to downgrade)")
     p.add_argument("--max-bytes", type=int, default=HttpSettings.max_bytes)
-    p.add_argument("--timeout", type=float, default=HttpSettings.timeout)
+    p.add_argument("--timeout", type=float, default=HttpSettings.timeout, help="per connect / read (s)")
+    p.add_argument("--transfer-timeout", type=float, default=HttpSettings.transfer_timeout,
+                   help="per file attempt (s); the next attempt resumes")
     p.add_argument("--retries", type=int, default=HttpSettings.retries)
     p.add_argument("--backoff", type=float, default=HttpSettings.backoff)
     p.add_argument("--keep", type=int, default=3, help="previous versions kept on disk")
@@ -83,7 +85,7 @@ def _run_pull(args) -> int:
         registry_url=args.registry, public_keys=keys, models_dir=args.models_dir, channel=args.channel,
         pin=args.pin, keep=args.keep, tolerance=args.tolerance,
         http=HttpSettings(timeout=args.timeout, retries=args.retries, backoff=args.backoff,
-                          max_bytes=args.max_bytes))
+                          max_bytes=args.max_bytes, transfer_timeout=args.transfer_timeout))
 
     def report(event: dict) -> None:
         log.info(json.dumps(event, sort_keys=True))

@@ -25,12 +25,15 @@ CHUNK = 64 * 1024
 
 @dataclass(frozen=True)
 class HttpSettings:
-    """Timeout per connect/read (s), attempts after the first, backoff base (s), a cap on any body."""
+    """Timeout per connect/read (s), attempts after the first, backoff base (s), a cap on any body,
+    and a limit on one file attempt (s); what is already there is resumed on the next attempt."""
 
     timeout: float = 20.0
     retries: int = 4
     backoff: float = 1.0
     max_bytes: int = 64 * 1024 * 1024
+    # A whole file attempt: a server trickling a byte just inside the read timeout cannot hold a pull.
+    transfer_timeout: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,7 @@ def download(url: str, dest: Path, size: int, sha256: str, settings: HttpSetting
                 part.unlink(missing_ok=True)
                 raise
         if response is not None:
+            started = time.monotonic()
             with response:
                 status = getattr(response, "status", 200)
                 if have and status != 206:  # the server ignored Range: start over
@@ -206,6 +210,10 @@ def download(url: str, dest: Path, size: int, sha256: str, settings: HttpSetting
                         digest.update(chunk)
                         have += len(chunk)
                         on_chunk(have)
+                        if time.monotonic() - started > settings.transfer_timeout:
+                            handle.flush()
+                            raise Retryable(f"{name}: slower than {settings.transfer_timeout} s "
+                                            f"({have} of {size} bytes)")
                     handle.flush()
                     os.fsync(handle.fileno())
         if have < size:

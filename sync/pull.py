@@ -69,8 +69,11 @@ def _fetch_index(settings: PullSettings, state: dict[str, Any], report: Report) 
                          etag=state.get("etag") if have_cache else None,
                          last_modified=state.get("last_modified") if have_cache else None)
     if response.not_modified:
-        report({"event": "index_not_modified"})
-        return cached.read_bytes(), cached_sig.read_bytes()
+        # Checked again: the pinned keys may have changed since it was stored (a rotation, a leak).
+        body, signature = cached.read_bytes(), cached_sig.read_bytes()
+        key = verify(settings.public_keys, body, signature, "cached index.json")
+        report({"event": "index_not_modified", "key": key})
+        return body, signature
     try:
         signature = get_small(_url(settings.registry_url, INDEX_SIG_FILE), settings.http, 4096, INDEX_SIG_FILE)
     except NotFound as exc:

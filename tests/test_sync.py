@@ -442,6 +442,13 @@ def case_float_model(ctx):
     return r"does not load: .* an int8 or uint8 model is required"
 
 
+def case_trickling_server(ctx):
+    ctx.add("2.0.0")
+    ctx.server.misbehave["bundles/2.0.0/model.tflite"] = "slow"
+    ctx.http = HttpSettings(timeout=1.0, retries=1, backoff=0.01, transfer_timeout=0.3)
+    return r"model\.tflite: slower than 0\.3 s \(\d+ of \d+ bytes\) \(after 2 attempts\)"
+
+
 def case_http_500(ctx):
     ctx.add("2.0.0")
     ctx.server.misbehave["index.json"] = "500"
@@ -467,7 +474,7 @@ CASES = [case_tampered_model, case_tampered_manifest, case_tampered_manifest_res
          case_v2_manifest_with_v1_model, case_sha_mismatch_in_index, case_truncated_download,
          case_endless_response, case_larger_than_cap, case_index_larger_than_cap, case_downgrade,
          case_selftest_fails, case_model_outputs_nan,
-         pytest.param(case_float_model, marks=pytest.mark.slow), case_http_500, case_server_hangs,
+         pytest.param(case_float_model, marks=pytest.mark.slow), case_trickling_server, case_http_500, case_server_hangs,
          case_registry_returns_html]
 
 
@@ -566,6 +573,14 @@ def test_publish_refuses_a_bundle_without_self_test(tmp_path, server, keys):
     with pytest.raises(SyncError, match="no self-test"):
         publish(bundle, server.root, "stable", keys[0].private)
     assert not (server.root / "index.json").exists()
+
+
+def test_a_cached_index_is_checked_against_todays_keys(tmp_path, base_bundle, server, keys, site_v1):
+    """A 304 reuses the stored index, but a key removed from the pins no longer vouches for it."""
+    only_b = PullSettings(registry_url=server.url, public_keys=[keys[1].public], models_dir=site_v1,
+                          http=HttpSettings(timeout=1.0, retries=0))
+    result = pull(only_b)
+    assert result.reason == "cached index.json signature does not verify with any pinned key"
 
 
 def test_key_rotation_any_pinned_key_may_sign(tmp_path, base_bundle, server, keys, site_v1):
