@@ -242,8 +242,9 @@ def _pull(settings: PullSettings, state: dict[str, Any], report: Report,
             if dest.is_file() and dest.stat().st_size == spec["size"] and sha256_file(dest) == spec["sha256"]:
                 continue  # verified by an earlier, interrupted pull
             dest.unlink(missing_ok=True)
-            download(_url(settings.registry_url, entry["path"].rstrip("/") + "/" + name), dest, spec["size"], spec["sha256"],
-                     settings.http, on_chunk=lambda done: pause("during_download"))
+            url = _url(settings.registry_url, entry["path"].rstrip("/") + "/" + name)
+            download(url, dest, spec["size"], spec["sha256"], settings.http,
+                     on_chunk=lambda done: pause("during_download"))
         for stray in staged.iterdir():
             if stray.name not in files:
                 stray.unlink()

@@ -474,8 +474,8 @@ CASES = [case_tampered_model, case_tampered_manifest, case_tampered_manifest_res
          case_v2_manifest_with_v1_model, case_sha_mismatch_in_index, case_truncated_download,
          case_endless_response, case_larger_than_cap, case_index_larger_than_cap, case_downgrade,
          case_selftest_fails, case_model_outputs_nan,
-         pytest.param(case_float_model, marks=pytest.mark.slow), case_trickling_server, case_http_500, case_server_hangs,
-         case_registry_returns_html]
+         pytest.param(case_float_model, marks=pytest.mark.slow), case_trickling_server, case_http_500,
+         case_server_hangs, case_registry_returns_html]
 
 
 class Ctx:
