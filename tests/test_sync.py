@@ -583,6 +583,30 @@ def test_a_cached_index_is_checked_against_todays_keys(tmp_path, base_bundle, se
     assert result.reason == "cached index.json signature does not verify with any pinned key"
 
 
+def test_one_pull_at_a_time(tmp_path, server, keys, site_v1):
+    import fcntl
+
+    with open(site_v1 / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = pull(settings_for(server, site_v1, keys))
+    assert result.reason == "another edge-sync pull is running on this models dir"
+
+
+def test_pull_every_keeps_pulling(tmp_path, base_bundle, server, keys):
+    publish(base_bundle, server.root, "stable", keys[0].private)
+    site = tmp_path / "site"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "sync", "pull", "--registry", server.url, "--public-key", str(keys[0].public_path),
+         "--models-dir", str(site), "--every", "0.2"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: activation.active_version(site) == "1.0.0")
+        add_version(tmp_path, base_bundle, server, keys[0], "1.1.0")
+        _wait_for(lambda: activation.active_version(site) == "1.1.0")
+    finally:
+        child.kill()
+        child.wait(10)
+
+
 def test_key_rotation_any_pinned_key_may_sign(tmp_path, base_bundle, server, keys, site_v1):
     add_version(tmp_path, base_bundle, server, keys[1], "2.0.0")
     both = PullSettings(registry_url=server.url, public_keys=[keys[0].public, keys[1].public],
