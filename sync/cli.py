@@ -1,4 +1,4 @@
-"""edge-sync: keygen, publish, add-selftest (build side); pull, status, rollback (site side)."""
+"""edge-sync: keygen, add-selftest, publish, resign (build side); pull, status, rollback (site side)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--channel", required=True)
     p.add_argument("--key", type=Path, required=True)
     p.add_argument("--valid-days", type=float, default=30.0, help="index expiry (default 30 days)")
+
+    p = sub.add_parser("resign", help="re-sign the index with a fresh expiry (run well within --valid-days)")
+    p.add_argument("--registry", type=Path, required=True)
+    p.add_argument("--key", type=Path, required=True)
+    p.add_argument("--valid-days", type=float, default=30.0)
 
     p = sub.add_parser("add-selftest", help="put labelled digits in a bundle and record its accuracy")
     p.add_argument("bundle", type=Path)
@@ -120,6 +125,14 @@ def main(argv: list[str] | None = None) -> int:
             version = publish(args.bundle, args.registry, args.channel, load_private_key(args.key),
                               validity=timedelta(days=args.valid_days))
             print(f"published {version} on {args.channel}")
+        elif args.command == "resign":
+            from datetime import timedelta
+
+            from sync.registry import resign
+            from sync.signing import load_private_key
+
+            expires = resign(args.registry, load_private_key(args.key), validity=timedelta(days=args.valid_days))
+            print(f"index re-signed, expires {expires}")
         elif args.command == "add-selftest":
             from sync.selftest import add_selftest
 

@@ -162,5 +162,15 @@ def publish(bundle: Path, registry: Path, channel: str, key: Ed25519PrivateKey,
     return version
 
 
+def resign(registry: Path, key: Ed25519PrivateKey, now: datetime | None = None,
+           validity: timedelta = DEFAULT_VALIDITY) -> str:
+    """Re-sign the unchanged index with a fresh expiry (a cron job on the registry); return expires_at."""
+    registry = Path(registry)
+    if not (registry / INDEX_FILE).exists():
+        raise SyncError(f"{registry} has no {INDEX_FILE}; publish a bundle first")
+    data = write_index(registry, read_registry_index(registry), key, now=now, validity=validity)
+    return json.loads(data)["expires_at"]
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()

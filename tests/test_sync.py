@@ -583,6 +583,22 @@ def test_a_cached_index_is_checked_against_todays_keys(tmp_path, base_bundle, se
     assert result.reason == "cached index.json signature does not verify with any pinned key"
 
 
+def test_resign_revives_a_registry_whose_index_expired(tmp_path, base_bundle, server, keys):
+    from sync.registry import resign
+
+    publish(base_bundle, server.root, "stable", keys[0].private,
+            now=datetime.now(timezone.utc) - timedelta(days=31))
+    site = tmp_path / "site"
+    assert "index expired" in pull(settings_for(server, site, keys)).reason
+    assert not (site / "active").exists()
+    out = subprocess.run([sys.executable, "-m", "sync", "resign", "--registry", str(server.root), "--key",
+                          str(keys[0].private_path)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("index re-signed, expires "), out.stderr
+    assert pull(settings_for(server, site, keys)).version == "1.0.0"
+    with pytest.raises(SyncError, match="publish a bundle first"):
+        resign(tmp_path / "empty", keys[0].private)
+
+
 def test_one_pull_at_a_time(tmp_path, server, keys, site_v1):
     import fcntl
 
