@@ -24,7 +24,8 @@ from edge_agent.loader import load_bundle
 from sync import activation
 from sync.errors import DownloadError, RegistryError, SignatureError, SyncError, ValidationError
 from sync.fetch import HttpSettings, NotFound, download, get_index, get_small
-from sync.registry import INDEX_FILE, INDEX_SIG_FILE, MANIFEST_SIG_FILE, MAX_INDEX_BYTES, iso, parse_index
+from sync.registry import (INDEX_FILE, INDEX_SIG_FILE, MANIFEST_SIG_FILE, MAX_INDEX_BYTES, iso, parse_index,
+                           parse_time)
 from sync.selftest import DEFAULT_TOLERANCE, run_selftest
 from sync.signing import verify
 
@@ -211,7 +212,7 @@ def _pull(settings: PullSettings, state: dict[str, Any], report: Report,
     index_bytes, _ = _fetch_index(settings, state, report)
     index = parse_index(index_bytes, now())
     last_issued = state.get("index_issued_at")
-    if last_issued and index["issued_at"] < last_issued:
+    if last_issued and parse_time(index["issued_at"], "issued_at") < parse_time(last_issued, "issued_at"):
         raise RegistryError(f"index issued {index['issued_at']} is older than one already seen "
                             f"({last_issued}): replayed")
     _store_index(settings, state)
