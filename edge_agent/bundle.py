@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,8 +125,9 @@ def check_int8_digit_model(inp: TensorSpec, out: TensorSpec, n_labels: int, wher
         raise BundleError(f"{where}: input shape {list(inp.shape)}, expected [N, 28, 28, 1]")
     if tuple(out.shape[1:]) != (n_labels,):
         raise BundleError(f"{where}: output shape {list(out.shape)}, expected [N, {n_labels}]")
-    if inp.scale <= 0 or out.scale <= 0:
-        raise BundleError(f"{where}: quantisation scale must be positive")
+    # "not > 0" rather than "<= 0": a NaN scale fails every comparison and must fail this one too.
+    if not (inp.scale > 0 and out.scale > 0) or not (math.isfinite(inp.scale) and math.isfinite(out.scale)):
+        raise BundleError(f"{where}: quantisation scale must be a positive finite number")
 
 
 def read_bundle(directory: Path) -> tuple[Manifest, Path]:

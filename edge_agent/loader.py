@@ -246,7 +246,7 @@ def load_bundle(directory: Path, num_threads: int = 1) -> LoadedModel:
         ("input", manifest.input, classifier.input_spec),
         ("output", manifest.output, classifier.output_spec),
     ):
-        if declared.dtype != actual.dtype or abs(declared.scale - actual.scale) > 1e-9 \
+        if declared.dtype != actual.dtype or not abs(declared.scale - actual.scale) <= 1e-9 \
                 or declared.zero_point != actual.zero_point:
             raise BundleError(
                 f"manifest {name} tensor {declared.to_json()} does not match the model's {actual.to_json()}"

@@ -247,3 +247,12 @@ def test_concurrent_loads_each_log_their_own_native_output(monkeypatch, caplog, 
     assert capfd.readouterr().err == ""
     warnings = sorted(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert warnings == sorted(f"{runtime}: WARNING: interpreter {i}" for i in range(32))
+
+
+def test_a_nan_quantisation_scale_is_refused():
+    from edge_agent.bundle import BundleError, TensorSpec, check_int8_digit_model
+
+    good = TensorSpec((1, 28, 28, 1), "uint8", 0.0039, 0)
+    nan_out = TensorSpec((1, 10), "int8", float("nan"), 0)
+    with pytest.raises(BundleError, match="positive finite"):
+        check_int8_digit_model(good, nan_out, 10, "model.tflite")
