@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 
 from edge_agent.binding import FrameWindow, SurgeGuard, choose_frame, too_late_to_read
+from edge_agent.bundle import BundleError
 from edge_agent.config import AgentConfig, mqtt_password, security_warnings
 from edge_agent.endpoints import Check, EndpointServer, make_app
 from edge_agent.grabber import FrameGrabber
@@ -169,6 +170,8 @@ class Agent:
         self._drift_published: tuple[str, ...] | None = None  # alarm kinds last published (retained)
         self._reference_path = config.outbox.path.parent / f"reference-{_safe_name(reader.model.version)}.json"
         self._restore_reference()
+        # model.bundle may be the sync's "active" pointer (a symlink): followed between frames.
+        self._bundle_target = config.model.bundle.resolve()
         # Last: registering takes a first snapshot, which needs everything above.
         self.metrics.registry.register(SnapshotCollector(self.health))
 
@@ -709,6 +712,7 @@ class Agent:
         while not self._shutdown.wait(min(1.0, period_s)):
             try:
                 self._check_bad_frames()
+                self._follow_active_bundle()
                 now = self.clock.monotonic()
                 if now >= next_prune:
                     next_prune = now + _PRUNE_EVERY_S
@@ -722,6 +726,36 @@ class Agent:
                 self.link.publish_event("health", self.health())
             except Exception:
                 log.exception("health report failed")
+
+    def _follow_active_bundle(self) -> None:
+        """Hot-swap the model when ``model.bundle`` (a symlink kept by edge-sync) points elsewhere.
+
+        The new interpreter is built aside; the reader swaps the reference between two reads
+        (reads in progress finish on the old one), so no item is dropped or answered twice.
+        """
+        target = self.config.model.bundle.resolve()
+        if target == self._bundle_target:
+            return
+        self._bundle_target = target  # tried once per switch: a broken bundle is not retried every second
+        old = self.reader.model.version
+        try:
+            model = load_bundle(target, num_threads=self.config.model.num_threads)
+        except BundleError as exc:
+            log.error("not switching to the bundle at %s: %s; still running model %s", target, exc, old)
+            self._report_error("model_swap_failed", {"bundle": str(target), "error": str(exc), "running": old})
+            return
+        self.reader.swap_model(model)
+        self.metrics.model.info({"version": model.version, "name": model.manifest.name})
+        with self._drift_lock:
+            # The old model's reads say nothing about the new one: a new site reference is built.
+            self.drift.reset_reference(model.version)
+            self._reference_path = self.config.outbox.path.parent / f"reference-{_safe_name(model.version)}.json"
+            self._drift_published = None
+        self._restore_reference()
+        self.link.status_fields["model_version"] = model.version
+        self.link.refresh_status()
+        self.link.publish_event("model", {"from": old, "to": model.version, "bundle": str(target)})
+        log.info("model switched from %s to %s (%s)", old, model.version, target)
 
     def _check_bad_frames(self) -> None:
         """Frames the camera delivered but nobody could decode: an error event and a count."""
@@ -842,6 +876,7 @@ def build_agent(config: AgentConfig, clock: Clock | None = None, *, start_fresh:
     agent = Agent(config, reader, grabber, link, outbox, review, clock)
     link.on_trigger = agent.on_mqtt_trigger
     link.on_ack_latency = lambda seconds: agent.record_stage("publish_ack", seconds)
+    link.status_fields["model_version"] = model.version
     if config.trigger.mode == "change":
         detector = SceneChangeDetector(SceneSettings(settle_frames=config.trigger.settle_frames,
                                                      min_still_s=config.trigger.settle_ms / 1000.0))

@@ -161,6 +161,8 @@ class MqttLink:
         self._clock = clock
         self.on_trigger = on_trigger  # may also be set after construction, before start()
         self.on_ack_latency: Callable[[float], None] | None = None  # seconds from publish to PUBACK
+        # Extra fields of the retained "online" status (the model version the agent runs).
+        self.status_fields: dict[str, Any] = {}
         self._use_v5 = settings.protocol in ("auto", "5")
         self._client: paho.Client | None = None
         self._connected = threading.Event()
@@ -404,6 +406,7 @@ class MqttLink:
         if state == "online" or reason == "stopped":
             body["at"] = self._clock.time()
         if state == "online":
+            body.update(self.status_fields)
             body["protocol"] = self.protocol
             body["since"] = self._online_since
             body["ttl_s"] = self.settings.status_ttl_s

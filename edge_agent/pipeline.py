@@ -69,7 +69,13 @@ class PostcodeReader:
 
     @property
     def threshold(self) -> float:
-        return self.threshold_override or self._model.manifest.acceptance_threshold
+        """The bundle's threshold, or the site's override where that is stricter.
+
+        Stricter only, also after a model swap: a new bundle with a higher threshold of its
+        own must not be loosened by an override written for the old one.
+        """
+        own = self._model.manifest.acceptance_threshold
+        return max(own, self.threshold_override) if self.threshold_override else own
 
     def read_image(self, image: np.ndarray) -> FrameRead:
         """Locate, classify (one batch) and decide on one image."""
