@@ -744,6 +744,10 @@ class Agent:
             log.error("not switching to the bundle at %s: %s; still running model %s", target, exc, old)
             self._report_error("model_swap_failed", {"bundle": str(target), "error": str(exc), "running": old})
             return
+        # Warm up aside: the first invoke at each batch size allocates tensors, which the line
+        # would otherwise wait for on the first reads after the switch.
+        for length in sorted(set(self.config.reader.postcode_lengths)):
+            model.classifier.classify(np.zeros((length, 28, 28), np.uint8))
         self.reader.swap_model(model)
         self.metrics.model.info({"version": model.version, "name": model.manifest.name})
         with self._drift_lock:
