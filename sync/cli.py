@@ -60,6 +60,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=int, default=3, help="previous versions kept on disk")
     p.add_argument("--tolerance", type=float, default=0.01, help="self-test accuracy tolerance")
     p.add_argument("--every", type=float, help="keep pulling every SECONDS")
+    p.add_argument("--mqtt", metavar="HOST:PORT",
+                   help="publish step events and the sync state there, and health-check an activation")
+    p.add_argument("--site", help="site id (topics <prefix>/<site>/<line>/...); needed with --mqtt")
+    p.add_argument("--line", help="line id; needed with --mqtt")
+    p.add_argument("--topic-prefix", default="postcode")
+    p.add_argument("--health-timeout", type=float, default=60.0,
+                   help="seconds for the agent to report the new version and healthy reads, else roll back")
+    p.add_argument("--max-review-pct", type=float, default=90.0,
+                   help="highest share of reads sent to review that counts as healthy")
+    p.add_argument("--min-reads", type=int, default=5, help="reads on the new version needed to judge it")
 
     p = sub.add_parser("status", help="active, previous, staged, high-water mark, failures (JSON)")
     p.add_argument("--models-dir", type=Path, required=True)
@@ -92,19 +102,94 @@ def _run_pull(args) -> int:
         http=HttpSettings(timeout=args.timeout, retries=args.retries, backoff=args.backoff,
                           max_bytes=args.max_bytes, transfer_timeout=args.transfer_timeout))
 
+    mqtt = _connect_mqtt(args)
+
     def report(event: dict) -> None:
         log.info(json.dumps(event, sort_keys=True))
+        if mqtt is not None:
+            mqtt.event(event)
 
     pause = _pause_hook()
-    while True:
-        result = pull(settings, report=report, pause=pause)
-        if result.ok:
-            print(f"{result.outcome}: {result.version}")
-        else:
-            print(f"refused: {result.reason}", file=sys.stderr)
-        if not args.every:
-            return 0 if result.ok else 1
-        time.sleep(args.every)
+    try:
+        while True:
+            result = pull(settings, report=report, pause=pause)
+            ok = result.ok
+            if result.outcome == "updated" and mqtt is not None:
+                ok = _health_check(args, mqtt, result.version, report)
+            elif result.ok:
+                print(f"{result.outcome}: {result.version}")
+            else:
+                print(f"refused: {result.reason}", file=sys.stderr)
+            if mqtt is not None:
+                mqtt.state(_sync_state(args.models_dir))
+            if not args.every:
+                return 0 if ok else 1
+            time.sleep(args.every)
+    finally:
+        if mqtt is not None:
+            mqtt.close()
+
+
+def _connect_mqtt(args):
+    """The MQTT reporter, or None (no --mqtt, or the broker cannot be reached: one warning)."""
+    if not args.mqtt:
+        return None
+    if not args.site or not args.line:
+        raise SyncError("--mqtt needs --site and --line")
+    from sync.mqtt_report import SyncMqtt, parse_hostport
+
+    try:
+        host, port = parse_hostport(args.mqtt)
+    except ValueError:
+        raise SyncError(f"--mqtt {args.mqtt!r}: expected HOST:PORT") from None
+    mqtt = SyncMqtt(host, port, args.site, args.line, prefix=args.topic_prefix)
+    return mqtt if mqtt.connect() else None
+
+
+def _sync_state(models_dir: Path) -> dict:
+    from sync.pull import status
+
+    state = status(models_dir)
+    return {key: state.get(key) for key in ("active", "previous", "last_result", "last_error")}
+
+
+def _health_check(args, mqtt, version: str, report) -> bool:
+    """After an activation: healthy in time, or roll back (version marked failed) and say why."""
+    import fcntl
+
+    from sync.activation import load_state, rollback, save_state
+    from sync.mqtt_report import HealthCriteria
+    from sync.registry import iso
+
+    criteria = HealthCriteria(timeout_s=args.health_timeout, min_reads=args.min_reads,
+                              max_review_pct=args.max_review_pct)
+    report({"event": "health_check", "version": version, "timeout_s": criteria.timeout_s,
+            "min_reads": criteria.min_reads, "max_review_pct": criteria.max_review_pct})
+    verdict = mqtt.wait_healthy(version, criteria)
+    if verdict.healthy:
+        report({"event": "healthy", "version": version, "reads": verdict.reads, "review_pct": verdict.review_pct})
+        print(f"updated: {version}")
+        return True
+    reason = f"unhealthy: {verdict.reason}"
+    with open(Path(args.models_dir) / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # not while another pull is switching
+        try:
+            _, previous = rollback(args.models_dir, reason=reason)
+        except SyncError as exc:
+            report({"event": "rollback_failed", "version": version, "reason": f"{reason}; {exc}"})
+            print(f"refused: v{version} unhealthy and not rolled back: {verdict.reason}; {exc}", file=sys.stderr)
+            return False
+        state = load_state(args.models_dir)
+        from datetime import datetime, timezone
+
+        state["last_error"] = reason
+        state["last_result"] = {"outcome": "rolled_back", "version": version, "reason": reason,
+                                "at": iso(datetime.now(timezone.utc))}
+        save_state(args.models_dir, state)
+    report({"event": "rolled_back", "version": version, "to": previous, "reason": reason,
+            "reads": verdict.reads, "review_pct": verdict.review_pct})
+    print(f"refused: v{version} rolled back: {verdict.reason}", file=sys.stderr)
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,140 @@
+"""edge-sync pull --mqtt: step events on MQTT, the retained sync state, and the health check after an
+activation, against a real Mosquitto, a real in-process agent following ``models/active`` and a real
+registry served over HTTP on loopback. An unhealthy version is rolled back automatically."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+from sync import activation
+from sync.pull import pull
+from tests.paths import ROOT
+from tests.test_agent import RunningAgent, agent_table, camera_frames, plc_for  # noqa: F401 - fixture
+from tests.test_sync import (add_version, base_bundle, keys, rewrite_manifest, server,  # noqa: F401 - fixtures
+                             settings_for, site_v1)
+
+SITE, LINE = "test-site", "line-9"
+BASE = f"postcode/{SITE}/{LINE}"
+
+
+def run_pull(server, site, keys, *extra, timeout=90):
+    args = [sys.executable, "-m", "sync", "pull", "--registry", server.url,
+            "--public-key", str(keys[0].public_path), "--models-dir", str(site),
+            "--timeout", "2", "--retries", "0", *map(str, extra)]
+    return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+
+
+def mqtt_args(port, **overrides):
+    options = {"--mqtt": f"127.0.0.1:{port}", "--site": SITE, "--line": LINE, "--health-timeout": 30,
+               "--min-reads": 5, "--max-review-pct": 90}
+    options.update(overrides)
+    return [item for pair in options.items() for item in pair]
+
+
+def start_line(tmp_path, broker, site, camera):
+    folder, _ = camera
+    table = agent_table(tmp_path, broker.port, folder, model={"bundle": str(site / "active")},
+                        trigger={"mode": "interval", "interval_ms": 50},
+                        observability={"health_period_s": 0.5})
+    watcher = plc_for(broker.port, watch=(f"{BASE}/events/sync", f"{BASE}/sync"))
+    agent = RunningAgent(table)
+    return agent, watcher
+
+
+def sync_events(watcher):
+    return [json.loads(p) for t, p in list(watcher.messages) if t == f"{BASE}/events/sync"]
+
+
+def retained_sync_state(port):
+    """A fresh subscriber gets the retained sync state."""
+    probe = plc_for(port, watch=(f"{BASE}/sync",))
+    try:
+        assert probe.wait_for(lambda c: any(t == f"{BASE}/sync" for t, _ in c.messages), 10)
+        return json.loads([p for t, p in probe.messages if t == f"{BASE}/sync"][-1])
+    finally:
+        probe.stop()
+
+
+def test_pull_with_mqtt_activates_and_passes_the_health_check(tmp_path, mqtt_broker, camera_frames, base_bundle,
+                                                              server, keys, site_v1):
+    agent, watcher = start_line(tmp_path, mqtt_broker, site_v1, camera_frames)
+    try:
+        assert watcher.wait_for(lambda c: c.agent_status().get("model_version") == "1.0.0", 15)
+        add_version(tmp_path, base_bundle, server, keys[0], "1.1.0")
+        out = run_pull(server, site_v1, keys, *mqtt_args(mqtt_broker.port))
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip().splitlines()[-1] == "updated: 1.1.0"
+        assert activation.active_version(site_v1) == "1.1.0"
+        assert watcher.agent_status().get("model_version") == "1.1.0"
+        assert watcher.wait_for(lambda c: "healthy" in [e["event"] for e in sync_events(c)], 10)
+        events = [e["event"] for e in sync_events(watcher)]
+        assert events == ["check", "index_verified", "download", "downloaded", "verified", "validated",
+                          "activated", "health_check", "healthy"]
+        healthy = sync_events(watcher)[-1]
+        assert healthy["version"] == "1.1.0" and healthy["reads"] >= 5 and healthy["review_pct"] <= 90
+        state = retained_sync_state(mqtt_broker.port)
+        assert state["active"] == "1.1.0" and state["previous"] == "1.0.0"
+        assert state["last_result"]["outcome"] == "updated" and state["last_error"] is None
+    finally:
+        agent.stop()
+        watcher.stop()
+
+
+def _review_everything(bundle):
+    """An honest bad model for the line: the same weights, but a manifest acceptance_threshold of 1.0.
+
+    It loads, its contract is the agent's, and the self-test (which scores labels, not the threshold)
+    passes at the recorded accuracy, so validation accepts it; on the line nearly every read falls
+    below a confidence of 1.0 and goes to review. The manifest is re-signed by publish."""
+    rewrite_manifest(bundle, acceptance_threshold=1.0)
+
+
+def test_an_unhealthy_version_is_rolled_back_and_not_retried(tmp_path, mqtt_broker, camera_frames, base_bundle,
+                                                             server, keys, site_v1):
+    add_version(tmp_path, base_bundle, server, keys[0], "1.1.0")
+    assert pull(settings_for(server, site_v1, keys)).version == "1.1.0"
+    agent, watcher = start_line(tmp_path, mqtt_broker, site_v1, camera_frames)
+    try:
+        assert watcher.wait_for(lambda c: c.agent_status().get("model_version") == "1.1.0", 15)
+        add_version(tmp_path, base_bundle, server, keys[0], "1.2.0", prepare=_review_everything)
+        out = run_pull(server, site_v1, keys, *mqtt_args(mqtt_broker.port, **{"--health-timeout": 10}))
+        assert out.returncode == 1, out.stdout
+        line = out.stderr.strip().splitlines()[-1]
+        assert line.startswith("refused: v1.2.0 rolled back: ") and "went to review (max 90%)" in line, line
+        assert activation.active_version(site_v1) == "1.1.0"
+        assert "1.2.0" in activation.load_state(site_v1)["failed"]
+        # The agent did run 1.2.0, and follows the rollback back to 1.1.0.
+        assert watcher.wait_for(lambda c: c.agent_status().get("model_version") == "1.1.0", 15)
+        events = sync_events(watcher)
+        assert [e["event"] for e in events][-3:] == ["activated", "health_check", "rolled_back"]
+        rolled = events[-1]
+        assert rolled["version"] == "1.2.0" and rolled["to"] == "1.1.0" and rolled["review_pct"] > 90
+        state = retained_sync_state(mqtt_broker.port)
+        assert state["active"] == "1.1.0" and state["last_result"]["outcome"] == "rolled_back"
+        # Not fetched again: the next pull refuses it by name.
+        again = run_pull(server, site_v1, keys, *mqtt_args(mqtt_broker.port))
+        assert again.returncode == 1 and "1.2.0" in again.stderr.strip().splitlines()[-1]
+        assert activation.active_version(site_v1) == "1.1.0"
+    finally:
+        agent.stop()
+        watcher.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_pull_goes_on_when_the_broker_is_down(tmp_path, base_bundle, server, keys, site_v1):
+    add_version(tmp_path, base_bundle, server, keys[0], "1.1.0")
+    out = run_pull(server, site_v1, keys, *mqtt_args(_free_port()))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "updated: 1.1.0"
+    assert activation.active_version(site_v1) == "1.1.0"
+    warnings = [json.loads(line) for line in out.stdout.splitlines()
+                if line.startswith("{") and json.loads(line).get("level") == "WARNING"]
+    assert len(warnings) == 1 and "unreachable" in warnings[0]["msg"], warnings
