@@ -170,6 +170,12 @@ def _health_check(args, mqtt, version: str, report) -> bool:
         report({"event": "healthy", "version": version, "reads": verdict.reads, "review_pct": verdict.review_pct})
         print(f"updated: {version}")
         return True
+    if not verdict.judged:
+        # A broker outage says nothing about the model: keep it, do not mark it failed.
+        log.warning(verdict.reason)
+        report({"event": "health_unknown", "version": version, "reason": verdict.reason})
+        print(f"updated: {version}")
+        return True
     reason = f"unhealthy: {verdict.reason}"
     with open(Path(args.models_dir) / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # not while another pull is switching

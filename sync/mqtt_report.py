@@ -47,6 +47,7 @@ class HealthVerdict:
     reason: str
     reads: int = 0
     review_pct: float | None = None
+    judged: bool = True  # False: the broker link was lost, so the line could not be watched
 
 
 class SyncMqtt:
@@ -66,6 +67,8 @@ class SyncMqtt:
                                    protocol=MQTTProtocolVersion.MQTTv311)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
+        self._client.on_disconnect = self._on_disconnect
+        self.link_lost = False
 
     # ------------------------------------------------------------ connection
     def connect(self) -> bool:
@@ -96,6 +99,10 @@ class SyncMqtt:
             return
         client.subscribe([(f"{self.base}/status", 1), (f"{self.base}/events/health", 0)])
         self._connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
+        if self.connected:
+            self.link_lost = True
 
     def _on_message(self, client, userdata, message) -> None:
         try:
@@ -137,6 +144,7 @@ class SyncMqtt:
         answers from ``version`` (accepted + reviews counter deltas since its first health event)
         with a review share of at most ``max_review_pct``. The verdict says why not, if not."""
         deadline = clock() + criteria.timeout_s
+        self.link_lost = False
         base: tuple[int, int] | None = None
         reads = reviews = 0
         while True:
@@ -158,17 +166,20 @@ class SyncMqtt:
                     reviews = reviewed - base[1]
             status = self.status()
             online = status.get("state") == "online" and status.get("model_version") == version
-            if online and reads >= criteria.min_reads and 100.0 * reviews / reads <= criteria.max_review_pct:
+            if online and reads >= max(1, criteria.min_reads) and 100.0 * reviews / reads <= criteria.max_review_pct:
                 return HealthVerdict(True, f"{reads} reads on {version}, {100.0 * reviews / reads:.0f}% to review",
                                      reads, round(100.0 * reviews / reads, 1))
         status = self.status()
         waited = f"in {criteria.timeout_s:g} s"
+        if self.link_lost:
+            return HealthVerdict(False, f"MQTT link to {self.host}:{self.port} lost during the health check; "
+                                        f"{version} not judged", reads, judged=False)
         if not (status.get("state") == "online" and status.get("model_version") == version):
             seen = (f"{status.get('state')} on {status.get('model_version')}" if status else "no status")
             return HealthVerdict(False, f"agent status never said online on {version} {waited} (last: {seen})")
         if base is None:
             return HealthVerdict(False, f"no health event from {version} {waited}")
-        if reads < criteria.min_reads:
+        if reads < max(1, criteria.min_reads):
             return HealthVerdict(False, f"only {reads} reads on {version} {waited} "
                                         f"(need {criteria.min_reads})", reads)
         pct = 100.0 * reviews / reads

@@ -138,3 +138,38 @@ def test_pull_goes_on_when_the_broker_is_down(tmp_path, base_bundle, server, key
     warnings = [json.loads(line) for line in out.stdout.splitlines()
                 if line.startswith("{") and json.loads(line).get("level") == "WARNING"]
     assert len(warnings) == 1 and "unreachable" in warnings[0]["msg"], warnings
+
+
+# ---------------------------------------------------------------- the verdict alone (no broker)
+
+def _watcher(status, *healths):
+    from sync.mqtt_report import SyncMqtt
+
+    mqtt = SyncMqtt("127.0.0.1", 1, SITE, LINE)
+    mqtt._status = status
+    for health in healths:
+        mqtt._health.put(health)
+    return mqtt
+
+
+def _health(version, accepted, reviews):
+    return {"model_version": version, "counters": {"accepted": accepted, "reviews": reviews}}
+
+
+def test_health_verdicts_name_what_was_missing():
+    from sync.mqtt_report import HealthCriteria
+
+    quick = HealthCriteria(timeout_s=0.3, min_reads=5, max_review_pct=90)
+    online = {"state": "online", "model_version": "2.0.0"}
+    ok = _watcher(online, _health("1.0.0", 500, 500), _health("2.0.0", 100, 50), _health("2.0.0", 104, 52))
+    verdict = ok.wait_healthy("2.0.0", quick)
+    assert verdict.healthy and verdict.reads == 6 and verdict.review_pct == 33.3
+    assert "never said online on 2.0.0" in _watcher({"state": "online", "model_version": "1.0.0"},
+                                                    ).wait_healthy("2.0.0", quick).reason
+    assert "no health event from 2.0.0" in _watcher(online, _health("1.0.0", 9, 9)).wait_healthy("2.0.0", quick).reason
+    few = _watcher(online, _health("2.0.0", 10, 0), _health("2.0.0", 12, 0)).wait_healthy("2.0.0", quick)
+    assert not few.healthy and few.reason == "only 2 reads on 2.0.0 in 0.3 s (need 5)"
+    # counters that go backwards (an agent restart) start a new baseline instead of negative deltas
+    bad = _watcher(online, _health("2.0.0", 50, 50), _health("2.0.0", 0, 0), _health("2.0.0", 0, 20))
+    verdict = bad.wait_healthy("2.0.0", quick)
+    assert not verdict.healthy and verdict.reason == "100% of 20 reads on 2.0.0 went to review (max 90%)"
