@@ -68,7 +68,7 @@ class SyncMqtt:
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
         self._client.on_disconnect = self._on_disconnect
-        self.link_lost = False
+        self.disconnects = 0
 
     # ------------------------------------------------------------ connection
     def connect(self) -> bool:
@@ -100,9 +100,12 @@ class SyncMqtt:
         client.subscribe([(f"{self.base}/status", 1), (f"{self.base}/events/health", 0)])
         self._connected.set()
 
+    def link_up(self) -> bool:
+        return self._client.is_connected()
+
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
         if self.connected:
-            self.link_lost = True
+            self.disconnects += 1
 
     def _on_message(self, client, userdata, message) -> None:
         try:
@@ -144,7 +147,7 @@ class SyncMqtt:
         answers from ``version`` (accepted + reviews counter deltas since its first health event)
         with a review share of at most ``max_review_pct``. The verdict says why not, if not."""
         deadline = clock() + criteria.timeout_s
-        self.link_lost = False
+        disconnects = self.disconnects
         base: tuple[int, int] | None = None
         reads = reviews = 0
         while True:
@@ -171,7 +174,7 @@ class SyncMqtt:
                                      reads, round(100.0 * reviews / reads, 1))
         status = self.status()
         waited = f"in {criteria.timeout_s:g} s"
-        if self.link_lost:
+        if self.disconnects != disconnects or not self.link_up():
             return HealthVerdict(False, f"MQTT link to {self.host}:{self.port} lost during the health check; "
                                         f"{version} not judged", reads, judged=False)
         if not (status.get("state") == "online" and status.get("model_version") == version):

@@ -147,6 +147,7 @@ def _watcher(status, *healths):
 
     mqtt = SyncMqtt("127.0.0.1", 1, SITE, LINE)
     mqtt._status = status
+    mqtt.link_up = lambda: True
     for health in healths:
         mqtt._health.put(health)
     return mqtt
@@ -173,3 +174,31 @@ def test_health_verdicts_name_what_was_missing():
     bad = _watcher(online, _health("2.0.0", 50, 50), _health("2.0.0", 0, 0), _health("2.0.0", 0, 20))
     verdict = bad.wait_healthy("2.0.0", quick)
     assert not verdict.healthy and verdict.reason == "100% of 20 reads on 2.0.0 went to review (max 90%)"
+    down = _watcher(online)
+    down.link_up = lambda: False
+    verdict = down.wait_healthy("2.0.0", quick)
+    assert not verdict.healthy and not verdict.judged and "lost during the health check" in verdict.reason
+
+
+def test_a_broker_lost_during_the_check_keeps_the_new_version(tmp_path, mqtt_broker, base_bundle, server, keys,
+                                                               site_v1):
+    """No agent answers, and the broker dies mid-check: nothing was judged, so no rollback, no failed mark."""
+    add_version(tmp_path, base_bundle, server, keys[0], "1.1.0")
+    args = [sys.executable, "-m", "sync", "pull", "--registry", server.url, "--public-key", str(keys[0].public_path),
+            "--models-dir", str(site_v1), "--timeout", "2", "--retries", "0",
+            *map(str, mqtt_args(mqtt_broker.port, **{"--health-timeout": 6}))]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        for line in proc.stdout:
+            if '\\"event\\": \\"health_check\\"' in line:
+                break
+        mqtt_broker.kill()
+        rest, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, (err, rest)
+    assert rest.strip().splitlines()[-1] == "updated: 1.1.0"
+    assert "lost during the health check" in rest
+    assert activation.active_version(site_v1) == "1.1.0"
+    assert "1.1.0" not in activation.load_state(site_v1).get("failed", {})
