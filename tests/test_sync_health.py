@@ -100,7 +100,7 @@ def test_an_unhealthy_version_is_rolled_back_and_not_retried(tmp_path, mqtt_brok
     try:
         assert watcher.wait_for(lambda c: c.agent_status().get("model_version") == "1.1.0", 15)
         add_version(tmp_path, base_bundle, server, keys[0], "1.2.0", prepare=_review_everything)
-        out = run_pull(server, site_v1, keys, *mqtt_args(mqtt_broker.port, **{"--health-timeout": 10}))
+        out = run_pull(server, site_v1, keys, *mqtt_args(mqtt_broker.port, **{"--health-timeout": 15}))
         assert out.returncode == 1, out.stdout
         line = out.stderr.strip().splitlines()[-1]
         assert line.startswith("refused: v1.2.0 rolled back: ") and "went to review (max 90%)" in line, line
