@@ -49,6 +49,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--workers", type=int, default=1, help="reader.workers of the agent")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="model-swap-"))
     models = workdir / "models"
@@ -64,13 +65,15 @@ def main() -> int:
             switched_at.append(time.time())
 
     try:
-        with ChaosSite(workdir / "site", agent_overrides={"model": {"bundle": str(active)}}) as site:
+        with ChaosSite(workdir / "site", agent_overrides={"model": {"bundle": str(active)}, "reader": {"workers": args.workers}}) as site:
             site.start_agent()
             site.wait_online()
             items = site.plc.steady(args.rate, args.seconds, on_tick=on_tick)
             site.settle(items, ack_timeout_s=30, answer_timeout_s=30)
             report = site.report("model-swap")
             sent, _acked = site.plc.snapshot()
+            health = site.sorter.on_topic(site.topic("events") + "/health")
+            last_health = json.loads(health[-1][1]) if health else {}
             first: dict[str, tuple[float, dict]] = {}
             for answer in site.sorter.answers():
                 item = str(answer.payload.get("item_id"))
@@ -93,6 +96,7 @@ def main() -> int:
                                            "p99": round(float(np.percentile(near, 99)), 1)},
     }
     print(report.render())
+    print("agent stages (ms):", json.dumps(last_health.get("stages_ms")), "queue:", last_health.get("queue"))
     print(json.dumps(summary, indent=2))
     return 0 if report.promise_kept else 1
 

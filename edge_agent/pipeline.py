@@ -56,6 +56,7 @@ class PostcodeReader:
         self._cache_lock = threading.Lock()
         # A few recent frames' reads: under a burst, items bound to the same frame share one read.
         self._cache: OrderedDict[tuple[str, int], FrameRead] = OrderedDict()
+        self._reading: dict[tuple[str, int], threading.Event] = {}  # frames being read right now
 
     @property
     def model(self) -> LoadedModel:
@@ -103,17 +104,30 @@ class PostcodeReader:
         camera delivers frames share the work, not the result id.
         """
         key = (frame.source, frame.seq)
-        with self._cache_lock:
-            cached = self._cache.get(key)
-            if cached is not None:
-                self._cache.move_to_end(key)
-                return cached, True
-        read = self.read_image(frame.image)
-        with self._cache_lock:
-            self._cache[key] = read
-            while len(self._cache) > _CACHED_READS:
-                self._cache.popitem(last=False)
-        return read, False
+        while True:
+            with self._cache_lock:
+                cached = self._cache.get(key)
+                if cached is not None:
+                    self._cache.move_to_end(key)
+                    return cached, True
+                running = self._reading.get(key)
+                if running is None:
+                    # This worker reads the frame; another one asking meanwhile waits for it
+                    # instead of reading the same pixels again.
+                    running = self._reading[key] = threading.Event()
+                    break
+            running.wait()  # then look in the cache again (or read it, if that read failed)
+        try:
+            read = self.read_image(frame.image)
+            with self._cache_lock:
+                self._cache[key] = read
+                while len(self._cache) > _CACHED_READS:
+                    self._cache.popitem(last=False)
+            return read, False
+        finally:
+            with self._cache_lock:
+                del self._reading[key]
+            running.set()
 
 
 def postcode_read(trigger: Trigger, frame: Frame | None, read: FrameRead | None,

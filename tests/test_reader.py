@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -346,3 +348,33 @@ def test_never_raises_on_small_single_digit_frames():
     for sample in render_postcode_samples(load_demo_digits(), 300, rng, length=1, size=(320, 240)):
         located = locate_digits(sample.frame, config)
         assert located.digits.shape[1:] == (28, 28) or len(located.digits) == 0
+
+
+def test_two_workers_asking_for_one_frame_read_it_once():
+    """Items bound to the same frame share one read even when two reader threads take them at once."""
+    import threading
+
+    from edge_agent.loader import load_bundle
+    from edge_agent.pipeline import PostcodeReader
+    from edge_agent.types import Frame
+    from tests.paths import SHIPPED_BUNDLE
+
+    reader = PostcodeReader(load_bundle(SHIPPED_BUNDLE), ReaderConfig())
+    calls = []
+    real = reader.read_image
+
+    def counted(image):
+        calls.append(1)
+        time.sleep(0.05)  # a slow read: the other workers ask while it is running
+        return real(image)
+
+    reader.read_image = counted  # type: ignore[method-assign]
+    frame = Frame(np.full((480, 640), 255, np.uint8), 1.0, 7, "cam")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(reader.read_frame_cached(frame))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(results) == 4
+    assert sorted(cached for _read, cached in results) == [False, True, True, True]
