@@ -183,7 +183,7 @@ class Agent:
         try:
             trigger = parse_trigger(message.payload, self.clock, max_bytes=cfg.trigger.max_payload_bytes,
                                     response_topic=message.response_topic,
-                                    correlation_data=message.correlation_data)
+                                    correlation_data=message.correlation_data, received_at=message.received_at)
         except TriggerError as exc:
             with self._counter_lock:
                 self.counters.bad_triggers += 1
@@ -193,9 +193,6 @@ class Agent:
                                               "payload_bytes": len(message.payload)})
             self.link.ack(message.ack_token)  # nothing to answer: no item was named
             return
-        trigger = replace(trigger, received_at=message.received_at,
-                          triggered_at=None if trigger.triggered_at is None
-                          else min(trigger.triggered_at, message.received_at))
         if trigger.response_topic is not None:
             refusal = response_topic_refusal(trigger.response_topic, cfg.mqtt.response_topic_prefix,
                                              cfg.topic_base, cfg.mqtt.topic_prefix)

@@ -39,8 +39,11 @@ def parse_trigger(
     max_item_id_chars: int = DEFAULT_MAX_ITEM_ID_CHARS,
     response_topic: str | None = None,
     correlation_data: bytes | None = None,
+    received_at: float | None = None,
 ) -> Trigger:
     """Parse a PLC trigger payload like {"item_id": "A1234"}; raise TriggerError for anything else.
+
+    ``received_at`` is when the message arrived (default: the clock's now).
 
     ``response_topic`` and ``correlation_data`` come from the MQTT v5 message
     properties, not the payload, and are passed through to the Trigger.
@@ -70,7 +73,7 @@ def parse_trigger(
     if "item_id" not in data:
         raise TriggerError(f"trigger payload has no item_id; expected {_EXAMPLE}")
     item_id = _item_id(data["item_id"], max_item_id_chars)
-    received_at = clock.time()
+    received_at = clock.time() if received_at is None else received_at
     triggered_at, stale = None, None
     if "triggered_at" in data:
         triggered_at = _stamp(data["triggered_at"])

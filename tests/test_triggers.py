@@ -503,3 +503,9 @@ def test_an_unreadable_stamp_still_answers_the_item_but_as_review(stamp):
 def test_response_topics_are_allowed_only_under_the_prefix_and_never_on_product_topics(topic, allowed, refused):
     why = response_topic_refusal(topic, allowed, "postcode/site-1/line-1", "postcode")
     assert (why is None) if refused is None else (refused in why)
+
+
+def test_the_arrival_time_can_be_given_and_clamps_the_stamp():
+    trigger = parse_trigger(b'{"item_id": "A", "triggered_at": 1800000009.0}', _At(1800000100.0),
+                            received_at=1800000000.5)
+    assert trigger.received_at == 1800000000.5 and trigger.at == 1800000000.5
