@@ -162,8 +162,8 @@ class Answer:
     """One item's answer: its messages (result, reply, review) and the journal row it closes."""
 
     journal_id: int | None
-    result_id: str
-    item_id: str
+    result_id: str | None
+    item_id: str | None
     messages: tuple[OutgoingMessage, ...]
     audit: Mapping[str, Any]
 
@@ -398,23 +398,10 @@ class Outbox:
         if not topic:
             raise ValueError("topic must not be empty")
         audit_dict = dict(audit or {})
-        now = self._clock.time()
-        audit_json = self._audit_json(audit_dict)
-        result_id = audit_dict.get("result_id")
-        item_id = audit_dict.get("item_id")
-        with self._tx("storing a result") as conn:
-            cur = conn.execute(
-                "INSERT INTO messages (topic, payload, qos, correlation_data, expires_at, created_at, state,"
-                " result_id, item_id, audit) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (topic, bytes(payload), qos, correlation_data, expires_at, now, MessageState.PENDING.value,
-                 None if result_id is None else str(result_id), None if item_id is None else str(item_id),
-                 audit_json),
-            )
-            message_id = int(cur.lastrowid or 0)
-            self._bump(conn, "added", 1)
-            dropped = self._drop_excess(conn, now)
-        self._after_add(dropped)
-        return message_id
+        result_id, item_id = audit_dict.get("result_id"), audit_dict.get("item_id")
+        answer = Answer(None, None if result_id is None else str(result_id), None if item_id is None else str(item_id),
+                        (OutgoingMessage(topic, payload, qos, expires_at, correlation_data),), audit_dict)
+        return self.record_answers([answer])[0][0]
 
     def journal_triggers(self, triggers: Iterable[Trigger], dedup_window_s: float,
                          results_topic: str) -> list[Journaled]:
