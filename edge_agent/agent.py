@@ -787,7 +787,8 @@ def crops_strip_png(digits: np.ndarray) -> str | None:
 def _percentiles_ms(samples: "deque[float]") -> dict[str, float | None]:
     if not samples:
         return {"p50": None, "p99": None, "n": 0}
-    values = np.fromiter(samples, float) * 1000.0
+    # A copy first: other threads append while the health thread reads.
+    values = np.array(tuple(samples), float) * 1000.0
     return {"p50": round(float(np.percentile(values, 50)), 3), "p99": round(float(np.percentile(values, 99)), 3),
             "n": len(values)}
 

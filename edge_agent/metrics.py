@@ -9,6 +9,8 @@ truth and nothing to keep in step.
 from __future__ import annotations
 
 import logging
+import threading
+from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -167,26 +169,33 @@ def _hottest_sensor() -> float | None:
 
 
 class RateWindow:
-    """Answers in the last ``span_s`` seconds: reads per minute, auto-sort %, review % by reason."""
+    """Answers in the last ``span_s`` seconds: reads per minute, auto-sort %, review % by reason.
+
+    Thread-safe: the store thread adds while the health thread (and /metrics) read.
+    """
 
     def __init__(self, span_s: float = 60.0) -> None:
         self.span_s = span_s
-        self._entries: list[tuple[float, bool, str | None]] = []
+        self._entries: deque[tuple[float, bool, str | None]] = deque()
+        self._lock = threading.Lock()
 
     def add(self, now: float, accepted: bool, reason: str | None) -> None:
-        self._entries.append((now, accepted, reason))
+        with self._lock:
+            self._entries.append((now, accepted, reason))
 
     def rates(self, now: float) -> dict[str, Any]:
-        cutoff = now - self.span_s
-        self._entries = [e for e in self._entries if e[0] >= cutoff]
-        n = len(self._entries)
+        with self._lock:
+            while self._entries and self._entries[0][0] < now - self.span_s:
+                self._entries.popleft()
+            entries = list(self._entries)
+        n = len(entries)
         by_reason: dict[str, float] = {}
-        for _t, accepted, reason in self._entries:
+        for _t, accepted, reason in entries:
             if not accepted and reason:
                 by_reason[reason] = by_reason.get(reason, 0) + 1
         return {
             "reads_per_min": round(n * 60.0 / self.span_s, 2),
-            "auto_sort_pct": round(100.0 * sum(e[1] for e in self._entries) / n, 2) if n else None,
+            "auto_sort_pct": round(100.0 * sum(e[1] for e in entries) / n, 2) if n else None,
             "review_pct_by_reason": {k: round(100.0 * v / n, 2) for k, v in sorted(by_reason.items())},
             "span_s": self.span_s,
         }

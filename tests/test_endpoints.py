@@ -112,3 +112,16 @@ def test_unknown_paths_and_writes_get_json_errors(served):
     assert headers["X-Content-Type-Options"] == "nosniff"
     status, body, _ = get(f"{url}/metrics", method="POST")
     assert status == 405 and "read-only" in json.loads(body)["error"]
+
+
+def test_rate_window_counts_the_last_minute_only():
+    from edge_agent.metrics import RateWindow
+
+    window = RateWindow(60.0)
+    window.add(0.0, True, None)  # falls out of the window
+    for t, accepted, reason in ((50.0, True, None), (55.0, False, "low_confidence"), (58.0, True, None)):
+        window.add(t, accepted, reason)
+    rates = window.rates(61.0)
+    assert rates["reads_per_min"] == 3.0 and rates["auto_sort_pct"] == 66.67
+    assert rates["review_pct_by_reason"] == {"low_confidence": 33.33}
+    assert RateWindow(60.0).rates(0.0)["auto_sort_pct"] is None
