@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -26,24 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.chaos import ChaosSite  # noqa: E402
-
-SHIPPED = ROOT / "models" / "mnist-int8"
-
-
-def bundle_copy(folder: Path, version: str) -> Path:
-    shutil.copytree(SHIPPED, folder)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["version"] = version
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return folder
-
-
-def point(active: Path, target: Path) -> None:
-    tmp = active.with_name("active.tmp")
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(target)
-    os.replace(tmp, active)
-
+from tests.test_model_swap import bundle_copy, point  # noqa: E402 - the same bundles and switch as the test
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
