@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import sys
 import tomllib
 import types
 import typing
@@ -18,7 +19,20 @@ from typing import Any
 
 from edge_agent.bundle import MANIFEST_FILE, BundleError, parse_manifest
 
-DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "models" / "mnist-int8"
+
+
+def _shipped_bundle() -> Path:
+    """The model bundle that comes with the package.
+
+    In a source checkout it is ``models/mnist-int8``; a wheel installs the same files as data
+    under ``<venv>/share/postcode-edge/models/mnist-int8`` (see setup.py's ``data_files``).
+    """
+    checkout = Path(__file__).resolve().parent.parent / "models" / "mnist-int8"
+    installed = Path(sys.prefix) / "share" / "postcode-edge" / "models" / "mnist-int8"
+    return checkout if checkout.is_dir() else installed
+
+
+DEFAULT_BUNDLE = _shipped_bundle()
 
 
 class ConfigError(Exception):
