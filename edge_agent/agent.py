@@ -23,8 +23,9 @@ import numpy as np
 from edge_agent.binding import FrameWindow, SurgeGuard, choose_frame, too_late_to_read
 from edge_agent.bundle import BundleError
 from edge_agent.config import AgentConfig, mqtt_password, security_warnings
-from edge_agent.endpoints import Check, EndpointServer, make_app
+from edge_agent.endpoints import EndpointServer, make_app
 from edge_agent.grabber import FrameGrabber
+from edge_agent.liveness import Heartbeats, verdict
 from edge_agent.loader import load_bundle
 from edge_agent.metrics import STAGES, AgentMetrics, RateWindow, SnapshotCollector, SystemProbe
 from edge_agent.observability import DriftMonitor, ObservedRead, Reference, TrainingBaseline
@@ -33,10 +34,12 @@ from edge_agent.outbox import Answer, Journaled, JournalOutcome, Outbox, OutboxE
 from edge_agent.pipeline import FrameRead, PostcodeReader, postcode_read
 from edge_agent.reader import ReaderConfig
 from edge_agent.review import ReviewStore
+from edge_agent.sdnotify import Notifier
 from edge_agent.sources import SourceError, decode_image, open_source, redact_url
 from edge_agent.triggers import (IntervalTrigger, SceneChangeDetector, SceneSettings, TriggerError,
                                  parse_trigger, response_topic_refusal, run_interval)
-from edge_agent.types import Clock, Frame, PostcodeRead, Reason, SystemClock, Trigger, TriggerMessage
+from edge_agent.types import (Check, Clock, Frame, PostcodeRead, Reason, SystemClock, Trigger,
+                              TriggerMessage)
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +152,7 @@ class Agent:
         self._outstanding = 0  # triggers taken in whose answer is not stored yet
         self._outstanding_cond = threading.Condition()
         self._threads: list[threading.Thread] = []
+        self._heartbeats = Heartbeats(self.clock.monotonic)
         self._latencies_ms: list[float] = []
         self._counter_lock = threading.Lock()
         self._read_estimate_s = _FIRST_READ_ESTIMATE_S
@@ -266,6 +270,7 @@ class Agent:
 
     def _journal_loop(self) -> None:
         while not self._shutdown.is_set():
+            self._beat()
             batch = _take_batch(self._intake, _BATCH)
             if not batch:
                 continue
@@ -327,6 +332,7 @@ class Agent:
         """Give waiting items the first frame captured in their window, or answer them when it closes."""
         seq = self.grabber.last_seq if self.grabber is not None else 0
         while not self._shutdown.is_set():
+            self._beat()
             if self.grabber is not None:
                 seq = self.grabber.wait_for_new(seq, 0.02)
             else:
@@ -357,6 +363,7 @@ class Agent:
 
     def _read_loop(self) -> None:
         while not self._shutdown.is_set():
+            self._beat()
             try:
                 item = self._ready.get(timeout=0.2)
             except queue.Empty:
@@ -407,6 +414,7 @@ class Agent:
 
     def _store_loop(self) -> None:
         while not self._shutdown.is_set():
+            self._beat()
             batch = _take_batch(self._answers, _BATCH)
             if not batch:
                 continue
@@ -421,6 +429,7 @@ class Agent:
                     log.error("could not store %d answer(s): %s; retrying", len(batch), exc)
                     self._report_error("store_failed", {"error": str(exc),
                                                       "items": [a.item.trigger.item_id for a in batch][:20]})
+                    self._beat()  # failing, not stuck: a restart would not make the disk writable
                     if self._shutdown.wait(1.0):
                         log.error("stopping with %d answer(s) unstored: %s", len(batch),
                                   [a.item.trigger.item_id for a in batch])
@@ -552,6 +561,7 @@ class Agent:
 
     def _crops_loop(self) -> None:
         while not self._shutdown.is_set() or not self._crops.empty():
+            self._beat()
             try:
                 result, located = self._crops.get(timeout=0.2)
             except queue.Empty:
@@ -593,12 +603,33 @@ class Agent:
         self._spawn("health", self._report_health)
         if self.config.trigger.mode == "interval":
             interval = IntervalTrigger(self.config.trigger.interval_ms / 1000.0)
-            self._spawn("interval", lambda: run_interval(interval, self.clock, self.submit, self.stopping))
+            self._spawn("interval", lambda: run_interval(interval, self.clock, self.submit, self.stopping),
+                        watched=False)
 
-    def _spawn(self, name: str, target) -> None:
+    def _spawn(self, name: str, target, *, watched: bool = True) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
+        if watched:  # the loop beats once per turn (see _beat); the watchdog checks it does
+            self._heartbeats.watch(name, thread)
         thread.start()
         self._threads.append(thread)
+
+    def _beat(self) -> None:
+        self._heartbeats.beat(threading.current_thread().name)
+
+    def liveness(self) -> dict[str, Check]:
+        """What /healthz and the systemd watchdog check: every part still makes progress.
+
+        Unlike readiness, a camera that is unplugged or a broker that is down is not a failure
+        here: the agent retries them itself, and a restart would not bring them back. A call
+        that never returns, a loop that stopped turning or a dead network thread is.
+        """
+        wd = self.config.watchdog
+        checks = {"pipeline": self._heartbeats.vital(wd.stage_stall_s)}
+        if self.grabber is not None:
+            stuck = self.grabber.stuck_call(wd.camera_stall_s)
+            checks["camera"] = Check(stuck is None, stuck or "camera calls return")
+        checks["mqtt"] = self.link.vital()
+        return checks
 
     def drain(self, timeout_s: float) -> bool:
         """Wait until every trigger taken in has its answer stored; False if some had not by then."""
@@ -700,13 +731,14 @@ class Agent:
         """Serve /metrics, /healthz and /readyz on the configured address (raises OSError if taken)."""
         http = self.config.http
         if http.enabled and self.endpoint is None:
-            self.endpoint = EndpointServer(make_app(self.metrics.registry, self.readiness), http.host,
-                                           http.port).start()
+            self.endpoint = EndpointServer(make_app(self.metrics.registry, self.readiness, self.liveness),
+                                           http.host, http.port).start()
 
     def _report_health(self) -> None:
         period_s = self.config.observability.health_period_s
         next_report = next_prune = self.clock.monotonic()
         while not self._shutdown.wait(min(1.0, period_s)):
+            self._beat()
             try:
                 self._check_bad_frames()
                 self._follow_active_bundle()
@@ -854,6 +886,7 @@ def mqtt_settings(config: AgentConfig) -> MqttSettings:
         protocol=m.protocol, topic_prefix=config.topic_base, status_topic=config.topic("status"),
         results_topic=config.topic("result"), trigger_topic=config.topic("trigger"),
         events_topic=config.topic("events"), window=m.max_inflight, session_expiry_s=m.session_expiry_s,
+        probe_period_s=config.watchdog.mqtt_probe_s, echo_timeout_s=config.watchdog.mqtt_echo_timeout_s,
     )
 
 
@@ -902,13 +935,38 @@ def start_agent(agent: Agent) -> None:
 
 
 def run_agent(config: AgentConfig, stop: threading.Event, clock: Clock | None = None, *,
-              start_fresh: bool = False) -> Agent:
-    """Start everything, serve until ``stop`` is set, then answer what was taken in and shut down."""
+              start_fresh: bool = False, notifier: Notifier | None = None) -> Agent:
+    """Start everything, serve until ``stop`` is set, then answer what was taken in and shut down.
+
+    Under systemd (Type=notify) it says READY=1 once every stage runs, and WATCHDOG=1 from this
+    loop only while ``Agent.liveness()`` passes, so systemd restarts an agent that is stuck.
+    """
+    notifier = notifier or Notifier()
     agent = build_agent(config, clock, start_fresh=start_fresh)
     start_agent(agent)
     log.info("agent serving %s (model %s, trigger %s)", config.topic_base, agent.reader.model.version,
              config.trigger.mode)
-    stop.wait()
+    notifier.ready(f"reading {config.topic_base} with model {agent.reader.model.version}")
+    watch_liveness(agent.liveness, notifier, stop)
     log.info("agent stopping")
+    notifier.stopping("answering the triggers taken in, then delivering")
     agent.stop()
     return agent
+
+
+def watch_liveness(liveness, notifier: Notifier, stop: threading.Event) -> None:
+    """Until ``stop``: ping the watchdog while every check passes; say why in STATUS= when not."""
+    period_s = min(notifier.watchdog_period_s or 2.0, 2.0)
+    healthy = True
+    while not stop.wait(period_s):
+        ok, summary = verdict(liveness())
+        if ok:
+            notifier.watchdog()
+        if ok != healthy:
+            healthy = ok
+            if ok:
+                log.info("all parts make progress again; watchdog pings resumed")
+            else:
+                log.error("not alive: %s; watchdog pings stopped (systemd restarts the agent; "
+                          "the journal answers every trigger taken in)", summary)
+            notifier.status("healthy" if ok else f"unhealthy: {summary}")

@@ -170,6 +170,37 @@ class ObservabilityConfig:
 
 
 @dataclass(frozen=True)
+class WatchdogConfig:
+    """When the agent stops telling systemd it is alive (WATCHDOG=1), so that systemd restarts it.
+
+    Restarting loses nothing (the journal answers every trigger taken in), so a stage that has
+    stopped making progress is better restarted than waited for.
+    """
+
+    stage_stall_s: float = 10.0  # a pipeline loop (journal, binder, readers, store, ...) silent this long
+    camera_stall_s: float = 15.0  # one call into the camera (open or read) has not returned in this long
+    mqtt_probe_s: float = 5.0  # while connected, a probe goes to the broker and back this often
+    mqtt_echo_timeout_s: float = 20.0  # no probe came back for this long: the MQTT loop is dead or wedged
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    """edge-sync for this line (``edge-sync pull --config``): where models come from, which ones to trust.
+
+    The models folder is the one holding ``model.bundle`` (which must be its ``active`` pointer).
+    """
+
+    registry: str = ""  # base URL of the signed registry; "" leaves this line's model alone
+    public_keys: tuple[Path, ...] = ()  # Ed25519 public keys trusted for the index (two during a rotation)
+    channel: str = "stable"  # "canary" on the one line that tries a release first
+    pin: str = ""  # install exactly this version (the only way to go back to an older one)
+    keep: int = 3  # previous versions kept on disk for rollback
+    health_timeout_s: float = 60.0  # the agent must prove the new model healthy within this long
+    min_reads: int = 5  # reads on the new version needed to judge it (when triggers come)
+    max_review_pct: float = 90.0  # more reads than this sent to review: the new model is unhealthy
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "INFO"
     json: bool = True  # JSON lines for journald; plain text for a terminal
@@ -187,6 +218,8 @@ class AgentConfig:
     review: ReviewConfig = field(default_factory=ReviewConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
@@ -241,6 +274,14 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "observability.blur_alarm": (0.01, 1),
     "observability.health_period_s": (0.2, 3600),
     "observability.read_events_per_s": (0, 100),
+    "watchdog.stage_stall_s": (1, 3600),
+    "watchdog.camera_stall_s": (1, 3600),
+    "watchdog.mqtt_probe_s": (1, 3600),
+    "watchdog.mqtt_echo_timeout_s": (2, 3600),
+    "sync.keep": (1, 100),
+    "sync.health_timeout_s": (1, 86_400),
+    "sync.min_reads": (1, None),
+    "sync.max_review_pct": (0, 100),
 }
 # Fractional keys that must be above zero (a range's inclusive lower bound cannot say that).
 POSITIVE = {"camera.fps", "camera.reopen_backoff_min_s", "trigger.dedup_window_s"}
@@ -380,6 +421,7 @@ def _check_values(config: AgentConfig, errors: list[str], unusable: set[str]) ->
         path = getattr(config.mqtt, key)
         if path is not None and not path.is_file():
             errors.append(f"mqtt.{key}: {path} does not exist")
+    _check_sync(config.sync, config.model.bundle, errors)
     camera, trigger = config.camera, config.trigger
     if camera.reopen_backoff_min_s > camera.reopen_backoff_max_s \
             and given("camera.reopen_backoff_min_s", "camera.reopen_backoff_max_s"):
@@ -389,6 +431,24 @@ def _check_values(config: AgentConfig, errors: list[str], unusable: set[str]) ->
         errors.append(f"camera.frame_wait_ms: {camera.frame_wait_ms} must be less than "
                       f"trigger.decision_budget_ms ({trigger.decision_budget_ms}), else an item whose "
                       "frame arrives at the end of its wait is already answered as late")
+
+
+def _check_sync(sync: SyncConfig, bundle: Path, errors: list[str]) -> None:
+    """A line that syncs needs a registry URL, keys it can read, and its model behind ``active``."""
+    if not sync.registry:
+        return
+    if not sync.registry.startswith(("https://", "http://", "file://")):
+        errors.append(f"sync.registry: {sync.registry!r} must be an https://, http:// or file:// URL")
+    if not sync.public_keys:
+        errors.append("sync.public_keys: a line that syncs must pin at least one registry public key")
+    for key in sync.public_keys:
+        if key is not None and not key.is_file():
+            errors.append(f"sync.public_keys: {key} does not exist")
+    if not sync.channel or "/" in sync.channel:
+        errors.append(f"sync.channel: {sync.channel!r} must be a channel name such as stable or canary")
+    if bundle.name != "active":
+        errors.append(f"model.bundle: {bundle} must be the models folder's active pointer "
+                      "(<models>/active) on a line that syncs, or edge-sync would swap a model the agent never loads")
 
 
 def _check_threshold_is_stricter(bundle: Path, threshold: float, errors: list[str]) -> None:

@@ -10,12 +10,13 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from waitress.server import create_server
+
+from edge_agent.types import Check
 
 log = logging.getLogger(__name__)
 
@@ -23,24 +24,19 @@ _SECURITY_HEADERS = [("X-Content-Type-Options", "nosniff"), ("Cache-Control", "n
                      ("X-Frame-Options", "DENY"), ("Referrer-Policy", "no-referrer")]
 
 
-@dataclass(frozen=True)
-class Check:
-    """One readiness check: whether it passes and, if not, why (a site engineer's words)."""
-
-    ok: bool
-    detail: str = ""
-
-
-def readiness(checks: Mapping[str, Check]) -> tuple[int, dict[str, Any]]:
-    """HTTP status and JSON body for /readyz: 200 when every check passes, else 503 naming the failures."""
+def readiness(checks: Mapping[str, Check], verdict: str = "ready") -> tuple[int, dict[str, Any]]:
+    """HTTP status and JSON body for /readyz (and /healthz with ``verdict="alive"``): 200 when
+    every check passes, else 503 naming the failures."""
     failing = [name for name, check in checks.items() if not check.ok]
-    body = {"ready": not failing, "failing": failing,
+    body = {verdict: not failing, "failing": failing,
             "checks": {name: {"ok": c.ok, "detail": c.detail} for name, c in checks.items()}}
     return (200 if not failing else 503), body
 
 
-def make_app(registry: CollectorRegistry, ready_checks: Callable[[], Mapping[str, Check]]):
-    """The WSGI app: /metrics, /healthz, /readyz; anything else is a JSON 404."""
+def make_app(registry: CollectorRegistry, ready_checks: Callable[[], Mapping[str, Check]],
+             live_checks: Callable[[], Mapping[str, Check]] | None = None):
+    """The WSGI app: /metrics, /healthz (is every part making progress), /readyz (can it read
+    envelopes now); anything else is a JSON 404."""
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path, method = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "GET")
@@ -53,7 +49,8 @@ def make_app(registry: CollectorRegistry, ready_checks: Callable[[], Mapping[str
                                           ("Content-Length", str(len(body))), *_SECURITY_HEADERS])
                 return [body]
             if path == "/healthz":
-                return _json(start_response, 200, {"alive": True})
+                status, body = readiness(live_checks() if live_checks else {}, verdict="alive")
+                return _json(start_response, status, body)
             if path == "/readyz":
                 status, body = readiness(ready_checks())
                 return _json(start_response, status, body)

@@ -73,6 +73,9 @@ class FrameGrabber:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._is_open = False  # touched only by the reading thread
+        # ("open" | "read", clock.monotonic() when it began) while a call into the source runs:
+        # a camera call that never returns is what the watchdog must see.
+        self._in_call: tuple[str, float] | None = None
         self._latest: Frame | None = None
         self._seq = 0
         self._state = GrabberState.STARTING
@@ -138,6 +141,18 @@ class FrameGrabber:
         with self._cond:
             self._cond.wait_for(lambda: self._seq > after_seq or self._finished(), timeout)
             return self._seq
+
+    def stuck_call(self, stall_s: float) -> str | None:
+        """What is wrong if a call into the source has not returned for ``stall_s``, or the thread died."""
+        call = self._in_call
+        if call is not None and self.clock.monotonic() - call[1] > stall_s:
+            return (f"camera {call[0]} on {self.source.name} has not returned for "
+                    f"{self.clock.monotonic() - call[1]:.0f} s")
+        thread = self._thread
+        if thread is not None and not thread.is_alive() and not self._stop.is_set() \
+                and self._state is not GrabberState.ENDED:
+            return f"the grabber thread for {self.source.name} has ended ({self._last_error or 'no error recorded'})"
+        return None
 
     @property
     def bad_frames(self) -> int:
@@ -219,10 +234,13 @@ class FrameGrabber:
         try:
             while not self._stop.is_set():
                 try:
+                    self._in_call = ("open", self.clock.monotonic())
                     self.source.open()
                 except Exception as exc:  # noqa: BLE001 - any open failure means "retry later"
+                    self._in_call = None
                     self._record_failure(f"cannot open {self.source.name}: {exc}")
                 else:
+                    self._in_call = None
                     self._is_open = True
                     # Re-read after open: a wrapper that builds its real source
                     # lazily only knows what kind it is now.
@@ -264,11 +282,14 @@ class FrameGrabber:
                 # holds; but never queue up a burst after a slow read.
                 next_read_at = max(next_read_at + period, self.clock.monotonic())
             try:
+                self._in_call = ("read", self.clock.monotonic())
                 image = self.source.read()
             except SourceEnded:
                 return GrabberState.ENDED, got_frame
             except Exception as exc:  # noqa: BLE001 - a failing source must not kill the agent
                 return f"{self.source.name} failed: {exc}", got_frame
+            finally:
+                self._in_call = None
             now = self.clock.monotonic()
             if image is None:
                 # A folder with nothing new is normal; a camera with no frames is not.

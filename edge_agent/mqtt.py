@@ -27,7 +27,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from .outbox import Outbox, OutboxError, OutboxMessage
-from .types import Clock, TriggerMessage
+from .types import Check, Clock, TriggerMessage
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,10 @@ class MqttSettings:
     status_ttl_s: int = 30  # MQTT v5 expiry of the retained "online": a dead agent's status fades
     receive_maximum: int = 1000  # triggers the broker may have in flight to us before our PUBACKs
     replay_timeout_s: float = 10.0  # give up waiting for the session marker after this long
+    # Liveness: while connected, a probe goes to the marker topic and back this often; if none
+    # comes back for echo_timeout_s the network loop is dead or wedged (vital() says so).
+    probe_period_s: float = 5.0
+    echo_timeout_s: float = 20.0
 
     def __post_init__(self) -> None:
         prefix = self.topic_prefix.rstrip("/")
@@ -187,6 +191,9 @@ class MqttLink:
         self._reconnected_at: float | None = None  # clock.monotonic() of a reconnect after a lost connection
         self._had_connection = False
         self._online_since = 0.0
+        self._probe_sent_at: float | None = None  # clock.monotonic() of the last liveness probe
+        self._echo_at = 0.0  # clock.monotonic() of the last probe that came back
+        self._probes = 0
         # Highest outbox id handed to paho; 0 means "look from the start" (after a message
         # has to go out again: rejected, unacknowledged for too long, or a new client).
         self._cursor = 0
@@ -235,8 +242,34 @@ class MqttLink:
 
     @property
     def connected(self) -> bool:
-        """True while a CONNACK-accepted connection is up."""
-        return self._connected.is_set()
+        """True while a CONNACK-accepted connection is up and paho's network thread still runs it."""
+        return self._connected.is_set() and self._network_thread_alive()
+
+    def _network_thread_alive(self) -> bool:
+        # paho keeps its network thread in Client._thread and sets it to None when the thread
+        # ends (an exception escaping a callback ends it); it has no public liveness API, and
+        # after that death is_connected() still says True while nothing is sent or received.
+        client = self._client
+        thread = getattr(client, "_thread", None) if client is not None else None
+        return thread is not None and thread.is_alive()
+
+    def vital(self) -> Check:
+        """Whether the MQTT side is alive: paho's network thread, our delivery loop, the probe echo."""
+        if self._client is None or self._stopping.is_set():
+            return Check(True, "not running")
+        if not self._network_thread_alive():
+            return Check(False, "the MQTT network thread has ended; nothing is sent or received")
+        if self._thread is not None and not self._thread.is_alive():
+            return Check(False, "the MQTT delivery loop has ended")
+        if not self._connected.is_set():
+            return Check(True, f"connecting to {self.settings.host}:{self.settings.port}")
+        now = self._clock.monotonic()
+        with self._state_lock:
+            evidence = max(self._echo_at, self._connected_at)
+        silent = now - evidence
+        if silent > self.settings.echo_timeout_s:
+            return Check(False, f"connected, but no probe came back from the broker for {silent:.0f} s")
+        return Check(True, "connected")
 
     @property
     def protocol(self) -> str:
@@ -529,7 +562,9 @@ class MqttLink:
         token = (client, message.mid, message.qos)
         if message.topic == self.settings.marker_topic:
             with self._state_lock:
-                if self._replaying and bytes(message.payload).decode("ascii", "replace") == self._marker:
+                if bytes(message.payload).startswith(b"probe:"):
+                    self._echo_at = self._clock.monotonic()
+                elif self._replaying and bytes(message.payload).decode("ascii", "replace") == self._marker:
                     self._replaying = False
                     log.info("session backlog replayed (%d trigger(s) in it)", self._counts["replayed_triggers"])
             self.ack(token)
@@ -609,6 +644,7 @@ class MqttLink:
                 self._flush_acks()
                 self._expire_due()
                 if self._connected.is_set():
+                    self._send_probe()
                     self._republish_stale()
                     self._fill_window()
             except OutboxError:
@@ -617,6 +653,18 @@ class MqttLink:
             except Exception:
                 log.exception("unexpected error in the delivery loop; retrying in 1 s")
                 self._stopping.wait(1.0)
+
+    def _send_probe(self) -> None:
+        """A QoS 0 message to our own marker topic: its return proves the network loop and the broker work."""
+        now = self._clock.monotonic()
+        if self._probe_sent_at is not None and now - self._probe_sent_at < self.settings.probe_period_s:
+            return
+        client = self._client
+        if client is None:
+            return
+        self._probe_sent_at = now
+        self._probes += 1
+        client.publish(self.settings.marker_topic, f"probe:{self._probes}".encode(), qos=0)
 
     def _end_stuck_replay(self) -> None:
         with self._state_lock:

@@ -152,3 +152,11 @@ class SystemClock:
 
     def monotonic(self) -> float:
         return _time.monotonic()
+
+
+@dataclass(frozen=True)
+class Check:
+    """One health or readiness check: whether it passes and, if not, why (a site engineer's words)."""
+
+    ok: bool
+    detail: str = ""
