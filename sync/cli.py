@@ -45,10 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--digits", type=Path, required=True)
 
     p = sub.add_parser("pull", help="fetch, verify, validate and activate the channel's version")
-    p.add_argument("--registry", required=True, help="base URL of the registry")
-    p.add_argument("--public-key", type=Path, action="append", required=True,
+    p.add_argument("--config", type=Path,
+                   help="an agent's TOML config, or a folder of them (one per line): each line's [sync] "
+                        "section, models folder and MQTT login; instead of the flags below")
+    p.add_argument("--registry", help="base URL of the registry")
+    p.add_argument("--public-key", type=Path, action="append",
                    help="a pinned public key; repeat to trust several during a key rotation")
-    p.add_argument("--models-dir", type=Path, required=True)
+    p.add_argument("--models-dir", type=Path)
     p.add_argument("--channel", default="stable")
     p.add_argument("--pin", help="install exactly this version (the only way to downgrade)")
     p.add_argument("--max-bytes", type=int, default=HttpSettings.max_bytes)
@@ -71,6 +74,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="highest share of reads sent to review that counts as healthy")
     p.add_argument("--min-reads", type=int, default=5, help="reads on the new version needed to judge it")
 
+    p = sub.add_parser("adopt", help="activate a local bundle (default: the one shipped with the package) "
+                                     "on lines with no active model yet; nothing otherwise")
+    p.add_argument("bundle", type=Path, nargs="?", help="bundle folder (default: the shipped bundle)")
+    p.add_argument("--config", type=Path, help="an agent's TOML config or a folder of them")
+    p.add_argument("--models-dir", type=Path, help="the models folder, instead of --config")
+    p.add_argument("--tolerance", type=float, default=0.01, help="self-test accuracy tolerance")
+
     p = sub.add_parser("status", help="active, previous, staged, high-water mark, failures (JSON)")
     p.add_argument("--models-dir", type=Path, required=True)
 
@@ -91,59 +101,114 @@ def _pause_hook():
     return pause
 
 
-def _run_pull(args) -> int:
-    from sync.pull import PullSettings, pull
+def _jobs(args):
+    """One job per line to sync: from --config (the agents' own TOML) or from the flags."""
+    from sync.lines import Job, MqttTarget, line_jobs
+    from sync.mqtt_report import HealthCriteria, parse_hostport
+    from sync.pull import PullSettings
     from sync.signing import load_public_key
 
-    keys = [load_public_key(path) for path in args.public_key]
+    http = HttpSettings(timeout=args.timeout, retries=args.retries, backoff=args.backoff,
+                        max_bytes=args.max_bytes, transfer_timeout=args.transfer_timeout)
+    if args.config is not None:
+        jobs, skipped = line_jobs(args.config, http, args.tolerance)
+        for note in skipped:
+            log.info(note)
+        return jobs
+    missing = [flag for flag, value in (("--registry", args.registry), ("--public-key", args.public_key),
+                                        ("--models-dir", args.models_dir)) if not value]
+    if missing:
+        raise SyncError(f"pull needs --config, or {', '.join(missing)}")
     settings = PullSettings(
-        registry_url=args.registry, public_keys=keys, models_dir=args.models_dir, channel=args.channel,
-        pin=args.pin, keep=args.keep, tolerance=args.tolerance,
-        http=HttpSettings(timeout=args.timeout, retries=args.retries, backoff=args.backoff,
-                          max_bytes=args.max_bytes, transfer_timeout=args.transfer_timeout))
+        registry_url=args.registry, public_keys=[load_public_key(path) for path in args.public_key],
+        models_dir=args.models_dir, channel=args.channel, pin=args.pin, keep=args.keep, tolerance=args.tolerance,
+        http=http)
+    mqtt = None
+    if args.mqtt:
+        if not args.site or not args.line:
+            raise SyncError("--mqtt needs --site and --line")
+        try:
+            host, port = parse_hostport(args.mqtt)
+        except ValueError:
+            raise SyncError(f"--mqtt {args.mqtt!r}: expected HOST:PORT") from None
+        mqtt = MqttTarget(host, port, args.site, args.line, prefix=args.topic_prefix)
+    health = HealthCriteria(timeout_s=args.health_timeout, min_reads=args.min_reads,
+                            max_review_pct=args.max_review_pct)
+    return [Job(str(args.models_dir), settings, mqtt, health)]
 
-    mqtt = _connect_mqtt(args)
+
+def _run_pull(args) -> int:
+    jobs = _jobs(args)
+    if not jobs:
+        print("up_to_date: no line is configured to sync")
+        return 0
+    pause = _pause_hook()
+    while True:
+        results = [_pull_line(job, pause, prefix=len(jobs) > 1) for job in jobs]
+        if not args.every:
+            return 0 if all(results) else 1
+        time.sleep(args.every)
+
+
+def _pull_line(job, pause, prefix: bool) -> bool:
+    """Pull for one line, health-check an update, publish the state; True unless something was refused."""
+    from sync.pull import pull
+
+    mqtt = _connect_mqtt(job.mqtt)
+    label = f"{job.name}: " if prefix else ""
 
     def report(event: dict) -> None:
+        event = {**event, "line": job.name} if prefix else event
         log.info(json.dumps(event, sort_keys=True))
         if mqtt is not None:
             mqtt.event(event)
 
-    pause = _pause_hook()
     try:
-        while True:
-            result = pull(settings, report=report, pause=pause)
-            ok = result.ok
-            if result.outcome == "updated" and mqtt is not None:
-                ok = _health_check(args, mqtt, result.version, report)
-            elif result.ok:
-                print(f"{result.outcome}: {result.version}")
-            else:
-                print(f"refused: {result.reason}", file=sys.stderr)
-            if mqtt is not None:
-                mqtt.state(_sync_state(args.models_dir))
-            if not args.every:
-                return 0 if ok else 1
-            time.sleep(args.every)
+        result = pull(job.settings, report=report, pause=pause)
+        ok = result.ok
+        if result.outcome == "updated" and mqtt is not None:
+            ok = _health_check(job, mqtt, result.version, report, label)
+        elif result.ok:
+            print(f"{label}{result.outcome}: {result.version}")
+        else:
+            print(f"{label}refused: {result.reason}", file=sys.stderr)
+        if mqtt is not None:
+            mqtt.state(_sync_state(job.settings.models_dir) | {"channel": job.settings.channel})
+        return ok
     finally:
         if mqtt is not None:
             mqtt.close()
 
 
-def _connect_mqtt(args):
-    """The MQTT reporter, or None (no --mqtt, or the broker cannot be reached: one warning)."""
-    if not args.mqtt:
+def _connect_mqtt(target):
+    """The MQTT reporter, or None (none configured, or the broker cannot be reached: one warning)."""
+    if target is None:
         return None
-    if not args.site or not args.line:
-        raise SyncError("--mqtt needs --site and --line")
-    from sync.mqtt_report import SyncMqtt, parse_hostport
+    from sync.mqtt_report import SyncMqtt
 
-    try:
-        host, port = parse_hostport(args.mqtt)
-    except ValueError:
-        raise SyncError(f"--mqtt {args.mqtt!r}: expected HOST:PORT") from None
-    mqtt = SyncMqtt(host, port, args.site, args.line, prefix=args.topic_prefix)
+    mqtt = SyncMqtt(target.host, target.port, target.site, target.line, prefix=target.prefix,
+                    username=target.username, password=target.password, tls=target.tls, ca_file=target.ca_file)
     return mqtt if mqtt.connect() else None
+
+
+def _run_adopt(args) -> int:
+    from edge_agent.config import DEFAULT_BUNDLE
+    from sync.lines import config_files, load_line
+    from sync.pull import adopt
+
+    if args.config is not None:
+        folders = [(str(f), load_line(f).model.bundle.parent) for f in config_files(args.config)]
+    elif args.models_dir is not None:
+        folders = [(str(args.models_dir), args.models_dir)]
+    else:
+        raise SyncError("adopt needs --config or --models-dir")
+    bundle = args.bundle or DEFAULT_BUNDLE
+    for name, models_dir in folders:
+        result = adopt(models_dir, bundle, args.tolerance,
+                       report=lambda event: log.info(json.dumps(event, sort_keys=True)))
+        print(f"{name}: " + (f"adopted {result.version}" if result.outcome == "updated"
+                             else f"already active: {result.version}"))
+    return 0
 
 
 def _sync_state(models_dir: Path) -> dict:
@@ -153,48 +218,48 @@ def _sync_state(models_dir: Path) -> dict:
     return {key: state.get(key) for key in ("active", "previous", "last_result", "last_error")}
 
 
-def _health_check(args, mqtt, version: str, report) -> bool:
+def _health_check(job, mqtt, version: str, report, label: str = "") -> bool:
     """After an activation: healthy in time, or roll back (version marked failed) and say why."""
     import fcntl
 
     from sync.activation import load_state, rollback, save_state
-    from sync.mqtt_report import HealthCriteria
     from sync.registry import iso
 
-    criteria = HealthCriteria(timeout_s=args.health_timeout, min_reads=args.min_reads,
-                              max_review_pct=args.max_review_pct)
+    criteria = job.health
+    models_dir = Path(job.settings.models_dir)
     report({"event": "health_check", "version": version, "timeout_s": criteria.timeout_s,
             "min_reads": criteria.min_reads, "max_review_pct": criteria.max_review_pct})
     verdict = mqtt.wait_healthy(version, criteria)
     if verdict.healthy:
         report({"event": "healthy", "version": version, "reads": verdict.reads, "review_pct": verdict.review_pct})
-        print(f"updated: {version}")
+        print(f"{label}updated: {version}")
         return True
     if not verdict.judged:
         # A broker outage says nothing about the model: keep it, do not mark it failed.
         log.warning(verdict.reason)
         report({"event": "health_unknown", "version": version, "reason": verdict.reason})
-        print(f"updated: {version}")
+        print(f"{label}updated: {version}")
         return True
     reason = f"unhealthy: {verdict.reason}"
-    with open(Path(args.models_dir) / ".lock", "w") as lock:
+    with open(models_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # not while another pull is switching
         try:
-            _, previous = rollback(args.models_dir, reason=reason)
+            _, previous = rollback(models_dir, reason=reason)
         except SyncError as exc:
             report({"event": "rollback_failed", "version": version, "reason": f"{reason}; {exc}"})
-            print(f"refused: v{version} unhealthy and not rolled back: {verdict.reason}; {exc}", file=sys.stderr)
+            print(f"{label}refused: v{version} unhealthy and not rolled back: {verdict.reason}; {exc}",
+                  file=sys.stderr)
             return False
-        state = load_state(args.models_dir)
+        state = load_state(models_dir)
         from datetime import datetime, timezone
 
         state["last_error"] = reason
         state["last_result"] = {"outcome": "rolled_back", "version": version, "reason": reason,
                                 "at": iso(datetime.now(timezone.utc))}
-        save_state(args.models_dir, state)
+        save_state(models_dir, state)
     report({"event": "rolled_back", "version": version, "to": previous, "reason": reason,
             "reads": verdict.reads, "review_pct": verdict.review_pct})
-    print(f"refused: v{version} rolled back: {verdict.reason}", file=sys.stderr)
+    print(f"{label}refused: v{version} rolled back: {verdict.reason}", file=sys.stderr)
     return False
 
 
@@ -231,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"self-test: {entry['n']} digits, accuracy {entry['accuracy']}")
         elif args.command == "pull":
             return _run_pull(args)
+        elif args.command == "adopt":
+            return _run_adopt(args)
         elif args.command == "status":
             from sync.pull import status
 

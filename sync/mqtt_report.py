@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -54,7 +55,8 @@ class SyncMqtt:
     """A small client: connect, publish events and the retained state, watch status and health."""
 
     def __init__(self, host: str, port: int, site: str, line: str, prefix: str = "postcode",
-                 connect_timeout_s: float = 5.0):
+                 connect_timeout_s: float = 5.0, *, username: str | None = None, password: str | None = None,
+                 tls: bool = False, ca_file: Path | None = None):
         self.host, self.port = host, port
         self.base = f"{prefix}/{site}/{line}"
         self.connect_timeout_s = connect_timeout_s
@@ -65,6 +67,11 @@ class SyncMqtt:
         self._health: queue.Queue[dict[str, Any]] = queue.Queue()
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"edge-sync-{uuid.uuid4().hex[:8]}",
                                    protocol=MQTTProtocolVersion.MQTTv311)
+        if username:
+            # The line's own login: the broker's ACL lets it publish under the line's topics only.
+            self._client.username_pw_set(username, password)
+        if tls:
+            self._client.tls_set(ca_certs=str(ca_file) if ca_file else None)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
         self._client.on_disconnect = self._on_disconnect

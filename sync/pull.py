@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge_agent.bundle import MANIFEST_FILE, MODEL_FILE, BundleError, parse_manifest, parse_version, sha256_file
 from edge_agent.loader import load_bundle
 from sync import activation
-from sync.errors import DownloadError, RegistryError, SignatureError, SyncError, ValidationError
+from sync.errors import ActivationError, DownloadError, RegistryError, SignatureError, SyncError, ValidationError
 from sync.fetch import HttpSettings, NotFound, download, get_index, get_small
 from sync.registry import (INDEX_FILE, INDEX_SIG_FILE, MANIFEST_SIG_FILE, MAX_INDEX_BYTES, iso, parse_index,
                            parse_time)
@@ -280,6 +280,49 @@ def _pull(settings: PullSettings, state: dict[str, Any], report: Report,
     pruned = activation.prune(models_dir, settings.keep, target, state.get("previous"))
     report({"event": "activated", "version": target, "previous": active, "pruned": pruned})
     return PullResult("updated", target)
+
+
+def adopt(models_dir: Path, bundle: Path, tolerance: float = DEFAULT_TOLERANCE,
+          report: Report = lambda event: None,
+          now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> PullResult:
+    """A line's first model: install a local bundle (the one shipped in the package) when none is active.
+
+    Run before every agent start (the unit's ExecStartPre): once a model is active this does
+    nothing, so a synced newer version is never replaced by the shipped one. The bundle passes
+    the same validation as a pulled one (loads, its self-test holds); there is no signature to
+    check because it came with the installed software itself.
+    """
+    models_dir = Path(models_dir)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with open(models_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # wait for a pull that is switching
+        active = activation.active_version(models_dir)
+        if active is not None:
+            return PullResult("up_to_date", active)
+        try:
+            version = parse_manifest((Path(bundle) / MANIFEST_FILE).read_text(encoding="utf-8")).version
+        except (OSError, BundleError) as exc:
+            raise ValidationError(f"cannot adopt {bundle}: {exc}") from exc
+        state = activation.load_state(models_dir)
+        staged = models_dir / activation.STAGING / version
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copytree(bundle, staged)
+            accuracy = _validate(PullSettings("", [], models_dir, tolerance=tolerance), staged, version)
+            activation.install(models_dir, version, staged)
+        except OSError as exc:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise ActivationError(f"cannot adopt {version} into {models_dir}: {exc.strerror or exc}") from exc
+        except SyncError:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+        _finish_interrupted_activation(state, version, report)
+        state["last_result"] = {"outcome": "adopted", "version": version, "reason": f"from {bundle}",
+                                "at": iso(now())}
+        activation.save_state(models_dir, state)
+        report({"event": "adopted", "version": version, "bundle": str(bundle), "selftest_accuracy": accuracy})
+        return PullResult("updated", version)
 
 
 def status(models_dir: Path) -> dict[str, Any]:

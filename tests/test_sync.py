@@ -579,6 +579,10 @@ def test_a_corrupt_partial_file_is_started_over(tmp_path, base_bundle, server, k
 def test_publish_refuses_a_bundle_without_self_test(tmp_path, server, keys):
     bundle = tmp_path / "bare"
     shutil.copytree(SHIPPED_BUNDLE, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest.pop("selftest", None)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    (bundle / "selftest.npz").unlink(missing_ok=True)
     with pytest.raises(SyncError, match="no self-test"):
         publish(bundle, server.root, "stable", keys[0].private)
     assert not (server.root / "index.json").exists()
