@@ -26,7 +26,8 @@ from web.cli import build_parser, config_from_args
 from web.config import BrokerSettings, WebConfigError, parse_broker_address
 from web.mqtt_source import MqttSource
 from web.server import DashboardServer
-from web.state import (FINE_SPAN_S, MAX_CHART_POINTS, MAX_LINES, MAX_READS, LineStatus, MessageKind, SiteState)
+from web.state import (FINE_SPAN_S, MAX_CHART_POINTS, MAX_LINES, MAX_READS, MAX_SYNC_EVENTS, LineStatus,
+                       MessageKind, Rollout, SiteState)
 
 T0 = 1_800_000_000.0
 SITE = "site-7"
@@ -80,6 +81,30 @@ def read(n: int, accepted: bool = True, crops: str | None = PNG) -> bytes:
                        "reason": None if accepted else "low_confidence", "confidence": 0.99,
                        "digits": [{"digit": 7, "confidence": 0.99}], "crops_png": crops,
                        "decided_at": T0 + n, "latency_ms": 12.0}).encode()
+
+
+def iso(epoch: float) -> str:
+    """Time as edge-sync writes it in last_result (sync.registry.iso)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def sync_state(active: str = "1.1.0", previous: str | None = "1.0.0", outcome: str = "updated",
+               version: str | None = None, reason: str = "", at: float = T0, **extra: Any) -> bytes:
+    """The retained ``sync`` message, shaped like edge-sync's (sync/cli.py _sync_state + SyncMqtt.state)."""
+    error = reason if outcome in ("refused", "rolled_back") else None
+    return json.dumps({"active": active, "previous": previous, "last_error": error, "at": at,
+                       "last_result": {"outcome": outcome, "version": version or active, "reason": reason,
+                                       "at": iso(at)}, **extra}).encode()
+
+
+def sync_event(event: str, at: float = T0, **fields: Any) -> bytes:
+    return json.dumps({"event": event, "at": at, **fields}).encode()
+
+
+def up_line(state: SiteState, line: str, version: str, now: float, period: float = 2.0) -> None:
+    """A line whose agent is online and reports health on ``version``."""
+    state.handle(line, MessageKind.STATUS, status_online(now), now=now)
+    state.handle(line, MessageKind.HEALTH, health(now, period=period, model_version=version), now=now)
 
 
 def fed_state(now: float = T0) -> SiteState:
@@ -247,6 +272,180 @@ def test_lines_and_series_are_bounded():
     assert len(state.line("line-1", minutes=5, now=now)["series"]["at"]) == 151  # both ends of 5 min
 
 
+# -- models and sync -------------------------------------------------------------------------
+
+def test_sync_state_gives_active_previous_and_the_last_result_with_its_age():
+    state = SiteState(SITE)
+    state.broker_connected(now=T0)
+    up_line(state, "line-1", "1.1.0", T0)
+    assert state.handle("line-1", MessageKind.SYNC, sync_state(at=T0 - 120), retained=True, now=T0)
+    view = state.line("line-1", now=T0 + 5)
+    assert view["model_version"] == "1.1.0"
+    assert view["sync"] == {"heard": True, "at": T0 - 120, "age_s": 125.0, "last_error": None, "problem": None,
+                            "last_result": {"outcome": "updated", "version": "1.1.0", "reason": None,
+                                            "at": T0 - 120, "age_s": 125.0}}
+    model = view["model"]
+    assert (model["running"], model["active"], model["previous"]) == ("1.1.0", "1.1.0", "1.0.0")
+    assert model["rollout"] == Rollout.IN_SYNC.value and not model["mismatch"] and not model["canary"]
+    # An older edge-sync that says only the outcome, and one that names its channel.
+    state.handle("line-1", MessageKind.SYNC, json.dumps({"active": "1.1.0", "last_result": "up_to_date",
+                                                         "channel": "stable"}).encode(), now=T0 + 40)
+    view = state.line("line-1", now=T0 + 40)
+    assert view["sync"]["last_result"] == {"outcome": "up_to_date", "version": None, "reason": None, "at": None,
+                                           "age_s": None}
+    assert view["sync"]["at"] == T0 + 40 and view["model"]["channel"] == "stable"  # no "at": its arrival
+
+
+def test_a_refused_or_rolled_back_pull_is_a_sync_problem_with_its_reason():
+    state = SiteState(SITE)
+    state.broker_connected(now=T0)
+    up_line(state, "line-1", "1.0.0", T0)
+    reason = "unhealthy: 97% of 40 reads on 1.1.0 went to review (max 90%)"
+    state.handle("line-1", MessageKind.SYNC, sync_state("1.0.0", "1.1.0", "rolled_back", "1.1.0", reason), now=T0)
+    snap = state.snapshot(now=T0 + 1)
+    sync = snap["lines"][0]["sync"]
+    assert sync["problem"] == {"outcome": "rolled_back", "version": "1.1.0", "reason": reason}
+    assert sync["last_error"] == reason and snap["summary"]["sync_problems"] == 1
+    # The next pull refuses the failed version again: still a problem, with the new reason.
+    refusal = "version 1.1.0 failed before (unhealthy: ...); waiting for a newer one"
+    state.handle("line-1", MessageKind.SYNC, sync_state("1.0.0", "1.1.0", "refused", "1.1.0", refusal), now=T0 + 2)
+    assert state.line("line-1", now=T0 + 2)["sync"]["problem"]["reason"] == refusal
+    # A refusal without a reason still says what happened.
+    state.handle("line-1", MessageKind.SYNC, json.dumps({"active": "1.0.0", "last_result": "refused"}).encode(),
+                 now=T0 + 3)
+    assert state.line("line-1", now=T0 + 3)["sync"]["problem"]["reason"] == "refused"
+    state.handle("line-1", MessageKind.SYNC, sync_state("1.2.0", "1.0.0"), now=T0 + 4)
+    assert state.snapshot(now=T0 + 4)["summary"]["sync_problems"] == 0
+
+
+def test_an_agent_on_another_version_than_the_active_one_is_a_mismatch_after_two_health_periods():
+    state = SiteState(SITE)
+    state.broker_connected(now=T0)
+    up_line(state, "line-1", "1.0.0", T0, period=2.0)
+    state.handle("line-1", MessageKind.SYNC, sync_state("1.1.0", "1.0.0"), now=T0 + 1)
+    # Within the grace period (2 x 2 s) the agent is switching, not failing.
+    assert state.line("line-1", now=T0 + 4)["model"]["rollout"] == Rollout.SWITCHING.value
+    state.handle("line-1", MessageKind.HEALTH, health(T0 + 4, model_version="1.0.0"), now=T0 + 4)
+    view = state.line("line-1", now=T0 + 5.5)
+    assert view["model"]["rollout"] == "mismatch" and view["model"]["mismatch"] is True
+    assert view["model"]["mismatch_for_s"] == 4.5
+    assert view["model"]["mismatch_reason"] == "agent runs 1.0.0, sync's active version is 1.1.0 (for 4 s)"
+    assert state.snapshot(now=T0 + 5.5)["summary"]["model_mismatches"] == 1
+    # The agent's model event says it switched: in sync at once, without waiting for health.
+    assert state.handle("line-1", MessageKind.MODEL_EVENT,
+                        json.dumps({"from": "1.0.0", "to": "1.1.0", "bundle": "/m/versions/1.1.0"}).encode(),
+                        now=T0 + 6)
+    view = state.line("line-1", now=T0 + 6)
+    assert view["model"]["rollout"] == "in_sync" and view["model_version"] == "1.1.0"
+    assert view["sync_events"][0] == {"source": "agent", "event": "switched", "at": T0 + 6, "version": "1.1.0",
+                                      "from": "1.0.0", "to": "1.1.0", "channel": None, "reason": None}
+    # A retained status on the old version (a rollback) starts the clock again.
+    state.handle("line-1", MessageKind.STATUS, json.dumps({"state": "online", "at": T0 + 7, "ttl_s": 30,
+                                                           "model_version": "1.0.0"}).encode(), now=T0 + 7)
+    assert state.line("line-1", now=T0 + 7)["model"]["rollout"] == "switching"
+
+
+def test_no_mismatch_without_a_sync_state_a_version_or_a_running_agent():
+    state = SiteState(SITE)
+    state.broker_connected(now=T0)
+    up_line(state, "line-1", "1.0.0", T0)
+    assert state.line("line-1", now=T0 + 60)["model"]["rollout"] == Rollout.UNKNOWN.value  # no sync heard
+    state.handle("line-1", MessageKind.SYNC, sync_state("1.1.0"), now=T0)
+    state.handle("line-1", MessageKind.STATUS, status_offline("stopped"), now=T0 + 1)
+    view = state.line("line-1", now=T0 + 60)
+    assert view["status"] == "down" and view["model"]["rollout"] == "unknown" and not view["model"]["mismatch"]
+    # Only sync has spoken for line-2: its version is the active one, nothing to compare with.
+    state.handle("line-2", MessageKind.SYNC, sync_state("1.1.0"), now=T0)
+    view = state.line("line-2", now=T0 + 60)
+    assert view["model_version"] == "1.1.0" and view["model"]["running"] is None
+    assert view["model"]["rollout"] == "unknown"
+
+
+def test_a_line_on_a_canary_channel_or_on_another_version_than_most_is_a_canary():
+    state = SiteState(SITE)
+    state.broker_connected(now=T0)
+    for line in ("line-1", "line-2", "line-3"):
+        up_line(state, line, "1.0.0", T0)
+    snap = state.snapshot(now=T0)
+    assert snap["summary"]["canary_lines"] == 0 and snap["summary"]["model_versions"] == {"1.0.0": 3}
+    # line-3 pulls from the canary channel (named in the pull's first step) and runs 1.1.0.
+    state.handle("line-3", MessageKind.SYNC_EVENT, sync_event("check", active="1.0.0", channel="canary", pin=None),
+                 now=T0 + 1)
+    state.handle("line-3", MessageKind.HEALTH, health(T0 + 2, model_version="1.1.0"), now=T0 + 2)
+    snap = state.snapshot(now=T0 + 2)
+    assert snap["summary"]["model_versions"] == {"1.0.0": 2, "1.1.0": 1}
+    assert snap["summary"]["model_majority"] == "1.0.0" and snap["summary"]["canary_lines"] == 1
+    canary = snap["lines"][2]["model"]
+    assert canary["canary"] and canary["canary_reason"] == "channel canary" and canary["channel"] == "canary"
+    # A line left behind on stable stands out too: its version differs from the site's majority.
+    state.handle("line-3", MessageKind.SYNC_EVENT, sync_event("check", active="1.1.0", channel="stable"), now=T0 + 3)
+    for line in ("line-1", "line-2"):
+        state.handle(line, MessageKind.HEALTH, health(T0 + 3, model_version="1.2.0"), now=T0 + 3)
+    lines = state.snapshot(now=T0 + 3)["lines"]
+    assert [v["model"]["canary"] for v in lines] == [False, False, True]
+    assert lines[2]["model"]["canary_reason"] == "runs 1.1.0; most lines run 1.2.0"
+    # Two lines on two versions: no majority, nobody is singled out.
+    two = SiteState(SITE)
+    up_line(two, "a", "1.0.0", T0)
+    up_line(two, "b", "1.1.0", T0)
+    snap = two.snapshot(now=T0)
+    assert snap["summary"]["model_majority"] is None and snap["summary"]["canary_lines"] == 0
+
+
+def test_sync_steps_are_listed_newest_first_and_bounded():
+    state = SiteState(SITE)
+    steps = [sync_event("check", T0, active="1.0.0", channel="stable", pin=None),
+             sync_event("download", T0 + 1, version="1.1.0", bytes=120_000),
+             sync_event("activated", T0 + 2, version="1.1.0", previous="1.0.0", pruned=[]),
+             sync_event("rolled_back", T0 + 3, version="1.1.0", to="1.0.0", reason="unhealthy: no reads")]
+    for n, step in enumerate(steps):
+        assert state.handle("line-1", MessageKind.SYNC_EVENT, step, now=T0 + n)
+    events = state.line("line-1", now=T0 + 5)["sync_events"]
+    assert [e["event"] for e in events] == ["rolled_back", "activated", "download", "check"]
+    assert events[0] == {"source": "sync", "event": "rolled_back", "at": T0 + 3, "version": "1.1.0", "from": None,
+                         "to": "1.0.0", "channel": None, "reason": "unhealthy: no reads"}
+    assert events[1]["from"] == "1.0.0" and events[3]["channel"] == "stable"
+    for n in range(MAX_SYNC_EVENTS + 15):
+        state.handle("line-1", MessageKind.SYNC_EVENT, sync_event("up_to_date", T0 + 10 + n, version="1.0.0"),
+                     now=T0 + 10 + n)
+        state.handle("line-1", MessageKind.MODEL_EVENT, json.dumps({"from": "1.0.0", "to": "1.1.0"}).encode(),
+                     now=T0 + 10 + n)
+    events = state.line("line-1", now=T0 + 60)["sync_events"]
+    assert len(events) == MAX_SYNC_EVENTS and events[0]["source"] == "agent"
+    assert events[1]["at"] == T0 + 10 + MAX_SYNC_EVENTS + 14
+
+
+def test_bad_sync_and_model_messages_are_counted_or_come_out_unknown():
+    state = SiteState(SITE)
+    state.broker_connected(now=T0)
+    for kind in (MessageKind.SYNC, MessageKind.SYNC_EVENT, MessageKind.MODEL_EVENT):
+        assert not state.handle("line-1", kind, b"not json", now=T0)
+        assert not state.handle("line-1", kind, b'["a list"]', now=T0)
+    # Events that name no step, or a model event that names no version switched to.
+    assert not state.handle("line-1", MessageKind.SYNC_EVENT, b'{"version": "1.0.0"}', now=T0)
+    assert not state.handle("line-1", MessageKind.SYNC_EVENT, b'{"event": "<img src=x onerror=alert(1)>"}', now=T0)
+    assert not state.handle("line-1", MessageKind.MODEL_EVENT, b'{"from": "1.0.0", "to": {"v": 2}}', now=T0)
+    assert state.snapshot(now=T0)["summary"]["ignored_messages"] == 9
+    # Wrong types inside a sync state: every field unknown, nothing raised.
+    assert state.handle("line-1", MessageKind.SYNC, json.dumps({
+        "active": ["1.1.0"], "previous": "../../etc/passwd", "last_result": {"outcome": 3, "at": "yesterday"},
+        "last_error": {"deep": True}, "at": "soon", "channel": None}).encode(), now=T0)
+    view = state.line("line-1", now=T0)
+    assert view["sync"]["last_result"] is None and view["sync"]["last_error"] is None
+    assert view["sync"]["at"] == T0 and view["model"]["active"] is None and view["model"]["previous"] is None
+    assert view["model_version"] is None and view["model"]["rollout"] == "unknown"
+    # A last_result with a good outcome but junk beside it keeps the outcome; a local time has no zone.
+    state.handle("line-1", MessageKind.SYNC, json.dumps({"active": "1.1.0", "last_result": {
+        "outcome": "updated", "version": 1.1, "reason": None, "at": "2027-01-01T10:00:00"}}).encode(), now=T0)
+    assert state.line("line-1", now=T0)["sync"]["last_result"] == {"outcome": "updated", "version": None,
+                                                                   "reason": None, "at": None, "age_s": None}
+    # An event stamped far in the future is listed at its arrival; a huge version is no version.
+    state.handle("line-1", MessageKind.SYNC_EVENT, sync_event("check", T0 + 10**6, active="9" * 100), now=T0 + 1)
+    event = state.line("line-1", now=T0 + 1)["sync_events"][0]
+    assert event["at"] == T0 + 1 and event["from"] is None
+    json.dumps(state.snapshot(now=T0 + 1), allow_nan=False)  # still plain JSON
+
+
 # -- the Flask app ---------------------------------------------------------------------------
 
 class BrokenState:
@@ -276,7 +475,10 @@ def test_api_site_is_a_snapshot_of_every_line(client):
     assert body["site"] == SITE and body["broker"]["connected"] is True
     assert [line["line"] for line in body["lines"]] == ["line-1", "line-2"]
     assert [line["status"] for line in body["lines"]] == ["up", "down"]
-    assert body["summary"] == {"lines": 2, "up": 1, "down": 1, "drift_alarms": 0, "ignored_messages": 0}
+    assert body["summary"] == {"lines": 2, "up": 1, "down": 1, "drift_alarms": 0, "model_versions": {"1.0.0": 1},
+                               "model_majority": "1.0.0", "model_mismatches": 0, "canary_lines": 0,
+                               "sync_problems": 0, "ignored_messages": 0}
+    assert body["lines"][0]["sync"]["heard"] is False and body["lines"][0]["sync_events"] == []
     assert response.headers["Cache-Control"] == "no-store"
 
 
@@ -444,6 +646,46 @@ def test_dashboard_follows_the_broker_and_survives_its_loss(mqtt_broker):
         agent.loop_stop()
         source.stop()
         server.stop()
+
+
+def test_edge_syncs_own_messages_reach_the_dashboard_through_mosquitto(mqtt_broker):
+    """The publisher is edge-sync's real MQTT reporter, so a change of its topics or fields shows here."""
+    from sync.mqtt_report import SyncMqtt
+
+    base = f"postcode/{SITE}/line-1"
+    reporter = SyncMqtt("127.0.0.1", mqtt_broker.port, SITE, "line-1")
+    assert reporter.connect()
+    agent = publisher(mqtt_broker.port)
+    state = SiteState(SITE, broker=f"127.0.0.1:{mqtt_broker.port}")
+    source = MqttSource(state, BrokerSettings(port=mqtt_broker.port, site=SITE, keepalive_s=2))
+    try:
+        # Retained before edge-web starts: the state is there as soon as it subscribes.
+        reporter.state({"active": "1.0.0", "previous": "1.1.0", "last_error": "unhealthy: no reads",
+                        "last_result": {"outcome": "rolled_back", "version": "1.1.0", "reason": "unhealthy: no reads",
+                                        "at": iso(time.time())}})
+        agent.publish(f"{base}/status", json.dumps({"state": "online", "at": time.time(), "ttl_s": 30,
+                                                    "model_version": "1.0.0"}), qos=1, retain=True).wait_for_publish(5)
+        source.start()
+        assert wait_until(lambda: (state.line("line-1") or {}).get("sync", {}).get("heard"), 10)
+        view = state.line("line-1")
+        assert view["model"]["active"] == "1.0.0" and view["model"]["previous"] == "1.1.0"
+        assert view["sync"]["problem"] == {"outcome": "rolled_back", "version": "1.1.0",
+                                           "reason": "unhealthy: no reads"}
+        assert abs(view["sync"]["at"] - time.time()) < 10
+        # Live steps of the next pull and the agent's switch.
+        reporter.event({"event": "check", "active": "1.0.0", "channel": "canary", "pin": None})
+        reporter.event({"event": "activated", "version": "1.2.0", "previous": "1.0.0", "pruned": []})
+        agent.publish(f"{base}/events/model", json.dumps({"from": "1.0.0", "to": "1.2.0", "bundle": "/m/1.2.0"}))
+        assert wait_until(lambda: len(state.line("line-1")["sync_events"]) == 3, 10)
+        view = state.line("line-1")
+        assert [e["event"] for e in view["sync_events"]] == ["switched", "activated", "check"]
+        assert view["model"]["channel"] == "canary" and view["model"]["canary"]
+        assert view["model_version"] == "1.2.0"
+        assert state.snapshot()["summary"]["ignored_messages"] == 0
+    finally:
+        reporter.close()
+        agent.loop_stop()
+        source.stop()
 
 
 def test_edge_web_process_serves_stays_small_and_stops_on_sigterm(mqtt_broker, tmp_path):

@@ -15,14 +15,18 @@ from web.state import MessageKind, SiteState
 
 log = logging.getLogger(__name__)
 
-# topic suffix after <prefix>/<site>/<line>/ -> (kind, QoS). Status and drift are retained and
-# must not be missed; health, reads and errors come again in seconds.
+# topic suffix after <prefix>/<site>/<line>/ -> (kind, QoS). Status, drift and edge-sync's state
+# are retained and must not be missed; health, reads and errors come again in seconds; sync steps
+# and model switches are QoS 0 events (the retained sync state carries their outcome).
 SUBSCRIPTIONS: dict[str, tuple[MessageKind, int]] = {
     "status": (MessageKind.STATUS, 1),
     "drift": (MessageKind.DRIFT, 1),
+    "sync": (MessageKind.SYNC, 1),
     "events/health": (MessageKind.HEALTH, 0),
     "events/read": (MessageKind.READ, 0),
     "events/error": (MessageKind.ERROR, 0),
+    "events/sync": (MessageKind.SYNC_EVENT, 0),
+    "events/model": (MessageKind.MODEL_EVENT, 0),
 }
 
 

@@ -1,8 +1,13 @@
 """What the dashboard knows about each line of the site, learnt only from what the agents publish.
 
 Pure and thread-safe: the MQTT adapter feeds it raw payloads, the web views read snapshots.
-Every buffer is bounded (lines, time series, reads, errors), so a long run or a chatty or
-hostile publisher cannot grow the process.
+Every buffer is bounded (lines, time series, reads, errors, sync events), so a long run or a
+chatty or hostile publisher cannot grow the process.
+
+Models: edge-sync says which version it activated (retained ``sync``) and each step of a pull
+(``events/sync``); the agent says which version it runs (``status``, ``events/health``,
+``events/model``). A line whose agent runs another version than the active one for longer than
+a short grace period is a *model mismatch*: the rollout state an operator must see.
 """
 
 from __future__ import annotations
@@ -12,13 +17,16 @@ import math
 import re
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
+from datetime import datetime
 from enum import Enum
 from typing import Any, NamedTuple
 
 LINE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}\Z")
+VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")
+WORD = re.compile(r"[a-z][a-z0-9_]{0,31}\Z")  # sync outcomes and event names
 
 MAX_LINES = 64  # a site with more lines than this is a misconfiguration (or someone publishing junk)
 MAX_PAYLOAD_BYTES = 256 * 1024
@@ -32,6 +40,11 @@ FINE_MAX_POINTS = 1800
 COARSE_STEP_S = 60.0  # ... then one point a minute up to MAX_MINUTES
 MAX_CHART_POINTS = 360  # a chart is at most this wide in points: long ranges are thinned
 MISSED_HEALTH_PERIODS = 3  # a line whose health stopped for this many periods is down
+# The agent follows a switch within a second or two and says so in its next status and health:
+# a version different from the active one for longer than this many periods is a mismatch.
+MISMATCH_HEALTH_PERIODS = 2
+MAX_SYNC_EVENTS = 20  # last sync steps and model switches kept per line
+STABLE_CHANNEL = "stable"
 # Agents that do not say their period reported every 10 s.
 DEFAULT_HEALTH_PERIOD_S = 10.0
 STAGES = ("wait_frame", "locate", "classify", "decide", "store", "publish_ack", "trigger_to_result")
@@ -55,6 +68,22 @@ class MessageKind(str, Enum):
     READ = "read"
     DRIFT = "drift"
     ERROR = "error"
+    SYNC = "sync"  # edge-sync's retained state
+    SYNC_EVENT = "sync_event"  # one step of a pull
+    MODEL_EVENT = "model_event"  # the agent switched models
+
+
+class Rollout(str, Enum):
+    """Does the agent run the version sync made active?"""
+
+    IN_SYNC = "in_sync"
+    SWITCHING = "switching"  # different, within the grace period
+    MISMATCH = "mismatch"  # different for longer: the switch did not happen (or went back)
+    UNKNOWN = "unknown"  # no sync state, no version from the agent, or the line is not up
+
+
+# Outcomes of the last pull that an operator must act on (or at least read).
+SYNC_PROBLEMS = ("refused", "rolled_back")
 
 
 class SeriesPoint(NamedTuple):
@@ -119,6 +148,68 @@ def _flat(value: Any, limit: int = 40) -> dict[str, Any]:
         elif isinstance(item, str):
             out[str(key)[:64]] = item[:200]
     return out
+
+
+def _version(value: Any) -> str | None:
+    """A model version name, or None: versions are shown and compared, so nothing else passes."""
+    return value if isinstance(value, str) and VERSION.match(value) else None
+
+
+def _word(value: Any) -> str | None:
+    return value if isinstance(value, str) and WORD.match(value) else None
+
+
+def _epoch(value: Any) -> float | None:
+    """Seconds since the epoch from a number or an ISO 8601 text (edge-sync writes both)."""
+    if isinstance(value, str) and len(value) <= 40:
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        if moment.tzinfo is None:
+            return None  # a local time from another box is not comparable
+        value = moment.timestamp()
+    value = _num(value)
+    return round(value, 3) if value is not None and value > 0 else None
+
+
+def _sync_result(value: Any) -> dict[str, Any] | None:
+    """``last_result`` of a sync state: ``{outcome, version, reason, at}``, or a bare outcome word."""
+    if isinstance(value, str):
+        value = {"outcome": value}
+    value = _dict(value)
+    outcome = _word(value.get("outcome"))
+    if outcome is None:
+        return None
+    return {"outcome": outcome, "version": _version(value.get("version")),
+            "reason": _text(value.get("reason"), 300) or None, "at": _epoch(value.get("at"))}
+
+
+def _sync_state(body: dict[str, Any]) -> dict[str, Any]:
+    return {"active": _version(body.get("active")), "previous": _version(body.get("previous")),
+            "channel": _text(body.get("channel"), 64), "last_result": _sync_result(body.get("last_result")),
+            "last_error": _text(body.get("last_error"), 300) or None, "at": _epoch(body.get("at"))}
+
+
+def _sync_event(body: dict[str, Any], now: float) -> dict[str, Any] | None:
+    """One step of a pull as the page lists it; None when it names no step."""
+    event = _word(body.get("event"))
+    if event is None:
+        return None
+    at = _epoch(body.get("at"))
+    return {"source": "sync", "event": event, "at": at if at is not None and at <= now + 60 else round(now, 3),
+            "version": _version(body.get("version")),
+            "from": _version(_first(body, "active", "previous")), "to": _version(body.get("to")),
+            "channel": _text(body.get("channel"), 64), "reason": _text(body.get("reason"), 300) or None}
+
+
+def _model_event(body: dict[str, Any], now: float) -> dict[str, Any] | None:
+    """The agent's ``events/model`` (``{from, to, bundle}``); None without a version switched to."""
+    to = _version(body.get("to"))
+    if to is None:
+        return None
+    return {"source": "agent", "event": "switched", "at": round(now, 3), "version": to,
+            "from": _version(body.get("from")), "to": to, "channel": None, "reason": None}
 
 
 def _url(value: Any) -> str | None:
@@ -255,12 +346,34 @@ class _Line:
         self.coarse: deque[SeriesPoint] = deque(maxlen=int(MAX_MINUTES * 60 / COARSE_STEP_S) + 1)
         self.reads: deque[dict[str, Any]] = deque(maxlen=MAX_READS)
         self.errors: deque[dict[str, Any]] = deque(maxlen=MAX_ERRORS)
+        self.sync: dict[str, Any] | None = None  # edge-sync's retained state, normalised
+        self.sync_at: float | None = None  # arrival
+        self.channel: str | None = None  # from the sync state or the last pull's "check" step
+        self.pin: str | None = None
+        self.events: deque[dict[str, Any]] = deque(maxlen=MAX_SYNC_EVENTS)  # sync steps, model switches
+        self.running: str | None = None  # the version the agent last said it runs
+        self.diverged_since: float | None = None  # running != active since then
         self.last_heard: float = 0.0
         self._previous: tuple[float, float, float] | None = None  # (arrival, reads, accepted)
 
     def health_period_s(self) -> float:
         period = _num(_dict(self.health).get("health_period_s"))
         return period if period and period > 0 else DEFAULT_HEALTH_PERIOD_S
+
+    def saw_running(self, version: Any, now: float) -> None:
+        version = _version(version)
+        if version is not None:
+            self.running = version
+        self.track_rollout(now)
+
+    def track_rollout(self, now: float) -> None:
+        """Start (or stop) the clock on a difference between the running and the active version."""
+        active = self.sync["active"] if self.sync else None
+        if active and self.running and active != self.running:
+            if self.diverged_since is None:
+                self.diverged_since = now
+        else:
+            self.diverged_since = None
 
     def add_point(self, health: dict[str, Any], now: float) -> None:
         rates = _dict(health.get("rates"))
@@ -359,9 +472,11 @@ class SiteState:
                 line.status = _flat(body)
                 # A retained status may be old news: it was true at its own "at", not now.
                 line.status_at = min(at, now) if retained and at is not None else now
+                line.saw_running(body.get("model_version"), now)
             elif kind is MessageKind.HEALTH:
                 line.health, line.health_at = body, now
                 line.add_point(body, now)
+                line.saw_running(body.get("model_version"), now)
             elif kind is MessageKind.READ:
                 read = _read(body, now)
                 if read is not None:
@@ -376,6 +491,28 @@ class SiteState:
             elif kind is MessageKind.ERROR:
                 line.errors.append({"at": round(now, 3), "kind": _text(body.get("kind"), 64),
                                     "error": _text(body.get("error"), 300)})
+            elif kind is MessageKind.SYNC:
+                line.sync, line.sync_at = _sync_state(body), now
+                if line.sync["channel"]:
+                    line.channel = line.sync["channel"]
+                line.track_rollout(now)
+            elif kind is MessageKind.SYNC_EVENT:
+                event = _sync_event(body, now)
+                if event is None:
+                    self._ignored += 1
+                    return False
+                if event["event"] == "check":
+                    # edge-sync names the channel (and a pin) only at the start of each pull.
+                    line.channel = event["channel"] or line.channel
+                    line.pin = _version(body.get("pin"))
+                line.events.append(event)
+            elif kind is MessageKind.MODEL_EVENT:
+                event = _model_event(body, now)
+                if event is None:
+                    self._ignored += 1
+                    return False
+                line.events.append(event)
+                line.saw_running(event["to"], now)
         return True
 
     def _ignore(self) -> bool:
@@ -406,9 +543,11 @@ class SiteState:
         """Every line, the broker connection and a summary, as JSON-ready values."""
         with self._lock:
             now = self._now(now)
-            lines = [self._line_view(self._lines[k], minutes, now) for k in sorted(self._lines)]
+            majority = self._majority_version()
+            lines = [self._line_view(self._lines[k], minutes, now, majority) for k in sorted(self._lines)]
             broker = self._broker_view(now)
             ignored = self._ignored
+        versions = Counter(v["model_version"] for v in lines if v["model_version"])
         return {
             "site": self.site,
             "generated_at": round(now, 3),
@@ -418,6 +557,11 @@ class SiteState:
                 "up": sum(v["status"] == LineStatus.UP.value for v in lines),
                 "down": sum(v["status"] == LineStatus.DOWN.value for v in lines),
                 "drift_alarms": sum(v["drift"]["state"] == "alarm" for v in lines),
+                "model_versions": dict(sorted(versions.items())),
+                "model_majority": majority,
+                "model_mismatches": sum(v["model"]["rollout"] == Rollout.MISMATCH.value for v in lines),
+                "canary_lines": sum(v["model"]["canary"] for v in lines),
+                "sync_problems": sum(v["sync"]["problem"] is not None for v in lines),
                 "ignored_messages": ignored,
             },
             "lines": lines,
@@ -430,9 +574,17 @@ class SiteState:
             if line is None:
                 return None
             now = self._now(now)
-            view = self._line_view(line, minutes, now)
+            view = self._line_view(line, minutes, now, self._majority_version())
             view["broker"] = self._broker_view(now)
         return view
+
+    def _majority_version(self) -> str | None:
+        """The version most lines run, when more lines run it than any other (guarded by the lock)."""
+        counts = Counter(v for v in (line.running or (line.sync or {}).get("active")
+                                     for line in self._lines.values()) if v).most_common(2)
+        if not counts or (len(counts) == 2 and counts[0][1] == counts[1][1]):
+            return None
+        return counts[0][0]
 
     def _broker_view(self, now: float) -> dict[str, Any]:
         return {"state": self._broker_state.value, "connected": self._broker_state is BrokerState.CONNECTED,
@@ -463,7 +615,7 @@ class SiteState:
             return LineStatus.UP, "reporting health"
         return LineStatus.DOWN, "no status or health heard"
 
-    def _line_view(self, line: _Line, minutes: int, now: float) -> dict[str, Any]:
+    def _line_view(self, line: _Line, minutes: int, now: float, majority: str | None) -> dict[str, Any]:
         status, reason = self.line_status(line, now)
         health = line.health or {}
         rates = _dict(health.get("rates"))
@@ -483,7 +635,7 @@ class SiteState:
             "last_heard_s": round(now - line.last_heard, 1) if line.last_heard else None,
             "health_age_s": round(now - line.health_at, 1) if line.health_at is not None else None,
             "health_period_s": line.health_period_s(),
-            "model_version": _text(health.get("model_version"), 100),
+            "model_version": line.running or (line.sync or {}).get("active"),
             "metrics_url": _url(health.get("metrics_url")),
             "rates": {
                 "reads_per_min": latest.reads_per_min if latest else None,
@@ -501,6 +653,9 @@ class SiteState:
             "system": _flat(health.get("system")) or None,
             "observability": observability,
             "drift": drift,
+            "model": self._model_view(line, status, now, majority),
+            "sync": self._sync_view(line, now),
+            "sync_events": list(reversed(line.events)),
             "series": line.series(minutes, now),
             "reads": list(reversed(line.reads)),
             "errors": list(reversed(line.errors)),
@@ -518,3 +673,51 @@ class SiteState:
             return {"state": "alarm" if from_health["alarms"] else "ok", "alarms": from_health["alarms"],
                     "at": None, "judged": from_health["judged"]}
         return {"state": None, "alarms": [], "at": None, "judged": None}
+
+    @staticmethod
+    def _model_view(line: _Line, status: LineStatus, now: float, majority: str | None) -> dict[str, Any]:
+        """Which version runs, which one sync made active, and whether that is a rollout to watch."""
+        sync = line.sync or {}
+        active, running = sync.get("active"), line.running
+        grace = MISMATCH_HEALTH_PERIODS * line.health_period_s()
+        diverged_for = None if line.diverged_since is None else round(now - line.diverged_since, 1)
+        if status is not LineStatus.UP or not active or not running:
+            rollout = Rollout.UNKNOWN  # a stopped agent runs nothing; without sync there is no target
+        elif diverged_for is None:
+            rollout = Rollout.IN_SYNC
+        else:
+            rollout = Rollout.MISMATCH if diverged_for > grace else Rollout.SWITCHING
+        version = running or active
+        canary_reason = None
+        if line.channel and line.channel != STABLE_CHANNEL:
+            canary_reason = f"channel {line.channel}"
+        elif version and majority and version != majority:
+            canary_reason = f"runs {version}; most lines run {majority}"
+        return {
+            "running": running, "active": active, "previous": sync.get("previous"),
+            "channel": line.channel, "pin": line.pin,
+            "rollout": rollout.value,
+            "mismatch": rollout is Rollout.MISMATCH,
+            "mismatch_for_s": diverged_for if rollout is Rollout.MISMATCH else None,
+            "mismatch_reason": (f"agent runs {running}, sync's active version is {active} (for {diverged_for:.0f} s)"
+                                if rollout is Rollout.MISMATCH else None),
+            "canary": canary_reason is not None, "canary_reason": canary_reason,
+        }
+
+    @staticmethod
+    def _sync_view(line: _Line, now: float) -> dict[str, Any]:
+        """edge-sync's last word on this line, with how long ago, and the problem if it is one."""
+        sync = line.sync
+        if sync is None:
+            return {"heard": False, "at": None, "age_s": None, "last_result": None, "last_error": None,
+                    "problem": None}
+        result = sync["last_result"]
+        if result is not None:
+            result = {**result, "age_s": None if result["at"] is None else round(max(0.0, now - result["at"]), 1)}
+        problem = None
+        if result is not None and result["outcome"] in SYNC_PROBLEMS:
+            problem = {"outcome": result["outcome"], "version": result["version"],
+                       "reason": result["reason"] or sync["last_error"] or result["outcome"].replace("_", " ")}
+        at = sync["at"] or round(line.sync_at or now, 3)
+        return {"heard": True, "at": at, "age_s": round(max(0.0, now - at), 1), "last_result": result,
+                "last_error": sync["last_error"], "problem": problem}
