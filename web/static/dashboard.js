@@ -191,7 +191,7 @@
     tile.href = '#' + anchor;
     insertSorted(document.getElementById('overview'), tile, line.line);
     insertSorted(document.getElementById('lines'), card, line.line);
-    var entry = { card: card, tile: tile, charts: makeCharts(card), readsKey: null, errorsKey: null };
+    var entry = { card: card, tile: tile, charts: makeCharts(card), readsKey: null, errorsKey: null, eventsKey: null };
     cards.set(line.line, entry);
     dashboard.charts += 4;
     return entry;
@@ -221,7 +221,6 @@
     });
     setText(card, 'status_reason', line.status_reason || '');
     setText(tile, 'tile_reason', status === 'up' ? '' : (line.status_reason || ''));
-    setText(card, 'model_version', line.model_version || DASH);
     setText(card, 'since', since(pick(line, 'agent.since'), nowS));
     setText(card, 'health_age', age(line.health_age_s));
     var link = field(card, 'metrics_link');
@@ -241,6 +240,8 @@
     setText(card, 'agent_mqtt_sub', mqtt.protocol ? 'MQTT ' + mqtt.protocol : '');
 
     renderDrift(card, tile, line);
+    renderModel(card, tile, line);
+    renderSyncEvents(entry, Array.isArray(line.sync_events) ? line.sync_events : []);
     renderReasons(field(card, 'review_reasons'), rates.review_pct_by_reason || {});
     renderStages(field(card, 'stages'), line.stages_ms || {});
     renderModelHealth(field(card, 'model_health'), line);
@@ -276,6 +277,91 @@
       box.replaceChildren(el('span', 'Drift: not reported by this agent.'));
       setText(tile, 'drift_short', 'drift: not reported', 'idle');
     }
+  }
+
+  // -- model and sync ------------------------------------------------------------------------------
+  var OUTCOMES = { updated: 'updated', up_to_date: 'up to date', refused: 'refused', rolled_back: 'rolled back' };
+  var OUTCOME_TONES = { updated: 'ok', up_to_date: 'ok', refused: 'bad', rolled_back: 'bad' };
+  function words(name) { return String(name || '').replace(/_/g, ' '); }
+  function outcomeText(result) {
+    var text = OUTCOMES[result.outcome] || words(result.outcome);
+    // "up to date" names the version the line already runs; the others the version they acted on.
+    return result.version && result.outcome !== 'up_to_date' ? text + ' ' + result.version : text;
+  }
+
+  function renderModel(card, tile, line) {
+    var model = line.model || {}, sync = line.sync || {};
+    var version = line.model_version || DASH;
+    var canary = model.canary === true;
+    card.dataset.canary = tile.dataset.canary = String(canary);
+    setText(card, 'model_version', version, model.mismatch ? 'warn' : null);
+    setText(tile, 'tile_version', line.model_version || '');
+    setText(card, 'model_previous', model.previous ? '(previous ' + model.previous + ')' : '');
+    [card, tile].forEach(function (root) {
+      var badge = field(root, 'canary');
+      badge.hidden = !canary;
+      badge.title = model.canary_reason || '';
+    });
+    var channel = model.pin ? 'pinned ' + model.pin : model.channel ? 'channel ' + model.channel : '';
+    setText(card, 'channel', channel ? '· ' + channel : '');
+
+    var result = sync.last_result;
+    if (!sync.heard) {
+      setText(card, 'last_sync', 'not reported', 'idle');
+      setText(card, 'last_sync_age', '');
+    } else if (!result) {
+      setText(card, 'last_sync', 'no result yet', 'idle');
+      setText(card, 'last_sync_age', age(sync.age_s));
+    } else {
+      setText(card, 'last_sync', outcomeText(result), OUTCOME_TONES[result.outcome] || null);
+      setText(card, 'last_sync_age', age(num(result.age_s) === null ? sync.age_s : result.age_s));
+    }
+    var reason = (result && result.reason) || sync.last_error || '';
+    setText(card, 'last_sync_reason', reason ? '· ' + reason : '');
+    field(card, 'last_sync_reason').title = reason;
+
+    // What an operator must act on: the agent not on the active version, a refused or rolled-back pull.
+    var alerts = [];
+    if (model.mismatch) alerts.push(['Model mismatch: ', model.mismatch_reason || ('agent runs ' + model.running + ', sync activated ' + model.active)]);
+    var problem = sync.problem;
+    if (problem) alerts.push(['Last sync ' + outcomeText(problem) + ': ', problem.reason || '']);
+    var box = field(card, 'sync_alert');
+    box.hidden = !alerts.length;
+    box.replaceChildren.apply(box, alerts.map(function (a) {
+      var row = el('div');
+      row.append(el('strong', a[0]), document.createTextNode(a[1]));
+      return row;
+    }));
+    var short = model.mismatch ? '⚠ model mismatch' : problem ? '⚠ sync ' + (OUTCOMES[problem.outcome] || words(problem.outcome)) : '';
+    setText(tile, 'sync_short', short);
+  }
+
+  function describeEvent(e) {
+    var name = e.source === 'agent' ? 'agent switched' : words(e.event);
+    var text = name;
+    if (e.source === 'agent' || e.event === 'rolled_back') text += ' ' + (e.from || e.version || '?') + ' → ' + (e.to || '?');
+    else if (e.version) text += ' ' + e.version;
+    if (e.event === 'activated' && e.from) text += ' (from ' + e.from + ')';
+    if (e.event === 'check' && e.channel) text += ' · channel ' + e.channel;
+    if (e.reason) text += ': ' + e.reason;
+    return text;
+  }
+  var EVENT_TONES = { refused: 'bad', rolled_back: 'bad', rollback_failed: 'bad', health_unknown: 'bad',
+    activated: 'ok', healthy: 'ok' };
+  function renderSyncEvents(entry, events) {
+    var key = events.length ? events[0].at + ':' + events[0].event + ':' + events.length : '';
+    if (key === entry.eventsKey) return;
+    entry.eventsKey = key;
+    var box = field(entry.card, 'sync_events');
+    if (!events.length) { box.replaceChildren(el('div', 'no sync steps heard yet', 'none')); return; }
+    box.replaceChildren.apply(box, events.slice(0, 6).map(function (e) {
+      var row = el('div');
+      var text = el('span', describeEvent(e));
+      if (EVENT_TONES[e.event]) text.dataset.tone = EVENT_TONES[e.event];
+      row.title = text.textContent;
+      row.append(el('time', clock(e.at)), text);
+      return row;
+    }));
   }
 
   function renderReasons(box, byReason) {
@@ -410,6 +496,7 @@
     driftPill.dataset.tone = alarms ? 'warn' : lines.length ? 'ok' : 'idle';
     document.getElementById('drift-text').textContent = alarms ? 'Drift alarms: ' + alarms : 'No drift alarms';
     document.getElementById('empty').hidden = lines.length > 0;
+    renderModelsPill(summary, lines.length);
 
     var seen = new Set();
     lines.forEach(function (line) {
@@ -435,6 +522,20 @@
       dashboard.readyMs = Math.round(performance.now());
       dashboard.sinceScriptMs = Math.round(performance.now() - started);
     }
+  }
+
+  function renderModelsPill(summary, lineCount) {
+    var versions = summary.model_versions || {};
+    var names = Object.keys(versions);
+    var trouble = (summary.model_mismatches || 0) + (summary.sync_problems || 0);
+    var text = names.length ? 'Models ' + names.map(function (v) {
+      return names.length > 1 ? v + ' ×' + versions[v] : v;
+    }).join(' · ') : 'Models: ' + DASH;
+    if (summary.model_mismatches) text += ' · ' + summary.model_mismatches + ' mismatch';
+    if (summary.sync_problems) text += ' · ' + summary.sync_problems + ' sync refused/rolled back';
+    var pill = document.getElementById('models-pill');
+    pill.dataset.tone = trouble ? 'warn' : names.length ? 'ok' : 'idle';
+    document.getElementById('models-text').textContent = lineCount ? text : 'Models: ' + DASH;
   }
 
   function countDrawn() {
