@@ -316,6 +316,11 @@ def test_a_refused_or_rolled_back_pull_is_a_sync_problem_with_its_reason():
     assert state.line("line-1", now=T0 + 3)["sync"]["problem"]["reason"] == "refused"
     state.handle("line-1", MessageKind.SYNC, sync_state("1.2.0", "1.0.0"), now=T0 + 4)
     assert state.snapshot(now=T0 + 4)["summary"]["sync_problems"] == 0
+    # A first model installed from the shipped bundle (edge-sync adopt, with a channel) is no problem.
+    state.handle("line-1", MessageKind.SYNC, sync_state("1.0.0", None, "adopted", reason="from /usr/share/bundle",
+                                                        channel="stable"), now=T0 + 5)
+    sync = state.line("line-1", now=T0 + 5)["sync"]
+    assert sync["last_result"]["outcome"] == "adopted" and sync["problem"] is None
 
 
 def test_an_agent_on_another_version_than_the_active_one_is_a_mismatch_after_two_health_periods():

@@ -280,8 +280,9 @@
   }
 
   // -- model and sync ------------------------------------------------------------------------------
-  var OUTCOMES = { updated: 'updated', up_to_date: 'up to date', refused: 'refused', rolled_back: 'rolled back' };
-  var OUTCOME_TONES = { updated: 'ok', up_to_date: 'ok', refused: 'bad', rolled_back: 'bad' };
+  // adopted: the shipped bundle installed as the line's first model (edge-sync adopt).
+  var OUTCOMES = { updated: 'updated', up_to_date: 'up to date', adopted: 'adopted', refused: 'refused', rolled_back: 'rolled back' };
+  var OUTCOME_TONES = { updated: 'ok', up_to_date: 'ok', adopted: 'ok', refused: 'bad', rolled_back: 'bad' };
   function words(name) { return String(name || '').replace(/_/g, ' '); }
   function outcomeText(result) {
     var text = OUTCOMES[result.outcome] || words(result.outcome);
@@ -347,7 +348,7 @@
     return text;
   }
   var EVENT_TONES = { refused: 'bad', rolled_back: 'bad', rollback_failed: 'bad', health_unknown: 'bad',
-    activated: 'ok', healthy: 'ok' };
+    activated: 'ok', adopted: 'ok', healthy: 'ok' };
   function renderSyncEvents(entry, events) {
     var key = events.length ? events[0].at + ':' + events[0].event + ':' + events.length : '';
     if (key === entry.eventsKey) return;
