@@ -314,3 +314,22 @@ def test_the_real_command_says_ready_pings_and_stopping(tmp_path, mqtt_broker, c
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_dashboard_says_ready_and_pings(tmp_path, mqtt_broker, notify_socket):
+    """edge-web under systemd: READY=1 once the page is served, then watchdog pings, STOPPING=1 at the end."""
+    env = dict(os.environ, NOTIFY_SOCKET=notify_socket.address, WATCHDOG_USEC="1000000", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "web.cli", "--broker", f"127.0.0.1:{mqtt_broker.port}",
+                             "--site", "wd-site", "--port", str(free_port())], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert notify_socket.wait_for("READY=1", 30.0)
+        ready_at = next(at for at, m in notify_socket.messages if "READY=1" in m)
+        assert notify_socket.wait_for("WATCHDOG=1", 5.0, after=ready_at)
+        proc.terminate()
+        assert proc.wait(30) == 0
+        assert notify_socket.wait_for("STOPPING=1", 2.0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

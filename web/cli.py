@@ -13,7 +13,8 @@ import sys
 import threading
 from pathlib import Path
 
-from edge_agent.logs import setup_logging  # a tiny shared utility: JSON lines like the agent's
+from edge_agent.logs import setup_logging  # tiny shared utilities: JSON lines like the agent's,
+from edge_agent.sdnotify import Notifier  # and systemd's notify protocol
 from web.config import (BrokerSettings, WebConfig, WebConfigError, check_names, parse_broker_address,
                         read_password)
 
@@ -67,7 +68,18 @@ def serve(config: WebConfig, stop: threading.Event) -> None:
     server.start()
     log.info("edge-web serving site %s on %s/ (broker %s)", config.broker.site, server.url,
              config.broker.address)
-    stop.wait()
+    # Under systemd (Type=notify): ready once the page is served; watchdog pings only while the
+    # server and the MQTT loop live, so a dead one gets the service restarted.
+    notifier = Notifier()
+    notifier.ready(f"serving {server.url}/")
+    period_s = min(notifier.watchdog_period_s or 2.0, 2.0)
+    while not stop.wait(period_s):
+        if server.alive and source.alive:
+            notifier.watchdog()
+        else:
+            notifier.status("unhealthy: " + ("web server thread ended" if not server.alive
+                                            else "MQTT network thread ended"))
+    notifier.stopping()
     log.info("edge-web stopping")
     server.stop()
     source.stop()

@@ -54,6 +54,14 @@ class MqttSource:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
 
+    @property
+    def alive(self) -> bool:
+        """paho's network thread still runs. paho keeps it in Client._thread and clears it when it
+        ends (an exception escaping a callback); it has no public liveness API, and after that
+        death it still reports itself connected while no message arrives."""
+        thread = getattr(self._client, "_thread", None)
+        return thread is not None and thread.is_alive()
+
     def start(self) -> None:
         """Connect in the background; the page shows "connecting" until it is done."""
         s = self.settings

@@ -29,6 +29,11 @@ class DashboardServer:
         self._thread.start()
         return self
 
+    @property
+    def alive(self) -> bool:
+        """The serving thread still runs (what the systemd watchdog pings depend on)."""
+        return self._thread.is_alive()
+
     def stop(self) -> None:
         """Close the listening socket and let the worker threads finish what they serve."""
         self._server.close()
