@@ -34,6 +34,8 @@ from edge_agent.outbox import Answer, Journaled, JournalOutcome, Outbox, OutboxE
 from edge_agent.pipeline import FrameRead, PostcodeReader, postcode_read
 from edge_agent.reader import ReaderConfig
 from edge_agent.review import ReviewStore
+from edge_agent.decoder import DecodePolicy
+from edge_agent.sortplan import SortPlanError, load_sort_plan
 from edge_agent.sdnotify import Notifier
 from edge_agent.sources import SourceError, decode_image, open_source, redact_url
 from edge_agent.triggers import (IntervalTrigger, SceneChangeDetector, SceneSettings, TriggerError,
@@ -153,6 +155,8 @@ class Agent:
         self._outstanding_cond = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._heartbeats = Heartbeats(self.clock.monotonic)
+        self._plan_stamp: tuple[int, ...] | None = None  # the sort plan file's (mtime, size, inode) last loaded
+        self._plan_errors: list[str] = []
         self._latencies_ms: list[float] = []
         self._counter_lock = threading.Lock()
         self._read_estimate_s = _FIRST_READ_ESTIMATE_S
@@ -677,6 +681,8 @@ class Agent:
             "line": cfg.site.line_id,
             "at": self.clock.time(),
             "model_version": self.reader.model.version,
+            "sort_plan": self.reader.plan.summary() if self.reader.plan is not None else None,
+            "sort_plan_errors": self._plan_errors[:5],
             "metrics_url": f"{self.endpoint.url}/metrics" if self.endpoint is not None else None,
             "health_period_s": cfg.observability.health_period_s,
             "counters": counters,
@@ -716,6 +722,12 @@ class Agent:
             checks["camera"] = Check(delivering, f"state {camera['state']}, last frame "
                                      + ("never" if age is None else f"{age:.1f} s ago")
                                      + (f", last error: {camera['last_error']}" if camera.get("last_error") else ""))
+        if self.config.sort_plan.path is not None:
+            plan = self.reader.plan
+            checks["sort_plan"] = Check(plan is not None and not self._plan_errors,
+                                        (f"plan {plan.sha256[:16]}, {plan.size} rows" if plan else "no plan loaded")
+                                        + (f"; the file on disk is refused: {self._plan_errors[0]}"
+                                           if self._plan_errors else ""))
         checks["broker"] = Check(self.link.connected, "connected" if self.link.connected else
                                  f"not connected to {self.config.mqtt.host}:{self.config.mqtt.port}")
         max_age = self.config.http.ready_max_read_age_s
@@ -742,6 +754,7 @@ class Agent:
             try:
                 self._check_bad_frames()
                 self._follow_active_bundle()
+                self.follow_sort_plan()
                 now = self.clock.monotonic()
                 if now >= next_prune:
                     next_prune = now + _PRUNE_EVERY_S
@@ -789,6 +802,47 @@ class Agent:
         self.link.refresh_status()
         self.link.publish_event("model", {"from": old, "to": model.version, "bundle": str(target)})
         log.info("model switched from %s to %s (%s)", old, model.version, target)
+
+    def follow_sort_plan(self) -> None:
+        """Load the sort plan at start and again whenever its file changes.
+
+        A file that cannot be used keeps the plan in force (or, at start, the digit-by-digit rule),
+        raises an error event naming every bad row, and fails /readyz until it is fixed. A read in
+        progress keeps the plan it started with.
+        """
+        path = self.config.sort_plan.path
+        if path is None:
+            return
+        try:
+            st = path.stat()
+            stamp: tuple[int, ...] | None = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            stamp = None
+        if stamp == self._plan_stamp and self._plan_stamp is not None:
+            return
+        self._plan_stamp = stamp
+        try:
+            plan = load_sort_plan(path, self.config.reader.postcode_lengths)
+        except SortPlanError as exc:
+            running = self.reader.plan
+            self._plan_errors = exc.errors
+            log.error("sort plan %s refused (%d problem(s)): %s; %s", path, len(exc.errors), "; ".join(exc.errors[:5]),
+                      f"still sorting by plan {running.sha256[:16]}" if running else
+                      "deciding digit by digit on the bundle's threshold until it is fixed")
+            self._report_error("sort_plan_invalid", {"path": str(path), "errors": exc.errors,
+                                                     "in_force": running.summary() if running else None})
+            return
+        if self.reader.plan is not None and plan.sha256 == self.reader.plan.sha256:
+            self._plan_errors = []
+            return  # touched, not changed
+        old = self.reader.plan
+        self.reader.swap_plan(plan)
+        self._plan_errors = []
+        summary = plan.summary() | {"path": str(path), "exact": len(plan.exact), "prefixes": len(plan.prefixes),
+                                    "chutes": len(plan.chutes)}
+        log.info("sort plan %s in force: %d rows, %d chutes (sha256 %s)", path, plan.size, len(plan.chutes),
+                 plan.sha256[:16])
+        self.link.publish_event("sort_plan", summary | {"replaced": old.summary() if old else None})
 
     def _check_bad_frames(self) -> None:
         """Frames the camera delivered but nobody could decode: an error event and a count."""
@@ -899,7 +953,9 @@ def build_agent(config: AgentConfig, clock: Clock | None = None, *, start_fresh:
     model = load_bundle(config.model.bundle, num_threads=config.model.num_threads)
     reader = PostcodeReader(model, ReaderConfig(roi=config.reader.roi,
                                                 expected_lengths=config.reader.postcode_lengths),
-                            threshold_override=config.model.acceptance_threshold)
+                            threshold_override=config.model.acceptance_threshold,
+                            policy=DecodePolicy(target_misdirect_rate=config.sort_plan.target_misdirect_rate,
+                                                invalid_prior=config.sort_plan.invalid_prior))
     config.outbox.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     outbox = Outbox(config.outbox.path, clock=clock, max_pending=config.outbox.max_pending,
                     retention_s=config.outbox.retention_days * 86_400, start_fresh=start_fresh)
@@ -909,6 +965,7 @@ def build_agent(config: AgentConfig, clock: Clock | None = None, *, start_fresh:
                            file_fps=config.camera.fps)
     link = MqttLink(mqtt_settings(config), outbox, clock)
     agent = Agent(config, reader, grabber, link, outbox, review, clock)
+    agent.follow_sort_plan()  # before any read: a bad plan is reported, and the line reads digit by digit
     link.on_trigger = agent.on_mqtt_trigger
     link.on_ack_latency = lambda seconds: agent.record_stage("publish_ack", seconds)
     link.status_fields["model_version"] = model.version

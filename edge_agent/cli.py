@@ -20,7 +20,9 @@ import numpy as np
 from edge_agent.bundle import BundleError
 from edge_agent.config import (DEFAULT_BUNDLE, AgentConfig, ConfigError, error_key, load_config, parse_config,
                                security_warnings, state_path_errors)
+from edge_agent.decoder import DecodePolicy
 from edge_agent.logs import setup_logging
+from edge_agent.sortplan import SortPlanError, load_sort_plan
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
@@ -52,6 +54,11 @@ def validate_config(path: Path | None) -> int:
                 load_bundle(config.model.bundle, num_threads=config.model.num_threads)  # as run does
             except (BundleError, OSError) as exc:
                 errors.append(f"model.bundle: {exc}")
+        if config.sort_plan.path is not None and "sort_plan.path" not in {error_key(e) for e in errors}:
+            try:
+                load_sort_plan(config.sort_plan.path, config.reader.postcode_lengths)
+            except SortPlanError as exc:
+                errors += [f"sort_plan.path: {line}" for line in exc.errors]
         for warning in security_warnings(config):
             print(f"warning: {warning}", file=sys.stderr)
     if errors:
@@ -131,7 +138,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return 2
     lengths = tuple(int(n) for n in args.lengths.split(","))
     roi = tuple(int(v) for v in args.roi.split(",")) if args.roi else None
-    reader = PostcodeReader(model, ReaderConfig(roi=roi, expected_lengths=lengths))
+    plan = None
+    if args.sort_plan is not None:
+        try:
+            plan = load_sort_plan(args.sort_plan, lengths)
+        except SortPlanError as exc:
+            for line in exc.errors:
+                print(f"edge-agent predict: {line}", file=sys.stderr)
+            return 2
+    reader = PostcodeReader(model, ReaderConfig(roi=roi, expected_lengths=lengths), plan=plan,
+                            policy=DecodePolicy(target_misdirect_rate=args.target_misdirect_rate))
     failures = 0
     for path in _image_paths(args.images):
         try:
@@ -146,6 +162,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "source": str(path), "postcode": d.postcode, "accepted": d.accepted,
             "confidence": round(d.confidence, 5), "reason": d.reason.value if d.reason else None,
             "digits": [{"digit": x.digit, "confidence": round(x.confidence, 5)} for x in d.digits],
+            **d.plan_fields(),
         }), flush=True)
     return 1 if failures else 0
 
@@ -200,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--lengths", default="5", help="allowed postcode lengths, e.g. 5 or 5,6")
     predict.add_argument("--roi", help="x,y,w,h of the postcode field")
     predict.add_argument("--threads", type=int, default=1)
+    predict.add_argument("--sort-plan", type=Path, help="CSV postcode,chute: decide on the chute posterior "
+                                                         "over the site's valid postcodes")
+    predict.add_argument("--target-misdirect-rate", type=float, default=1e-4,
+                         help="with --sort-plan: sort a chute only at posterior >= 1 - this (default %(default)s)")
     predict.set_defaults(func=cmd_predict)
 
     demo = sub.add_parser("demo", help="render a demo camera: postcode frames from MNIST digits")

@@ -170,6 +170,15 @@ class ObservabilityConfig:
 
 
 @dataclass(frozen=True)
+class SortPlanConfig:
+    """The site's sort plan (valid postcodes and their chutes) and how sure a chute must be."""
+
+    path: Path | None = None  # CSV postcode,chute; none: decided digit by digit on the bundle's threshold
+    target_misdirect_rate: float = 1e-4  # accept a chute only at posterior >= 1 - this
+    invalid_prior: float = 0.01  # share of mail written with a postcode the plan does not have
+
+
+@dataclass(frozen=True)
 class WatchdogConfig:
     """When the agent stops telling systemd it is alive (WATCHDOG=1), so that systemd restarts it.
 
@@ -218,6 +227,7 @@ class AgentConfig:
     review: ReviewConfig = field(default_factory=ReviewConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
+    sort_plan: SortPlanConfig = field(default_factory=SortPlanConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -274,6 +284,8 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "observability.blur_alarm": (0.01, 1),
     "observability.health_period_s": (0.2, 3600),
     "observability.read_events_per_s": (0, 100),
+    "sort_plan.target_misdirect_rate": (1e-9, 0.5),
+    "sort_plan.invalid_prior": (1e-9, 0.5),
     "watchdog.stage_stall_s": (1, 3600),
     "watchdog.camera_stall_s": (1, 3600),
     "watchdog.mqtt_probe_s": (1, 3600),
@@ -422,6 +434,8 @@ def _check_values(config: AgentConfig, errors: list[str], unusable: set[str]) ->
         if path is not None and not path.is_file():
             errors.append(f"mqtt.{key}: {path} does not exist")
     _check_sync(config.sync, config.model.bundle, errors)
+    if config.sort_plan.path is not None and not config.sort_plan.path.is_file():
+        errors.append(f"sort_plan.path: {config.sort_plan.path} does not exist")
     camera, trigger = config.camera, config.trigger
     if camera.reopen_backoff_min_s > camera.reopen_backoff_max_s \
             and given("camera.reopen_backoff_min_s", "camera.reopen_backoff_max_s"):
@@ -553,9 +567,17 @@ def security_warnings(config: AgentConfig) -> list[str]:
 
 def _resolve_paths(config: AgentConfig, base_dir: Path) -> AgentConfig:
     """Relative paths in a config file are relative to that file, not to the working directory."""
+    def fix_one(value: Any) -> Any:
+        return base_dir / value if isinstance(value, Path) and not value.is_absolute() else value
+
     def fix(section: Any) -> Any:
-        changes = {f.name: base_dir / getattr(section, f.name) for f in dataclasses.fields(section)
-                   if isinstance(getattr(section, f.name), Path) and not getattr(section, f.name).is_absolute()}
+        changes = {}
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, Path):
+                changes[f.name] = fix_one(value)
+            elif isinstance(value, tuple) and any(isinstance(v, Path) for v in value):
+                changes[f.name] = tuple(fix_one(v) for v in value)  # e.g. sync.public_keys
         return dataclasses.replace(section, **changes)
 
     return dataclasses.replace(config, **{f.name: fix(getattr(config, f.name))

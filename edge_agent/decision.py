@@ -6,7 +6,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge_agent.decoder import DecodePolicy, decode
+from edge_agent.sortplan import SortPlan
 from edge_agent.types import DigitRead, Reason
+
+DIGIT_THRESHOLD = "digit_threshold"  # decided digit by digit against the bundle's threshold (no plan)
+SORT_PLAN = "sort_plan"  # decided on the chute posterior over the site's valid postcodes
 
 
 @dataclass(frozen=True)
@@ -16,6 +21,20 @@ class Decision:
     confidence: float  # product of digit confidences: the chance every digit is right
     digits: tuple[DigitRead, ...]
     reason: Reason | None
+    decided_by: str = DIGIT_THRESHOLD
+    chute: str | None = None
+    chute_confidence: float | None = None
+    alternatives: tuple[tuple[str, float], ...] = ()
+    plan: dict[str, object] | None = None  # rows and hash of the plan that decided
+
+    def plan_fields(self) -> dict[str, object]:
+        """What a result says about how it was decided (and, with a plan, the chute)."""
+        if self.decided_by != SORT_PLAN:
+            return {"decided_by": self.decided_by}
+        return {"decided_by": self.decided_by, "chute": self.chute,
+                "chute_confidence": None if self.chute_confidence is None else round(self.chute_confidence, 6),
+                "alternatives": [{"postcode": code, "probability": p} for code, p in self.alternatives],
+                "sort_plan": self.plan}
 
 
 def decide(
@@ -39,3 +58,26 @@ def decide(
     if min(d.confidence for d in digits) < acceptance_threshold:
         return Decision(postcode, False, confidence, digits, Reason.LOW_CONFIDENCE)
     return Decision(postcode, True, confidence, digits, None)
+
+
+def decide_with_plan(
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    expected_lengths: tuple[int, ...],
+    plan: SortPlan,
+    policy: DecodePolicy,
+) -> Decision:
+    """Sorted when the chute's posterior over the plan's valid postcodes reaches the policy's threshold.
+
+    The digits still say what was read; the postcode becomes the most probable valid code of
+    the chosen chute, so the sorting machine gets a code that exists (or a review).
+    """
+    digits_only = decide(labels, probabilities, expected_lengths, 0.0)
+    base = dict(decided_by=SORT_PLAN, plan=plan.summary())
+    if digits_only.reason in (Reason.NO_POSTCODE, Reason.DIGIT_COUNT):
+        return Decision(digits_only.postcode, False, digits_only.confidence, digits_only.digits,
+                        digits_only.reason, **base)
+    verdict = decode(probabilities, plan, policy)
+    return Decision(verdict.postcode, verdict.accepted, digits_only.confidence, digits_only.digits, verdict.reason,
+                    chute=verdict.chute, chute_confidence=verdict.chute_confidence,
+                    alternatives=verdict.alternatives, **base)

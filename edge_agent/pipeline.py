@@ -15,10 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_agent.decision import Decision, decide
+from edge_agent.decision import Decision, decide, decide_with_plan
+from edge_agent.decoder import DecodePolicy
 from edge_agent.loader import LoadedModel
 from edge_agent.observability import InputQuality, input_quality
 from edge_agent.reader import ReaderConfig, locate_digits
+from edge_agent.sortplan import SortPlan
 from edge_agent.types import Frame, LocatedDigits, PostcodeRead, Reason, Trigger
 
 
@@ -49,10 +51,13 @@ class PostcodeReader:
     """Reads postcodes with the current model; the model can be swapped while reads continue."""
 
     def __init__(self, model: LoadedModel, reader_config: ReaderConfig,
-                 threshold_override: float | None = None):
+                 threshold_override: float | None = None, plan: SortPlan | None = None,
+                 policy: DecodePolicy = DecodePolicy()):
         self._model = model
         self.reader_config = reader_config
         self.threshold_override = threshold_override
+        self._plan = plan
+        self.policy = policy
         self._cache_lock = threading.Lock()
         # A few recent frames' reads: under a burst, items bound to the same frame share one read.
         self._cache: OrderedDict[tuple[str, int], FrameRead] = OrderedDict()
@@ -69,6 +74,16 @@ class PostcodeReader:
             self._cache.clear()
 
     @property
+    def plan(self) -> SortPlan | None:
+        return self._plan
+
+    def swap_plan(self, plan: SortPlan | None) -> None:
+        """Atomic reference swap: a read in progress is decided by the plan it started with."""
+        self._plan = plan
+        with self._cache_lock:
+            self._cache.clear()
+
+    @property
     def threshold(self) -> float:
         """The bundle's threshold, or the site's override where that is stricter.
 
@@ -80,15 +95,19 @@ class PostcodeReader:
 
     def read_image(self, image: np.ndarray) -> FrameRead:
         """Locate, classify (one batch) and decide on one image."""
-        model = self._model  # one model for the whole read, even if a swap happens meanwhile
+        model, plan = self._model, self._plan  # one of each for the whole read, even across a swap
         started = time.perf_counter()
         sha = image_sha256(image)
         located = locate_digits(image, self.reader_config)
         located_at = time.perf_counter()
         result = model.classifier.classify(located.digits)
         classified_at = time.perf_counter()
-        decision = decide(result.labels, result.probabilities,
-                          self.reader_config.expected_lengths, self.threshold)
+        if plan is None:
+            decision = decide(result.labels, result.probabilities, self.reader_config.expected_lengths,
+                              self.threshold)
+        else:
+            decision = decide_with_plan(result.labels, result.probabilities, self.reader_config.expected_lengths,
+                                        plan, self.policy)
         seconds = (located_at - started, classified_at - located_at, time.perf_counter() - classified_at)
         return FrameRead(located, decision, model.version, sha, seconds=seconds,
                          quality=input_quality(image, located.inverted))
@@ -154,6 +173,6 @@ def postcode_read(trigger: Trigger, frame: Frame | None, read: FrameRead | None,
         result_id=result_id, item_id=trigger.item_id, postcode=d.postcode, accepted=accepted,
         confidence=d.confidence, digits=d.digits, reason=reason, model_version=read.model_version,
         captured_at=frame.captured_at, latency_ms=latency_ms, image_sha256=read.image_sha256,
-        extra=timing | {"frame_seq": frame.seq, "inverted": read.located.inverted}
+        extra=timing | {"frame_seq": frame.seq, "inverted": read.located.inverted} | d.plan_fields()
         | ({"detail": read.located.note} if read.located.note and not accepted else {}),
     )

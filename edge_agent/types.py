@@ -42,6 +42,8 @@ class Reason(str, enum.Enum):
     AGENT_RESTART = "agent_restart"  # its trigger arrived before a crash or while the agent was down
     SURGE = "surge"  # triggers arrived faster than envelopes can pass the camera: their moment is unknown
     BAD_TRIGGER = "bad_trigger"  # the trigger named the item but carried a value the agent cannot trust
+    INVALID_POSTCODE = "invalid_postcode"  # most likely written code is not in the site's sort plan
+    AMBIGUOUS = "ambiguous"  # no chute is probable enough for the target misdirect rate
 
 
 @dataclass(frozen=True)

@@ -391,7 +391,8 @@ def test_predict_cli_prints_one_json_line_per_image(tmp_path, camera_frames):
     assert len(lines) == 5 and out.returncode == 1  # non-zero: some inputs were unreadable
     for line, image in zip(lines[:3], images):
         assert line["source"] == str(image)
-        assert set(line) == {"source", "postcode", "accepted", "confidence", "reason", "digits"}
+        assert set(line) == {"source", "postcode", "accepted", "confidence", "reason", "digits", "decided_by"}
+        assert line["decided_by"] == "digit_threshold"  # no --sort-plan: today's per-digit rule
         sha = image_sha256(cv2.imread(str(image)))
         if line["accepted"]:
             assert line["postcode"] == truth[sha]

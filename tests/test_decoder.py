@@ -1,0 +1,161 @@
+"""The sort-plan decoder: posteriors checked by hand on tiny plans, and its invariants by hypothesis."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from edge_agent.decision import decide_with_plan
+from edge_agent.decoder import PROBABILITY_FLOOR, DecodePolicy, decode, floored, posterior
+from edge_agent.sortplan import SortPlanError, parse_sort_plan
+from edge_agent.types import Reason
+
+POLICY = DecodePolicy(target_misdirect_rate=1e-4, invalid_prior=0.01)
+
+
+def plan_of(rows: str, lengths=(2,)):
+    return parse_sort_plan(("postcode,chute\n" + rows).encode(), "test", lengths)
+
+
+def probs(*positions: dict[int, float]) -> np.ndarray:
+    """Per-position probabilities from {digit: p}; the rest shared equally."""
+    out = np.zeros((len(positions), 10))
+    for i, given_p in enumerate(positions):
+        rest = (1.0 - sum(given_p.values())) / (10 - len(given_p))
+        out[i] = rest
+        for digit, p in given_p.items():
+            out[i, digit] = p
+    return out
+
+
+def test_two_valid_codes_split_by_one_digit_are_sorted_at_chute_level():
+    plan = plan_of("12,A\n13,A\n45,B\n")
+    p = probs({1: 0.9, 4: 0.1}, {2: 0.5, 3: 0.5})
+    # By hand (the floor changes the 6th decimal at most): q(12) = q(13) = 0.45, q(45) ~ 0;
+    # valid weight 0.99/3, invalid weight 0.01/97 on the remaining mass 0.1.
+    valid = 0.9 * 0.99 / 3
+    invalid = 0.1 * 0.01 / 97
+    expected_a = valid / (valid + invalid)
+    verdict = decode(p, plan, POLICY)
+    assert verdict.accepted and verdict.chute == "A" and verdict.reason is None
+    assert verdict.chute_confidence == pytest.approx(expected_a, abs=1e-5)
+    assert verdict.invalid_probability == pytest.approx(invalid / (valid + invalid), rel=1e-3)
+    # Neither code alone is sure: a digit-level decision would have sent it to review.
+    assert max(prob for _, prob in verdict.alternatives) < 0.51
+    assert verdict.postcode in ("12", "13")
+
+
+def test_a_confident_read_of_a_code_that_does_not_exist_goes_to_review():
+    plan = plan_of("12,A\n13,A\n45,B\n")
+    p = probs({4: 0.999}, {6: 0.999})
+    verdict = decode(p, plan, POLICY)
+    # q(45) = 0.999 * 0.001/9; the invalid hypothesis keeps almost all the rest.
+    q45 = 0.999 * 0.001 / 9
+    valid = q45 * 0.99 / 3
+    invalid = (1 - q45) * 0.01 / 97
+    assert verdict.invalid_probability == pytest.approx(invalid / (valid + invalid), rel=1e-3)
+    assert not verdict.accepted and verdict.reason is Reason.INVALID_POSTCODE and verdict.chute is None
+    assert verdict.postcode == "46"  # what was written, not its nearest valid neighbour
+
+
+def test_a_one_digit_doubt_between_two_chutes_is_ambiguous():
+    plan = plan_of("12,A\n17,B\n")
+    verdict = decode(probs({1: 0.9999}, {2: 0.7, 7: 0.3}), plan, POLICY)
+    assert not verdict.accepted and verdict.reason is Reason.AMBIGUOUS
+    assert verdict.chute == "A" and verdict.chute_confidence == pytest.approx(0.7, abs=1e-3)
+
+
+def test_prefix_rows_longest_match_and_exact_overrides():
+    plan = plan_of("1*,X\n12*,Y\n123,Z\n", lengths=(3,))
+    assert plan.by_length[3].valid_count == 100  # every 1xx, once
+    assert plan.chute_for("123") == "Z" and plan.chute_for("124") == "Y" and plan.chute_for("199") == "X"
+    assert plan.chute_for("200") is None
+    sure_x = decode(probs({1: 1 - 1e-9}, {5: 1 - 1e-9}, {5: 1 - 1e-9}), plan, POLICY)
+    assert sure_x.accepted and sure_x.chute == "X" and sure_x.postcode == "155"
+    sure_y = decode(probs({1: 1 - 1e-9}, {2: 1 - 1e-9}, {9: 1 - 1e-9}), plan, POLICY)
+    assert sure_y.accepted and sure_y.chute == "Y"
+    # Half 123 (chute Z), half 133 (region 1*, chute X): by hand 0.5 / 0.5.
+    split = posterior(probs({1: 1.0}, {2: 0.5, 3: 0.5}, {3: 1.0}), plan, POLICY)
+    by_chute = dict(zip(plan.chutes, split.chutes))
+    assert by_chute["Z"] == pytest.approx(0.5, abs=1e-4) and by_chute["X"] == pytest.approx(0.5, abs=1e-4)
+    assert by_chute["Y"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_an_empty_plan_is_refused():
+    with pytest.raises(SortPlanError, match="no postcodes"):
+        plan_of("")
+
+
+def test_without_a_digit_count_the_plan_is_not_asked():
+    plan = plan_of("12345,A\n", lengths=(5,))
+    four = probs(*([{1: 0.99}] * 4))
+    decision = decide_with_plan(four.argmax(axis=1), four, (5,), plan, POLICY)
+    assert decision.reason is Reason.DIGIT_COUNT and not decision.accepted
+    assert decision.plan_fields()["decided_by"] == "sort_plan"
+
+
+# -- invariants ----------------------------------------------------------------------------
+
+digit_rows = st.lists(st.floats(0.0, 1.0), min_size=10, max_size=10).filter(lambda r: sum(r) > 1e-3)
+
+
+@st.composite
+def reads_and_plans(draw, length=3):
+    rows = [draw(digit_rows) for _ in range(length)]
+    p = np.array(rows) / np.array(rows).sum(axis=1, keepdims=True)
+    codes = draw(st.sets(st.integers(0, 10 ** length - 1), min_size=1, max_size=40))
+    chutes = draw(st.lists(st.sampled_from("ABCD"), min_size=len(codes), max_size=len(codes)))
+    text = "".join(f"{c:0{length}d},{chute}\n" for c, chute in zip(sorted(codes), chutes))
+    prefix = draw(st.one_of(st.none(), st.integers(0, 9)))
+    if prefix is not None and not any(f"{c:0{length}d}".startswith(str(prefix)) for c in codes):
+        text += f"{prefix}*,P\n"
+    return p, plan_of(text, lengths=(length,)), codes
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(reads_and_plans())
+def test_posteriors_sum_to_one(case):
+    p, plan, _ = case
+    post = posterior(p, plan, POLICY)
+    assert float(post.chutes.sum()) + post.invalid == pytest.approx(1.0, abs=1e-9)
+    assert np.all(post.chutes >= 0) and 0.0 <= post.invalid <= 1.0
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(reads_and_plans(), st.integers(0, 999))
+def test_adding_a_code_the_read_rules_out_changes_no_decision(case, extra):
+    """A new valid code that the read gives (next to) no probability does not move the decision."""
+    p, plan, codes = case
+    code = f"{extra:03d}"
+    assume(extra not in codes and plan.chute_for(code) is None)
+    p = floored(p)
+    # The read rules the code out: every one of its digits at the floor.
+    for i, digit in enumerate(code):
+        moved = p[i, int(digit)] - PROBABILITY_FLOOR
+        p[i, int(digit)] = PROBABILITY_FLOOR
+        p[i, (int(digit) + 1) % 10] += moved
+    before = decode(p, plan, POLICY)
+    # Away from the threshold: the prior's normalisation moves posteriors by about 1/|V|.
+    assume(abs(before.chute_confidence - POLICY.threshold) > 0.05 and abs(before.invalid_probability - 0.5) > 0.05)
+    rows = "".join(f"{c},{ch}\n" for c, ch in plan.exact.items()) + "".join(f"{pfx}*,{ch}\n" for pfx, ch in
+                                                                           plan.prefixes.items())
+    bigger = plan_of(rows + f"{code},A\n", lengths=(3,))
+    after = decode(p, bigger, POLICY)
+    assert (after.accepted, after.chute, after.reason) == (before.accepted, before.chute, before.reason)
+
+
+@given(st.floats(1e-9, 0.5), st.floats(1e-9, 0.5))
+def test_threshold_is_monotone_in_the_target_rate(a, b):
+    low, high = sorted((a, b))
+    assert DecodePolicy(target_misdirect_rate=low).threshold >= DecodePolicy(target_misdirect_rate=high).threshold
+
+
+@settings(max_examples=100, deadline=None)
+@given(reads_and_plans(), st.floats(1e-6, 0.1), st.floats(1e-6, 0.1))
+def test_a_looser_target_never_rejects_what_a_stricter_one_accepts(case, a, b):
+    p, plan, _ = case
+    strict, loose = sorted((a, b))
+    if decode(p, plan, DecodePolicy(target_misdirect_rate=strict)).accepted:
+        assert decode(p, plan, DecodePolicy(target_misdirect_rate=loose)).accepted

@@ -1,0 +1,139 @@
+"""The sort plan file: every bad row named with its line, and hot reload in the running agent."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from edge_agent.sortplan import MAX_ERRORS, SortPlanError, load_sort_plan, parse_sort_plan
+from tests.test_agent import BASE, RunningAgent, agent_table, plc_for
+
+
+def errors_of(text: str, lengths=(5,)) -> list[str]:
+    with pytest.raises(SortPlanError) as caught:
+        parse_sort_plan(text.encode(), "plan.csv", lengths)
+    return caught.value.errors
+
+
+def test_a_good_plan_with_prefixes_bom_and_blank_lines():
+    plan = parse_sort_plan("\ufeffPostcode,Chute\n01234,7\n\n75*,12\n75001,13\n".encode(), "plan.csv")
+    assert plan.exact == {"01234": "7", "75001": "13"} and plan.prefixes == {"75": "12"}
+    assert plan.chute_for("01234") == "7"  # the leading zero is kept
+    assert plan.chute_for("75999") == "12" and plan.chute_for("75001") == "13"
+    assert plan.chute_for("99999") is None and plan.size == 3
+    assert plan.summary() == {"rows": 3, "sha256": plan.sha256[:16]}
+
+
+def test_every_bad_row_is_named_with_its_line_number():
+    errors = errors_of("postcode,chute\n12345,1\n1234,2\n12a45,3\n12345,4\n99999\n88888,\n7*7,5\n12345*,6\n")
+    assert errors == [
+        "plan.csv:3: postcode '1234' has 4 digits; this site reads 5 (a spreadsheet may have dropped a leading zero)",
+        "plan.csv:4: postcode '12a45' must be digits only (leading zeros kept; a spreadsheet may have dropped them)",
+        "plan.csv:5: 12345 is listed twice (first on line 2)",
+        "plan.csv:6: expected 2 columns (postcode,chute), got 1",
+        "plan.csv:7: 88888 has no chute",
+        "plan.csv:8: prefix '7*7' must be digits followed by one '*' (e.g. 75*)",
+        "plan.csv:9: prefix '12345*' is as long as a whole postcode; list the postcode itself",
+    ]
+
+
+def test_unknown_columns_and_a_missing_header_are_refused():
+    assert errors_of("postcode,chute,office\n12345,1,X\n") == [
+        "plan.csv:1: header must be exactly postcode,chute, got postcode,chute,office (unknown column(s): office)"]
+    assert "header" in errors_of("12345,1\n")[0]
+    assert "empty file" in errors_of("")[0]
+
+
+def test_a_flood_of_bad_rows_stops_at_a_readable_number():
+    errors = errors_of("postcode,chute\n" + "abc,1\n" * 500)
+    assert len(errors) == MAX_ERRORS + 1 and "stopped after" in errors[-1]
+
+
+def test_a_missing_file_is_a_plan_error_not_a_crash(tmp_path):
+    with pytest.raises(SortPlanError, match="cannot read"):
+        load_sort_plan(tmp_path / "nope.csv")
+
+
+def test_a_large_plan_loads(tmp_path):
+    """100,000 rows (every 5-digit code): loads, and is indexed for the decoder. Timing is in benchmarks."""
+    path = tmp_path / "plan.csv"
+    path.write_text("postcode,chute\n" + "".join(f"{c:05d},{c % 97}\n" for c in range(100_000)))
+    plan = load_sort_plan(path)
+    assert plan.size == 100_000 and plan.by_length[5].valid_count == 100_000 and len(plan.chutes) == 97
+
+
+# -- in the running agent -------------------------------------------------------------------
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temp = path.with_suffix(".tmp")
+    temp.write_text(text)
+    os.replace(temp, path)
+
+
+@pytest.fixture(scope="module")
+def camera(tmp_path_factory):
+    from edge_agent.demo import render_demo_camera
+
+    workdir = tmp_path_factory.mktemp("plan-camera")
+    folder = render_demo_camera(workdir / "camera", 6, seed=21)
+    return folder, json.loads((workdir / "truth.json").read_text())
+
+
+def test_hot_reload_while_triggers_flow(tmp_path, mqtt_broker, camera):
+    """Plan A sends every postcode on camera to chute A, plan B to chute B. The plan is replaced
+    (and then replaced by a broken file) while triggers flow: every trigger gets one answer, and
+    each answer's chute is the chute of the plan whose hash it carries."""
+    folder, truth = camera
+    codes = sorted(set(truth.values()))
+    plan_path = tmp_path / "plan.csv"
+    plan_a = "postcode,chute\n" + "".join(f"{c},A\n" for c in codes)
+    plan_b = "postcode,chute\n" + "".join(f"{c},B\n" for c in codes)
+    _write_atomically(plan_path, plan_a)
+    sha = {parse_sort_plan(text.encode()).sha256[:16]: chute for text, chute in ((plan_a, "A"), (plan_b, "B"))}
+    table = agent_table(tmp_path, mqtt_broker.port, folder, sort_plan={"path": str(plan_path)},
+                        camera={"source": str(folder), "loop": True, "fps": 20.0, "max_frame_age_ms": 2000})
+    running = RunningAgent(table)
+    plc = plc_for(mqtt_broker.port, watch=(f"{BASE}/events/#",))
+    try:
+        assert plc.wait_online(30)
+        items = []
+        for n in range(60):
+            item = f"plan-{n}"
+            items.append(item)
+            plc.trigger(item)
+            time.sleep(0.03)
+            if n == 20:
+                _write_atomically(plan_path, plan_b)
+            if n == 40:
+                _write_atomically(plan_path, "postcode,chute\n1234,B\n")  # refused: plan B stays
+        assert plc.wait_for(lambda c: all(i in c.results() for i in items), 30)
+        results = plc.results()
+        assert len(results) == len(items)
+        seen = set()
+        for item in items:
+            result = results[item]
+            assert result["decided_by"] == "sort_plan"
+            plan_sha = result["sort_plan"]["sha256"]
+            seen.add(sha[plan_sha])
+            if result["chute"] is not None:
+                assert result["chute"] == sha[plan_sha], result
+            assert len(result["alternatives"]) <= 3
+        assert seen == {"A", "B"}
+        assert plc.wait_for(lambda c: any(t.endswith("/events/error") and b"sort_plan_invalid" in p
+                                          for t, p in c.messages), 10)
+        url = f"{running.agent.endpoint.url}/readyz"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url, timeout=5)
+        body = json.loads(refused.value.read())
+        assert "sort_plan" in body["failing"] and "plan.csv:2" in body["checks"]["sort_plan"]["detail"]
+        assert running.agent.reader.plan.sha256[:16] in sha and sha[running.agent.reader.plan.sha256[:16]] == "B"
+    finally:
+        plc.stop()
+        running.stop()
