@@ -316,8 +316,11 @@ def test_corrupt_empty_and_huge_frames(tmp_path, mqtt_broker):
     (camera / "a-empty.png").write_bytes(b"")
     (camera / "b-corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage" * 50)
     cv2.imwrite(str(camera / "c-huge.png"), np.full((10_000, 10_000), 255, np.uint8))
+    # Reading 100 megapixels takes seconds on a busy machine: this test is about safety, not the
+    # line's budget, so the budget is generous.
     agent = RunningAgent(agent_table(tmp_path, mqtt_broker.port, camera,
-                                     camera={"loop": False, "max_frame_age_ms": 600_000}))
+                                     camera={"loop": False, "max_frame_age_ms": 600_000},
+                                     trigger={"decision_budget_ms": 30_000}))
     plc = plc_for(mqtt_broker.port)
     try:
         assert plc.wait_online(30)
