@@ -167,6 +167,71 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _read_truth(path: Path) -> dict[str, str]:
+    """truth.csv: the header ``file,postcode`` and one row per frame (postcodes as text)."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = csv.DictReader(handle)
+        if rows.fieldnames is None or [f.strip() for f in rows.fieldnames] != ["file", "postcode"]:
+            raise ValueError(f"{path}: the header must be file,postcode")
+        return {row["file"].strip(): row["postcode"].strip() for row in rows}
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Read every frame with a truth, decide as the agent would, and report what the decisions cost."""
+    setup_logging("WARNING", json_lines=False)
+    from edge_agent.evaluation import CostModel, score
+    from edge_agent.loader import load_bundle
+    from edge_agent.pipeline import PostcodeReader
+    from edge_agent.reader import ReaderConfig
+
+    lengths = tuple(int(n) for n in args.lengths.split(","))
+    try:
+        truth = _read_truth(args.truth)
+        model = load_bundle(args.bundle, num_threads=args.threads)
+        plan = load_sort_plan(args.sort_plan, lengths) if args.sort_plan else None
+    except (OSError, ValueError, BundleError, SortPlanError) as exc:
+        print(f"edge-agent evaluate: {exc}", file=sys.stderr)
+        return 2
+    reader = PostcodeReader(model, ReaderConfig(expected_lengths=lengths), plan=plan,
+                            policy=DecodePolicy(target_misdirect_rate=args.target_misdirect_rate,
+                                                invalid_prior=args.invalid_prior))
+    decisions, truths, missing = [], [], []
+    for name, postcode in sorted(truth.items()):
+        path = args.frames / name
+        if not path.is_file():
+            missing.append(name)
+            continue
+        decisions.append(reader.read_image(_decode(path)).decision)
+        truths.append(postcode)
+    if missing:
+        print(f"edge-agent evaluate: {len(missing)} frame(s) in the truth file are missing, e.g. {missing[0]}",
+              file=sys.stderr)
+    if not decisions:
+        print("edge-agent evaluate: no frames to evaluate", file=sys.stderr)
+        return 2
+    cost = CostModel(keying_seconds=args.keying_seconds, labour_per_hour=args.labour_per_hour,
+                     misdirect_cost=args.misdirect_cost)
+    report = score(decisions, truths, plan, cost) | {
+        "model_version": model.version, "decided_by": "sort_plan" if plan else "digit_threshold",
+        "sort_plan": plan.summary() if plan else None}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        low, high = report["misdirect_rate_95"]
+        print(f"envelopes {report['envelopes']}  model {model.version}  decided by {report['decided_by']}")
+        print(f"auto-sorted {report['auto_sort_rate']:.1%}  misdirected {report['misdirects']} "
+              f"({report['misdirect_rate']:.3%}, 95% {low:.3%}-{high:.3%})  precision {report['precision']:.3%}")
+        print("review: " + (", ".join(f"{k} {v}" for k, v in report["reviews_by_reason"].items()) or "none"))
+        if plan:
+            print(f"mail to postcodes not in the plan: {report['invalid_envelopes']}, "
+                  f"sorted automatically: {report['invalid_accepted']}")
+        print(f"cost per 1,000 envelopes: {report['cost_per_1000']:.2f} "
+              f"(keying {args.keying_seconds} s at {args.labour_per_hour}/h, misdirect {args.misdirect_cost})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from edge_agent.demo import render_demo_camera
 
@@ -222,6 +287,21 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--target-misdirect-rate", type=float, default=1e-4,
                          help="with --sort-plan: sort a chute only at posterior >= 1 - this (default %(default)s)")
     predict.set_defaults(func=cmd_predict)
+
+    evaluate = sub.add_parser("evaluate", help="auto-sort rate, misdirects and cost of decisions on labelled frames")
+    evaluate.add_argument("frames", type=Path, help="folder of frames")
+    evaluate.add_argument("--truth", type=Path, required=True, help="CSV file,postcode (one row per frame)")
+    evaluate.add_argument("--sort-plan", type=Path, help="CSV postcode,chute: decide on the chute posterior")
+    evaluate.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
+    evaluate.add_argument("--lengths", default="5")
+    evaluate.add_argument("--threads", type=int, default=1)
+    evaluate.add_argument("--target-misdirect-rate", type=float, default=1e-4)
+    evaluate.add_argument("--invalid-prior", type=float, default=0.01)
+    evaluate.add_argument("--keying-seconds", type=float, default=2.25, help="manual keying per review (s)")
+    evaluate.add_argument("--labour-per-hour", type=float, default=30.0, help="keying cost per hour")
+    evaluate.add_argument("--misdirect-cost", type=float, default=1.50, help="cost of one misdirected envelope")
+    evaluate.add_argument("--json", action="store_true", help="the report as JSON")
+    evaluate.set_defaults(func=cmd_evaluate)
 
     demo = sub.add_parser("demo", help="render a demo camera: postcode frames from MNIST digits")
     demo.add_argument("--out", type=Path, default=Path("demo-out/camera"))

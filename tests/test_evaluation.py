@@ -1,0 +1,89 @@
+"""The cost of decisions: scoring by hand-made cases, and `edge-agent evaluate` on rendered frames."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_agent.decision import SORT_PLAN, Decision
+from edge_agent.evaluation import CostModel, score, wilson_interval
+from edge_agent.render import load_demo_digits, render_postcode_frame
+from edge_agent.sortplan import parse_sort_plan
+from edge_agent.types import Reason
+from tests.paths import ROOT
+
+PLAN = parse_sort_plan(b"postcode,chute\n12345,A\n12346,A\n55555,B\n")
+
+
+def accepted(postcode: str, chute: str | None = None) -> Decision:
+    return Decision(postcode, True, 0.99, (), None, decided_by=SORT_PLAN if chute else "digit_threshold",
+                    chute=chute)
+
+
+def review(reason: Reason) -> Decision:
+    return Decision("", False, 0.0, (), reason)
+
+
+def test_scoring_by_hand():
+    decisions = [accepted("12345", "A"), accepted("12346", "A"), accepted("55555", "B"),
+                 review(Reason.AMBIGUOUS), review(Reason.INVALID_POSTCODE), accepted("55555", "B")]
+    truths = ["12345", "12345", "55555", "12345", "99999", "99998"]
+    cost = CostModel(keying_seconds=3.6, labour_per_hour=10.0, misdirect_cost=2.0)  # 0.01 per review
+    report = score(decisions, truths, PLAN, cost)
+    # The second is the wrong code but the right chute: not a misdirect. The last was mail to a
+    # code that does not exist, sorted anyway: a misdirect.
+    assert report["accepted"] == 4 and report["misdirects"] == 1
+    assert report["auto_sort_rate"] == pytest.approx(4 / 6) and report["misdirect_rate"] == pytest.approx(0.25)
+    assert report["reviews_by_reason"] == {"ambiguous": 1, "invalid_postcode": 1}
+    assert report["invalid_envelopes"] == 2 and report["invalid_accepted"] == 1
+    assert report["cost_per_1000"] == pytest.approx((2 * 0.01 + 1 * 2.0) / 6 * 1000, abs=0.01)
+
+
+def test_without_a_plan_only_the_exact_postcode_counts():
+    report = score([accepted("12346"), accepted("12345")], ["12345", "12345"], None, CostModel())
+    assert report["misdirects"] == 1 and report["invalid_envelopes"] == 0
+
+
+def test_wilson_interval():
+    low, high = wilson_interval(0, 1000)
+    assert low == 0.0 and high == pytest.approx(0.00383, abs=1e-4)
+    low, high = wilson_interval(6, 1443)
+    assert low < 6 / 1443 < high
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_evaluate_command_on_rendered_frames(tmp_path):
+    digits = load_demo_digits()
+    rng = np.random.default_rng(4)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    rows, codes = ["file,postcode"], []
+    for n in range(6):
+        picks = rng.integers(0, len(digits), 5)
+        code = "".join(str(int(d)) for d in digits.labels[picks])
+        name = f"f{n}.png"
+        cv2.imwrite(str(frames / name), render_postcode_frame(list(digits.images[picks]), rng))
+        rows.append(f"{name},{code}")
+        codes.append(code)
+    (tmp_path / "truth.csv").write_text("\n".join(rows) + "\n")
+    # The first five codes exist (two chutes); the sixth envelope is addressed to a code that does not.
+    plan = "postcode,chute\n" + "".join(f"{c},{'A' if i % 2 else 'B'}\n" for i, c in enumerate(codes[:5]))
+    (tmp_path / "plan.csv").write_text(plan)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-m", "edge_agent.cli", "evaluate", str(frames), "--truth",
+                             str(tmp_path / "truth.csv"), "--sort-plan", str(tmp_path / "plan.csv"), "--json"],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["envelopes"] == 6 and report["decided_by"] == "sort_plan"
+    assert report["invalid_envelopes"] == 1 and report["invalid_accepted"] == 0
+    assert report["misdirects"] == 0
+    text = subprocess.run([sys.executable, "-m", "edge_agent.cli", "evaluate", str(frames), "--truth",
+                           str(tmp_path / "truth.csv")], capture_output=True, text=True, timeout=120, env=env)
+    assert text.returncode == 0 and "auto-sorted" in text.stdout and "cost per 1,000" in text.stdout
