@@ -1,0 +1,177 @@
+"""What a sorting office gets from each decision rule: auto-sort rate, misdirects, reviews, cost.
+
+    python benchmarks/sorting_decisions.py [--frames 2000] [--bundle LABEL=PATH ...] [--json out.json]
+
+Frames are rendered from MNIST t10k digits (the held-out test set: evaluation only, nothing
+here is tuned on it). Each envelope is addressed to a postcode drawn from a directory of valid
+codes (95%) or to a code that does not exist (5%). A directory has about 8,000 or 30,000
+five-digit codes, chuted by region (the first two digits: 100 chutes). For every bundle the
+frames are read once (locate + classify); the decision rules then run on the same digit
+probabilities:
+  digits      today's rule: every digit at or above the bundle's threshold (no directory);
+  directory   the posterior over valid codes, each code its own destination;
+  chute       the same posterior summed per chute (what the sorting machine needs).
+The acceptance rule of the last two is the posterior >= 1 - target misdirect rate (1e-4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from edge_agent.decision import decide, decide_with_plan  # noqa: E402
+from edge_agent.decoder import DecodePolicy  # noqa: E402
+from edge_agent.evaluation import CostModel, score  # noqa: E402
+from edge_agent.loader import load_bundle  # noqa: E402
+from edge_agent.mnist import load_split, locate_data_dir  # noqa: E402
+from edge_agent.reader import ReaderConfig, locate_digits  # noqa: E402
+from edge_agent.render import fit_digit_height, random_conditions, render_postcode_frame  # noqa: E402
+from edge_agent.sortplan import parse_sort_plan  # noqa: E402
+
+LENGTH = 5
+
+
+def directory(size: int, rng: np.random.Generator) -> list[str]:
+    return [f"{c:05d}" for c in sorted(rng.choice(10 ** LENGTH, size, replace=False))]
+
+
+def plan_text(codes: list[str], per_code: bool) -> bytes:
+    rows = (f"{c},{c if per_code else 'R' + c[:2]}\n" for c in codes)
+    return ("postcode,chute\n" + "".join(rows)).encode()
+
+
+def envelopes(codes: list[str], n: int, invalid_share: float, rng: np.random.Generator) -> list[str]:
+    valid = set(codes)
+    out = []
+    for _ in range(n):
+        if rng.random() < invalid_share:
+            while True:
+                code = f"{int(rng.integers(0, 10 ** LENGTH)):05d}"
+                if code not in valid:
+                    break
+        else:
+            code = codes[int(rng.integers(0, len(codes)))]
+        out.append(code)
+    return out
+
+
+def render(truths: list[str], digits, rng: np.random.Generator) -> list[np.ndarray]:
+    by_label = {d: np.flatnonzero(digits.labels == d) for d in range(10)}
+    frames = []
+    for code in truths:
+        picks = [int(rng.choice(by_label[int(ch)])) for ch in code]
+        cond = fit_digit_height(random_conditions(rng), LENGTH, (640, 480))
+        frames.append(render_postcode_frame(list(digits.images[picks]), rng, (640, 480),
+                                            **cond.__dict__))
+    return frames
+
+
+def read_all(frames: list[np.ndarray], bundle: Path):
+    model = load_bundle(bundle)
+    config = ReaderConfig(expected_lengths=(LENGTH,))
+    reads = []
+    for frame in frames:
+        located = locate_digits(frame, config)
+        result = model.classifier.classify(located.digits)
+        reads.append((result.labels, result.probabilities))
+    return model, reads
+
+
+def run(args) -> dict:
+    data_dir = locate_data_dir(args.data)
+    if data_dir is None:
+        raise SystemExit("MNIST files not found: pass --data or set MNIST_DIR (see ../shared/datasets/mnist)")
+    digits = load_split(data_dir, "test")
+    bundles = [b.split("=", 1) for b in args.bundle] or [["shipped", str(ROOT / "models" / "mnist-int8")]]
+    policy = DecodePolicy(target_misdirect_rate=args.target)
+    cost = CostModel()
+    report: dict = {"frames": args.frames, "seed": args.seed, "target_misdirect_rate": args.target,
+                    "invalid_share": args.invalid_share, "rows": []}
+    for size in args.directories:
+        rng = np.random.default_rng(args.seed + size)
+        codes = directory(size, rng)
+        truths = envelopes(codes, args.frames, args.invalid_share, rng)
+        started = time.perf_counter()
+        frames = render(truths, digits, rng)
+        report.setdefault("render_s", {})[size] = round(time.perf_counter() - started, 1)
+        by_region = parse_sort_plan(plan_text(codes, per_code=False))
+        per_code = parse_sort_plan(plan_text(codes, per_code=True))
+        for label, path in bundles:
+            model, reads = read_all(frames, Path(path))
+            threshold = model.manifest.acceptance_threshold
+            rules = {
+                "digits": [decide(lab, prob, (LENGTH,), threshold) for lab, prob in reads],
+                "directory": [decide_with_plan(lab, prob, (LENGTH,), per_code, policy) for lab, prob in reads],
+            }
+            decode_ms = []
+            chute = []
+            for lab, prob in reads:
+                t0 = time.perf_counter()
+                chute.append(decide_with_plan(lab, prob, (LENGTH,), by_region, policy))
+                decode_ms.append((time.perf_counter() - t0) * 1000)
+            rules["chute"] = chute
+            for rule, decisions in rules.items():
+                row = score(decisions, truths, by_region if rule == "chute" else
+                            (per_code if rule == "directory" else None), cost)
+                # Judge every rule at the chute the envelope needs: a wrong code in the right
+                # region is still sorted right; mail to a code that does not exist never is.
+                if rule != "chute":
+                    row = score(_as_chutes(decisions, by_region), truths, by_region, cost) | {
+                        "postcode_exact_rate": row["postcode_exact_rate"]}
+                row.update(directory=size, bundle=label, model_version=model.version, rule=rule)
+                if rule == "chute":
+                    row["decode_ms_p50"] = round(float(np.percentile(decode_ms, 50)), 3)
+                    row["decode_ms_p99"] = round(float(np.percentile(decode_ms, 99)), 3)
+                report["rows"].append(row)
+                print(_line(row), flush=True)
+    return report
+
+
+def _as_chutes(decisions, plan):
+    """A postcode decision as the sorting machine applies it: the plan's chute for that postcode."""
+    from dataclasses import replace
+
+    out = []
+    for d in decisions:
+        chute = plan.chute_for(d.postcode) if d.accepted else None
+        # An accepted postcode that the plan does not know cannot be sorted: the machine rejects it.
+        out.append(replace(d, chute=chute, accepted=d.accepted and chute is not None,
+                           decided_by="sort_plan" if d.accepted else d.decided_by))
+    return out
+
+
+def _line(row: dict) -> str:
+    low, high = row["misdirect_rate_95"]
+    return (f"{row['directory']:>6} codes  {row['bundle']:<12} {row['rule']:<9} auto-sorted "
+            f"{row['auto_sort_rate']:6.1%}  precision {row['precision']:8.3%}  misdirects {row['misdirects']:>3} "
+            f"(95% up to {high:.3%})  invalid accepted {row['invalid_accepted']}/{row['invalid_envelopes']}  "
+            f"cost/1000 {row['cost_per_1000']:.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--bundle", action="append", default=[], help="LABEL=PATH (repeat to compare)")
+    parser.add_argument("--directories", type=lambda s: [int(x) for x in s.split(",")], default=[8000, 30000])
+    parser.add_argument("--invalid-share", type=float, default=0.05)
+    parser.add_argument("--target", type=float, default=1e-4)
+    parser.add_argument("--data", help="MNIST folder (default: ../shared/datasets/mnist or MNIST_DIR)")
+    parser.add_argument("--json", type=Path, help="write the report here")
+    args = parser.parse_args(argv)
+    report = run(args)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
