@@ -38,6 +38,8 @@ def main() -> int:
     parser.add_argument("--fps", type=float, default=20.0, help="demo camera frame rate")
     parser.add_argument("--spacing-ms", type=float, default=60.0,
                         help="gap between sequential triggers: longer than a frame, so each reads a new frame")
+    parser.add_argument("--sort-plan", type=int, default=0, metavar="CODES",
+                        help="decide with a sort plan of this many valid codes (the camera's among them)")
     args = parser.parse_args()
     if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
         print("mosquitto is required: apt-get install mosquitto", file=sys.stderr)
@@ -47,6 +49,13 @@ def main() -> int:
     port = free_port()
     broker, _name, _protocol = start_broker(workdir, port, "mosquitto")
     config = write_demo_config(workdir, port, camera, fps=args.fps)
+    if args.sort_plan:
+        truth = json.loads((workdir / "truth.json").read_text())
+        rng = np.random.default_rng(5)
+        codes = set(truth.values()) | {f"{c:05d}" for c in rng.choice(100_000, args.sort_plan, replace=False)}
+        codes = sorted(codes)
+        (workdir / "plan.csv").write_text("postcode,chute\n" + "".join(f"{c},R{c[:2]}\n" for c in codes))
+        config.write_text(config.read_text() + f'[sort_plan]\npath = "{workdir / "plan.csv"}"\n')
     cmd = [sys.executable, "-m", "edge_agent.cli", "run", "--config", str(config)]
     if shutil.which("taskset"):
         cmd = ["taskset", "-c", args.core] + cmd
@@ -80,6 +89,7 @@ def main() -> int:
                       "p99_ms": round(float(np.percentile(burst, 99)), 1) if burst else None},
             "agent_rss_mb": round(rss / 2**20, 1),
             "agent_cores": args.core,
+            "sort_plan_codes": args.sort_plan or None,
         }
     finally:
         plc.stop()
