@@ -164,6 +164,13 @@ def _pull_line(job, pause, prefix: bool) -> bool:
             mqtt.event(event)
 
     try:
+        pending = _pending_health_check(job.settings.models_dir)
+        if pending is not None and mqtt is not None:
+            # A pull killed during its health check left a version active that nobody judged.
+            report({"event": "health_check_resumed", "version": pending})
+            if not _health_check(job, mqtt, pending, report, label):
+                mqtt.state(_sync_state(job.settings.models_dir) | {"channel": job.settings.channel})
+                return False
         result = pull(job.settings, report=report, pause=pause)
         ok = result.ok
         if result.outcome == "updated" and mqtt is not None:
@@ -218,8 +225,29 @@ def _sync_state(models_dir: Path) -> dict:
     return {key: state.get(key) for key in ("active", "previous", "last_result", "last_error")}
 
 
+def _pending_health_check(models_dir: Path) -> str | None:
+    """The active version whose health check was started and never finished, if any."""
+    from sync.activation import active_version, load_state
+
+    pending = load_state(models_dir).get("health_pending")
+    return pending if pending and pending == active_version(models_dir) else None
+
+
+def _set_health_pending(models_dir: Path, version: str | None) -> None:
+    from sync.activation import load_state, save_state
+
+    state = load_state(models_dir)
+    if state.get("health_pending") != version:
+        state["health_pending"] = version
+        save_state(models_dir, state)
+
+
 def _health_check(job, mqtt, version: str, report, label: str = "") -> bool:
-    """After an activation: healthy in time, or roll back (version marked failed) and say why."""
+    """After an activation: healthy in time, or roll back (version marked failed) and say why.
+
+    Marked pending in the models folder's state while it runs, so a kill during the check is
+    resumed by the next pull instead of leaving an unjudged version active for good.
+    """
     import fcntl
 
     from sync.activation import load_state, rollback, save_state
@@ -227,9 +255,12 @@ def _health_check(job, mqtt, version: str, report, label: str = "") -> bool:
 
     criteria = job.health
     models_dir = Path(job.settings.models_dir)
+    _set_health_pending(models_dir, version)
     report({"event": "health_check", "version": version, "timeout_s": criteria.timeout_s,
             "min_reads": criteria.min_reads, "max_review_pct": criteria.max_review_pct})
     verdict = mqtt.wait_healthy(version, criteria)
+    if verdict.healthy or not verdict.judged:
+        _set_health_pending(models_dir, None)
     if verdict.healthy:
         report({"event": "healthy", "version": version, "reads": verdict.reads, "review_pct": verdict.review_pct})
         print(f"{label}updated: {version}")
@@ -253,6 +284,7 @@ def _health_check(job, mqtt, version: str, report, label: str = "") -> bool:
         state = load_state(models_dir)
         from datetime import datetime, timezone
 
+        state["health_pending"] = None
         state["last_error"] = reason
         state["last_result"] = {"outcome": "rolled_back", "version": version, "reason": reason,
                                 "at": iso(datetime.now(timezone.utc))}

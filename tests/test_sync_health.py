@@ -202,3 +202,47 @@ def test_a_broker_lost_during_the_check_keeps_the_new_version(tmp_path, mqtt_bro
     assert "lost during the health check" in rest
     assert activation.active_version(site_v1) == "1.1.0"
     assert "1.1.0" not in activation.load_state(site_v1).get("failed", {})
+
+
+def test_a_health_check_killed_midway_is_resumed_by_the_next_pull(tmp_path, mqtt_broker, base_bundle, server,
+                                                                   keys, site_v1):
+    """kill -9 while the new version is being judged: the next pull judges it before anything else
+    (here no agent runs on the line, so it is rolled back) instead of leaving it active unjudged."""
+    import os
+    import signal
+    import time
+
+    add_version(tmp_path, base_bundle, server, keys[0], "1.1.0")
+    args = [sys.executable, "-m", "sync", "pull", "--registry", server.url, "--public-key",
+            str(keys[0].public_path), "--models-dir", str(site_v1), "--timeout", "2", "--retries", "0",
+            *map(str, mqtt_args(mqtt_broker.port, **{"--health-timeout": 120}))]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if _logged_event(line) == "health_check":
+                break
+        else:
+            raise AssertionError("the pull never reached its health check")
+        assert activation.load_state(site_v1).get("health_pending") == "1.1.0", (line, activation.load_state(site_v1))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert activation.active_version(site_v1) == "1.1.0"  # active, but nobody judged it
+    out = run_pull(server, site_v1, keys, *mqtt_args(mqtt_broker.port, **{"--health-timeout": 3}))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "rolled back" in out.stderr.strip().splitlines()[-1]
+    assert activation.active_version(site_v1) == "1.0.0"
+    assert not activation.load_state(site_v1).get("health_pending")
+
+
+def _logged_event(line: str) -> str | None:
+    """The sync event a JSON log line carries (its message is the event's JSON), if any."""
+    try:
+        return json.loads(json.loads(line)["msg"]).get("event")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
