@@ -62,6 +62,8 @@ class Manifest:
     acceptance_threshold: float
     output_kind: str  # "logits" (softmax applied at runtime) or "probabilities"
     raw: dict[str, Any]
+    # softmax(logits / temperature): 1.0 for bundles without a "calibration" section (1.0.0).
+    temperature: float = 1.0
 
     @property
     def version_tuple(self) -> tuple[int, int, int]:
@@ -110,9 +112,35 @@ def parse_manifest(text: str) -> Manifest:
         acceptance_threshold=float(threshold),
         output_kind=str(data.get("output_kind", "probabilities")),
         raw=data,
+        temperature=parse_calibration(data.get("calibration")),
     )
+    if manifest.temperature != 1.0 and manifest.output_kind != "logits":
+        raise BundleError(f"calibration.temperature {manifest.temperature} needs output_kind \"logits\", "
+                          f"not {manifest.output_kind!r}")
     check_int8_digit_model(manifest.input, manifest.output, len(labels), "manifest")
     return manifest
+
+
+def parse_calibration(section: Any) -> float:
+    """The temperature of a manifest's "calibration" section; none at all means 1.0.
+
+    An unknown method is refused rather than ignored: the acceptance threshold was chosen on the
+    calibrated probabilities, so running the model uncalibrated would shift what it accepts.
+    """
+    if section is None:
+        return 1.0
+    if not isinstance(section, dict):
+        raise BundleError("manifest calibration must be an object like "
+                          '{"method": "temperature", "temperature": 1.5}')
+    method = section.get("method")
+    if method != "temperature":
+        raise BundleError(f"manifest calibration method {method!r} is not supported by this agent "
+                          "(it knows \"temperature\"); update the agent or use a bundle without it")
+    temperature = section.get("temperature")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not (math.isfinite(temperature) and 0.01 <= temperature <= 100.0):
+        raise BundleError(f"manifest calibration.temperature {temperature!r} must be a number in [0.01, 100]")
+    return float(temperature)
 
 
 def check_int8_digit_model(inp: TensorSpec, out: TensorSpec, n_labels: int, where: str) -> None:

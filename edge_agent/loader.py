@@ -82,7 +82,10 @@ def native_stderr_to_log(source: str) -> Iterator[None]:
                     log.log(_runtime_line_level(line.strip()), "%s: %s", source, line.rstrip())
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """softmax(logits / temperature), row by row."""
+    if temperature != 1.0:
+        logits = logits / np.float32(temperature)
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
 
@@ -136,10 +139,16 @@ class Int8Classifier:
     """A LiteRT interpreter for an int8 digit model; one ``invoke`` per batch, thread-safe."""
 
     def __init__(self, model_path: Path, num_threads: int = 1, n_labels: int = 10,
-                 use_xnnpack: bool = True, output_kind: str = "logits"):
+                 use_xnnpack: bool = True, output_kind: str = "logits", temperature: float = 1.0):
         if output_kind not in OUTPUT_KINDS:
             raise BundleError(f"output_kind {output_kind!r} must be one of {', '.join(OUTPUT_KINDS)}")
+        if not (np.isfinite(temperature) and temperature > 0):
+            raise BundleError(f"temperature {temperature!r} must be a positive number")
+        if temperature != 1.0 and output_kind != "logits":
+            raise BundleError("a calibration temperature applies to logits only")
         self.output_kind = output_kind
+        # The bundle's calibration: probabilities are softmax(logits / temperature).
+        self.temperature = float(temperature)
         interpreter_class, self.runtime = _interpreter_class()
         options: dict[str, Any] = {"model_path": str(model_path), "num_threads": num_threads}
         if not use_xnnpack:
@@ -177,12 +186,21 @@ class Int8Classifier:
 
     def classify(self, digits: np.ndarray) -> Classification:
         """Classify (N, 28, 28) uint8 digits, white ink on black, in one invoke."""
+        values = self.outputs(digits)
+        if len(values) == 0:
+            return Classification(np.zeros(0, int), np.zeros((0, 10), np.float32))
+        probabilities = softmax(values, self.temperature) if self.output_kind == "logits" else values
+        return Classification(probabilities.argmax(axis=1), probabilities.astype(np.float32))
+
+    def outputs(self, digits: np.ndarray) -> np.ndarray:
+        """The model's dequantised output for (N, 28, 28) uint8 digits: logits before any temperature
+        (or probabilities, for an ``output_kind`` "probabilities" model). Calibration fits on these."""
         digits = np.asarray(digits)
         if digits.ndim != 3 or digits.shape[1:] != (28, 28) or digits.dtype != np.uint8:
             raise ValueError(f"digits must be uint8 (N, 28, 28), got {digits.dtype} {digits.shape}")
         n = len(digits)
         if n == 0:
-            return Classification(np.zeros(0, int), np.zeros((0, 10), np.float32))
+            return np.zeros((0, self.output_spec.shape[-1]), np.float32)
         batch = self._quantise(digits)
         batch = batch.reshape((n, 28, 28, 1) if self._input_rank == 4 else (n, 28, 28))
         with self._lock:
@@ -195,9 +213,7 @@ class Int8Classifier:
             self._interpreter.invoke()
             raw = self._interpreter.get_tensor(self._output_index).copy()
         out = self.output_spec
-        values = (raw.astype(np.float32) - out.zero_point) * out.scale
-        probabilities = softmax(values) if self.output_kind == "logits" else values
-        return Classification(probabilities.argmax(axis=1), probabilities.astype(np.float32))
+        return (raw.astype(np.float32) - out.zero_point) * np.float32(out.scale)
 
     def tensor_types_by_op(self) -> list[tuple[str, list[str]]]:
         """(op name, dtypes of its input and output tensors) for every op in the graph."""
@@ -241,7 +257,7 @@ def load_bundle(directory: Path, num_threads: int = 1) -> LoadedModel:
     """Verify a bundle (files, sha256, manifest) and build its int8 interpreter."""
     manifest, model_path = read_bundle(Path(directory))
     classifier = Int8Classifier(model_path, num_threads=num_threads, n_labels=len(manifest.labels),
-                                output_kind=manifest.output_kind)
+                                output_kind=manifest.output_kind, temperature=manifest.temperature)
     for name, declared, actual in (
         ("input", manifest.input, classifier.input_spec),
         ("output", manifest.output, classifier.output_spec),
@@ -251,6 +267,6 @@ def load_bundle(directory: Path, num_threads: int = 1) -> LoadedModel:
             raise BundleError(
                 f"manifest {name} tensor {declared.to_json()} does not match the model's {actual.to_json()}"
             )
-    log.info("loaded model %s %s from %s (%s)", manifest.name, manifest.version, directory,
-             classifier.runtime)
+    log.info("loaded model %s %s from %s (%s, temperature %g)", manifest.name, manifest.version, directory,
+             classifier.runtime, manifest.temperature)
     return LoadedModel(manifest, classifier, Path(directory))
