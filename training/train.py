@@ -15,7 +15,7 @@ import tensorflow as tf
 from edge_agent.mnist import DigitSet
 from training.augment import augmented_dataset, elastic_copies
 from training.data import load_training_data, stratified_split
-from training.model import build_model
+from training.model import build_architecture
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +26,17 @@ class TrainConfig:
 
     out_dir: Path
     data_dir: Path | None = None
-    seed: int = 1234
+    seed: int = 1234  # weights, augmentation and shuffling
+    # The validation hold-out; None means ``seed``. Ensemble members share one split seed (and
+    # differ in ``seed``) so that no member ever trains on another member's validation digits.
+    split_seed: int | None = None
+    architecture: str = "mnist_cnn"  # a key of training.model.ARCHITECTURES
     epochs: int = 40
     batch_size: int = 64
     learning_rate: float = 1e-3
+    # "plateau": halve on a validation-loss plateau (the reference recipe); "cosine": decay to 1%
+    # over the epochs, which reaches a good model in a fixed, smaller number of epochs.
+    lr_schedule: str = "plateau"
     validation_per_class: int = 100
     patience: int = 8
     elastic_copies: int = 4  # distorted copies of each training image added before training
@@ -59,14 +66,30 @@ def class_distribution(labels: np.ndarray) -> dict[str, float]:
     return {str(d): round(float(counts[d] / counts.sum()), 5) for d in range(10)}
 
 
+def effective_split_seed(config: TrainConfig) -> int:
+    return config.seed if config.split_seed is None else config.split_seed
+
+
 def split_for(config: TrainConfig, train: DigitSet) -> tuple[DigitSet, DigitSet]:
     """The training/validation split a config implies (quantize/ recomputes it for thresholds)."""
+    split_seed = effective_split_seed(config)
     if config.limit:
         # A random slice: IDX subsets may be sorted by class (the 5k set is).
-        picked = np.random.default_rng(config.seed).permutation(len(train))[:config.limit]
+        picked = np.random.default_rng(split_seed).permutation(len(train))[:config.limit]
         train = train.subset(np.sort(picked))
-    fit_idx, val_idx = stratified_split(train.labels, config.validation_per_class, config.seed)
+    fit_idx, val_idx = stratified_split(train.labels, config.validation_per_class, split_seed)
     return train.subset(fit_idx), train.subset(val_idx)
+
+
+def learning_rate_schedule(config: TrainConfig, fit_images: int) -> tuple[object, list]:
+    """The optimiser's learning rate (a number or a schedule) and the callbacks that steer it."""
+    if config.lr_schedule == "plateau":
+        return config.learning_rate, [
+            keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=4, min_lr=1e-5)]
+    if config.lr_schedule == "cosine":
+        steps = config.epochs * -(-fit_images // config.batch_size)
+        return keras.optimizers.schedules.CosineDecay(config.learning_rate, steps, alpha=0.01), []
+    raise ValueError(f"lr_schedule {config.lr_schedule!r} must be plateau or cosine")
 
 
 def train(config: TrainConfig) -> dict:
@@ -76,15 +99,16 @@ def train(config: TrainConfig) -> dict:
     fit, validation = split_for(config, all_train)
     log.info("training on %d images, validating on %d (source %s)", len(fit), len(validation), source)
 
-    model = build_model()
-    model.compile(
-        optimizer=keras.optimizers.Adam(config.learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
+    model = build_architecture(config.architecture)
     x_val = validation.images[..., None].astype("float32") / 255.0
     fit_images = np.concatenate([fit.images, elastic_copies(fit.images, config.elastic_copies, config.seed)])
     fit_labels = np.concatenate([fit.labels] * (config.elastic_copies + 1))
+    learning_rate, schedule_callbacks = learning_rate_schedule(config, len(fit_labels))
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
     started = time.monotonic()
     history = model.fit(
         augmented_dataset(fit_images, fit_labels, config.batch_size, config.seed),
@@ -92,7 +116,7 @@ def train(config: TrainConfig) -> dict:
         epochs=config.epochs,
         verbose=2,  # one line per epoch: readable in journald and CI logs
         callbacks=[
-            keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.5, patience=4, min_lr=1e-5),
+            *schedule_callbacks,
             keras.callbacks.EarlyStopping(
                 "val_loss", patience=config.patience, restore_best_weights=True
             ),
@@ -102,7 +126,7 @@ def train(config: TrainConfig) -> dict:
     predictions = model.predict(x_val, verbose=0).argmax(axis=1)
     report = class_report(validation.labels, predictions)
     metrics = {
-        "model": "mnist_cnn",
+        "model": config.architecture,
         "data_source": source,
         "train_images": len(fit),
         "validation_images": len(validation),
