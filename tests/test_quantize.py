@@ -87,6 +87,11 @@ def test_quantize_end_to_end_produces_loadable_int8_bundle(small_training_run, t
     metrics = model.manifest.raw["metrics"]
     assert metrics["int8_accuracy"] > 0.8
     assert 0.0 < model.manifest.acceptance_threshold <= 1.0
+    calibration = model.manifest.raw["calibration"]
+    assert calibration["method"] == "temperature" and model.classifier.temperature == calibration["temperature"]
+    assert calibration["validation"]["digits"] == 200 * 10  # 200 held out, 9 augmented copies
+    assert calibration["validation"]["nll_after"] <= calibration["validation"]["nll_before"] + 1e-9
+    assert "## Calibration" in (out / "MODEL_CARD.md").read_text()
 
 
 @pytest.mark.slow
@@ -138,3 +143,116 @@ def test_training_is_deterministic_for_a_seed(tmp_path):
         weights.append(keras.models.load_model(out / "model.keras").get_weights())
     for first, second in zip(*weights):
         np.testing.assert_array_equal(first, second)
+
+
+# Ensembles: members side by side in one int8 graph, their logits averaged.
+
+def _tiny_member(seed: int):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input(shape=(28, 28, 1)),
+        keras.layers.Conv2D(4, 3, strides=2, activation="relu"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(16, activation="relu"),
+        keras.layers.Dense(10, activation="softmax"),
+    ])
+
+
+def _member_logits(member, x: np.ndarray) -> np.ndarray:
+    """Logits the independent way: the penultimate layer's output times the last layer's weights."""
+    import keras
+
+    hidden = keras.Model(member.inputs, member.layers[-2].output).predict(x, verbose=0)
+    kernel, bias = member.layers[-1].get_weights()
+    return hidden @ kernel + bias
+
+
+def test_ensemble_output_is_the_mean_of_member_logits():
+    from quantize.convert import AveragedLogits
+
+    members = [_tiny_member(seed) for seed in (1, 2, 3)]
+    x = np.random.default_rng(0).random((8, 28, 28, 1), dtype=np.float32)
+    expected = np.mean([_member_logits(m, x) for m in members], axis=0)
+    np.testing.assert_allclose(AveragedLogits(members)(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(AveragedLogits(members[:1])(x).numpy(), _member_logits(members[0], x),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_ensemble_converts_to_one_full_integer_graph(tmp_path):
+    from edge_agent.loader import Int8Classifier, non_integer_ops
+    from quantize.convert import convert_to_int8
+
+    members = [_tiny_member(seed) for seed in (1, 2)]
+    rng = np.random.default_rng(1)
+    calibration = (rng.random((64, 28, 28)) * 255).astype(np.uint8)
+    path = tmp_path / "ensemble.tflite"
+    path.write_bytes(convert_to_int8(members, calibration))
+    assert non_integer_ops(path) == []
+    classifier = Int8Classifier(path)  # one uint8 input, one int8 output, or it refuses
+    assert (classifier.input_spec.dtype, classifier.output_spec.dtype) == ("uint8", "int8")
+    ops = [op for op, _ in Int8Classifier(path, use_xnnpack=False).tensor_types_by_op()]
+    assert ops.count("CONV_2D") == 2 and ops.count("ADD") == 1  # both members, merged in the graph
+
+    digits = (rng.random((16, 28, 28)) * 255).astype(np.uint8)
+    expected = np.mean([_member_logits(m, digits[..., None].astype(np.float32) / 255) for m in members], axis=0)
+    got = classifier.outputs(digits)
+    # int8 activations: within a few quanta of the output scale, relative to the logits' range.
+    spread = expected.max() - expected.min()
+    assert np.max(np.abs(got - expected)) < max(6 * classifier.output_spec.scale, 0.08 * spread)
+    assert np.mean(got.argmax(axis=1) == expected.argmax(axis=1)) >= 0.8
+
+
+def test_members_trained_on_different_validation_splits_are_refused(tmp_path):
+    from edge_agent.mnist import DataError
+    from quantize.build import QuantizeConfig, source_from_training
+
+    dirs = []
+    for name, split_seed in (("a", 1234), ("b", 99)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "metrics.json").write_text(json.dumps({"config": {
+            "seed": 7, "split_seed": split_seed, "validation_per_class": 100, "limit": None}}))
+        dirs.append(folder)
+    config = QuantizeConfig(out_dir=tmp_path / "bundle", train_dirs=tuple(dirs))
+    with pytest.raises(DataError, match="different validation splits"):
+        source_from_training(config, None, None)
+
+
+def test_quantize_config_takes_training_folders_or_a_bundle(tmp_path):
+    from quantize.build import QuantizeConfig
+
+    with pytest.raises(ValueError, match="not both"):
+        QuantizeConfig(out_dir=tmp_path, train_dirs=(tmp_path,), from_bundle=tmp_path)
+    with pytest.raises(ValueError, match="not both"):
+        QuantizeConfig(out_dir=tmp_path)
+
+
+def test_cli_architecture_names_match_the_models():
+    from training.cli import ARCHITECTURE_NAMES
+    from training.model import ARCHITECTURES
+
+    assert set(ARCHITECTURE_NAMES) == set(ARCHITECTURES)
+
+
+@pytest.mark.slow
+def test_recalibrating_a_bundle_keeps_its_model_and_adds_a_temperature(tmp_path):
+    """--from-bundle: the shipped model.tflite, byte for byte, with a fitted temperature and new threshold."""
+    from edge_agent.bundle import sha256_file
+    from edge_agent.loader import load_bundle
+    from quantize.cli import main as quantize_main
+    from tests.paths import SHIPPED_BUNDLE
+
+    data = mnist_dir()
+    out = tmp_path / "bundle"
+    code = quantize_main(["--from-bundle", str(SHIPPED_BUNDLE), "--out", str(out), "--data", str(data),
+                          "--eval-limit", "500", "--version", "9.0.1", "--figures", str(tmp_path / "img")])
+    assert code == 0
+    model = load_bundle(out)
+    assert sha256_file(out / "model.tflite") == sha256_file(SHIPPED_BUNDLE / "model.tflite")
+    assert model.manifest.version == "9.0.1" and model.classifier.temperature > 0
+    assert model.manifest.raw["model"]["recalibrated_from"] == json.loads(
+        (SHIPPED_BUNDLE / "manifest.json").read_text())["version"]
+    assert sorted(p.name for p in (tmp_path / "img").iterdir()) == [
+        "reliability-mnist-cnn-int8-9.0.1-t10k.png", "reliability-mnist-cnn-int8-9.0.1-validation.png"]
