@@ -141,8 +141,9 @@ class Site:
             "postcode_edge_version": version,
             "postcode_edge_wheel": str(wheel),
             "postcode_edge_python": self.python,
-            # The machine's pip configuration (its index and wheelhouse) is what the install uses.
-            "postcode_edge_pip_extra_args": "",
+            # The machine's pip configuration (its index and wheelhouse) is what the install uses;
+            # no .pyc compiling saves a few seconds per release (in production they are wanted).
+            "postcode_edge_pip_extra_args": "--no-compile",
             "mosquitto_install_package": False,
             "mosquitto_dashboard_password": "dashboard-secret",
             "sync_registry": "file:///srv/registry",
