@@ -10,8 +10,8 @@ test:
 model:  ## train + quantise into models/mnist-int8 (about 10 minutes on 2 cores)
 	./scripts/model.sh
 
-bench:
-	./scripts/test.sh -q -m bench benchmarks
+bench:  ## benchmarks side by side into build/bench/bench-<date>.{json,md} (~15 min); BENCH_ARGS=--quick: ~1 min
+	bash -c 'source scripts/venv.sh && ensure_venv .venv-test "[train,dev]" && cd "$$ROOT" && exec .venv-test/bin/python benchmarks/bench.py $(BENCH_ARGS)'
 
 clean:
 	rm -rf build .venv .venv-test .venv-train .pytest_cache

@@ -1,0 +1,100 @@
+"""Section 2: multiply-accumulates per digit, the MAC/s the classifier achieves, and the share of the core's peak.
+
+The ceilings are measured on this core by a small C probe (probe.c, compiled with the system's
+C compiler): its clock, and how many vpmaddubsw / vpmaddwd / vfmadd231ps (256-bit) it retires
+per cycle. Without a compiler the section falls back to /proc/cpuinfo's clock and two of each
+per cycle (Zen 3's figure), and says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+from benchmarks.side_by_side.classifier import LABELS
+from benchmarks.side_by_side.context import Context
+from benchmarks.side_by_side.report import Section, Table
+from benchmarks.side_by_side.tflite import count_macs
+from edge_agent.bundle import MODEL_FILE
+
+PROBE_SOURCE = Path(__file__).with_name("probe.c")
+# MACs one 256-bit instruction does: vpmaddubsw multiplies 32 u8 x s8 pairs (adding them pairwise
+# into int16), vpmaddwd 16 int16 pairs (into int32), vfmadd231ps 8 float32 lanes.
+MACS_PER_INSTRUCTION = {"vpmaddubsw": 32, "vpmaddwd": 16, "vfmadd231ps": 8}
+ASSUMED_PER_CYCLE = 2.0  # Zen 3: two 256-bit multiply(-add) pipes for each of them
+
+
+def probe_core(ctx: Context) -> dict:
+    """Clock (GHz) and instructions per ns of each multiply-add, measured; or stated assumptions."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    source = PROBE_SOURCE.read_bytes()
+    binary = ctx.cache_dir / "probe" / f"probe-{hashlib.sha256(source).hexdigest()[:12]}"
+    try:
+        if not binary.exists():
+            if compiler is None:
+                raise OSError("no C compiler")
+            binary.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run([compiler, "-O2", "-o", str(binary), str(PROBE_SOURCE)], check=True,
+                           capture_output=True, timeout=60)
+        out = subprocess.run([str(binary), "2000000", str(ctx.pick(20, 60))], check=True,
+                             capture_output=True, text=True, timeout=120)
+        measured = json.loads(out.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        clock = float(ctx.machine.get("cpu_mhz") or 0) / 1000 or None
+        return {"measured": False, "why_not": str(exc), "clock_ghz": clock,
+                "per_cycle": {name: ASSUMED_PER_CYCLE for name in MACS_PER_INSTRUCTION}}
+    clock = measured["clock_ghz"]
+    return {"measured": True, "clock_ghz": clock,
+            "per_cycle": {name: round(measured[f"{name}_per_ns"] / clock, 2) for name in MACS_PER_INSTRUCTION}}
+
+
+def run(ctx: Context) -> Section:
+    section = Section("roofline", "2. Roofline: MACs per digit against the core's peak")
+    macs = count_macs(ctx.bundle / MODEL_FILE)
+    core = probe_core(ctx)
+    clock = core["clock_ghz"] or float("nan")
+    peaks = {name: MACS_PER_INSTRUCTION[name] * core["per_cycle"][name] for name in MACS_PER_INSTRUCTION}
+    section.data.update({"macs_per_digit": macs, "core": core,
+                         "peak_macs_per_cycle_per_core": peaks})
+    section.tables.append(Table(
+        f"Multiply-accumulates per digit (models/mnist-int8): {macs['total'] / 1e6:.2f} M",
+        ["op", "shape", "MACs", "share"],
+        [[o["op"], o["shape"], o["macs"], f"{100 * o['macs'] / macs['total']:.1f}%"] for o in macs["per_op"]]))
+    how = "measured by probe.c" if core["measured"] else f"assumed ({core['why_not']})"
+    section.tables.append(Table(
+        f"Ceilings of one core, {how}: clock {clock:.2f} GHz",
+        ["instruction (256-bit)", "MACs each", "per cycle", "MACs/cycle", "G MAC/s per core"],
+        [[name, MACS_PER_INSTRUCTION[name], core["per_cycle"][name], peaks[name], peaks[name] * clock]
+         for name in MACS_PER_INSTRUCTION]))
+
+    classifier = ctx.results.get("classifier")
+    if classifier is None or classifier.error or not classifier.data.get("by_threads"):
+        section.notes.append("The classifier section did not run, so there are no achieved rates to place.")
+        return section
+    rows = []
+    # Per CPU-second of the process, a rate is per busy core whatever the thread count, so every
+    # row is set against one core's ceiling. XNNPACK's AVX2 int8 GEMM widens int8 to int16 and
+    # multiplies with vpmaddwd; vpmaddubsw is the instruction set's best case; float32 runs on FMA.
+    for threads, result in sorted(classifier.data["by_threads"].items()):
+        for row in result["rows"]:
+            for name, timed in row["variants"].items():
+                if name in ("keras_predict", "keras_direct") and row["batch"] != 64:
+                    continue
+                achieved = timed["per_cpu_second"] * macs["total"] / 1e9
+                ceilings = ((peaks["vpmaddwd"], peaks["vpmaddubsw"]) if name.startswith("int8")
+                            else (peaks["vfmadd231ps"],) * 2)
+                rows.append([int(threads), row["batch"], LABELS[name], timed["per_cpu_second"], achieved,
+                             f"{100 * achieved / (ceilings[0] * clock):.1f}%",
+                             f"{100 * achieved / (ceilings[1] * clock):.1f}%"])
+    section.tables.append(Table(
+        "Achieved per busy core (digits per CPU-second × MACs per digit) and its share of one core's peak: int8 "
+        "rows against vpmaddwd (what XNNPACK's AVX2 int8 kernels use) and vpmaddubsw (the instruction set's "
+        "best case); float rows against FMA in both columns",
+        ["threads", "batch", "variant", "digits/CPU-s", "G MAC per CPU-s", "share (vpmaddwd / FMA)",
+         "share (vpmaddubsw / FMA)"], rows))
+    section.data["achieved"] = [dict(zip(["threads", "batch", "variant", "digits_per_cpu_s", "gmacs_per_cpu_s",
+                                          "share_practical", "share_best"], r)) for r in rows]
+    return section
