@@ -37,8 +37,15 @@ class FrameRead:
     quality: InputQuality | None = None  # brightness, contrast, sharpness of the frame (for drift)
 
 
-def image_sha256(image: np.ndarray) -> str:
-    """Hash of the decoded pixels (and shape), the audit trail's link to the exact image read."""
+def image_sha256(image: np.ndarray | bytes) -> str:
+    """The audit trail's link to the exact image read: SHA-256 of encoded bytes, else of the pixels.
+
+    Bytes (a JPEG or PNG as the camera or folder delivered it) hash as they are, so
+    ``sha256sum envelope.jpg`` gives the same value. Decoded pixels hash their shape's text,
+    e.g. ``(480, 640, 3)``, then the C-ordered uint8 pixels.
+    """
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return hashlib.sha256(image).hexdigest()
     digest = hashlib.sha256(str(image.shape).encode())
     digest.update(np.ascontiguousarray(image).data)
     return digest.hexdigest()

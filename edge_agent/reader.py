@@ -83,6 +83,37 @@ class _Segmentation:
     stats: np.ndarray  # stats rows (x, y, w, h, area) per label of ``labels``
 
 
+def _percentile(values: list[int] | list[float], q: float) -> float:
+    """``np.percentile(values, q)`` (linear method), bit for bit, without NumPy's per-call overhead."""
+    a = sorted(values)
+    return _lerp_sorted(a, len(a), q)
+
+
+def _lerp_sorted(a, n: int, q: float) -> float:
+    """The q-th percentile of ``a``, whose order statistics around (n - 1) * q / 100 are in place."""
+    virtual = (n - 1) * (q / 100)
+    lo = min(max(int(math.floor(virtual)), 0), n - 1)
+    hi = min(lo + 1, n - 1)
+    t = virtual - lo
+    x, y = float(a[lo]), float(a[hi])
+    # NumPy's _lerp: from the nearer end, so the result is exact at t = 0 and t = 1.
+    return y - (y - x) * (1 - t) if t >= 0.5 else x + (y - x) * t
+
+
+def _percentile_of_array(values: np.ndarray, q: float) -> float:
+    """``np.percentile(values, q)`` of a 1-d array via a partial sort of the two order statistics needed."""
+    n = len(values)
+    virtual = (n - 1) * (q / 100)
+    lo = min(max(int(math.floor(virtual)), 0), n - 1)
+    hi = min(lo + 1, n - 1)
+    return _lerp_sorted(np.partition(values, (lo, hi) if hi != lo else lo), n, q)
+
+
+def _median(values) -> float:
+    """``np.median`` of a few numbers, as a Python float."""
+    return _percentile(list(values), 50)
+
+
 def _empty(note: str, inverted: bool = False) -> LocatedDigits:
     """No digits, with the reason a reviewer will see."""
     return LocatedDigits(np.zeros((0, MNIST_SIZE, MNIST_SIZE), np.uint8), (), inverted, note)
@@ -158,10 +189,22 @@ def _binarise(ink: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray, 
     keep[0] = False
     if keep[1:].all():
         return weak, labels, stats
-    binary = keep.astype(np.uint8)[labels]
+    dropped = np.flatnonzero(~keep[1:]) + 1
+    if len(dropped) > _FEW_DROPPED:
+        binary = keep.astype(np.uint8)[labels]
+    else:
+        # Usually a few faint specks: clear each in its own box, not the whole image through a table.
+        binary = weak
+        for i in dropped.tolist():
+            x, y, w, h = (int(v) for v in stats[i, :4])
+            box = binary[y: y + h, x: x + w]
+            box[labels[y: y + h, x: x + w] == i] = 0
     stats = stats.copy()
     stats[~keep] = 0
     return binary, labels, stats
+
+
+_FEW_DROPPED = 64  # dropped weak components below which clearing them box by box is the cheaper way
 
 
 def _remove_lines(binary: np.ndarray, stats: np.ndarray, digit_height: float) -> tuple[np.ndarray, np.ndarray]:
@@ -190,31 +233,42 @@ def _remove_lines(binary: np.ndarray, stats: np.ndarray, digit_height: float) ->
     return cv2.subtract(binary, removed), removed
 
 
-def _projection_score(ys: np.ndarray, xs: np.ndarray, weights: np.ndarray, degrees: float) -> float:
-    """Sharpness (sum of squared bin totals) of the ink's projection along a line at this angle."""
-    projected = ys - math.tan(math.radians(degrees)) * xs
-    totals = np.bincount((projected - projected.min()).astype(np.int32), weights=weights)
-    return float((totals ** 2).sum())
+def _projection_scores(ys: np.ndarray, xs: np.ndarray, weights: np.ndarray, degrees: np.ndarray) -> list[float]:
+    """Sharpness (sum of squared bin totals) of the ink's projection along a line at each angle."""
+    tans = np.array([math.tan(math.radians(d)) for d in degrees], np.float32)
+    bins = (ys[None, :] - tans[:, None] * xs[None, :]).astype(np.int32)
+    bins -= bins.min(axis=1, keepdims=True)
+    return [float(np.square(np.bincount(b, weights=weights)).sum()) for b in bins]
 
 
 def _projection_angle(ink: np.ndarray, floor: float, max_degrees: float = 8.0) -> float:
     """Skew in degrees that makes the ink's horizontal projection sharpest (printed lines, text rows).
 
     Weighted by ink strength so faint printed lines, the surest cue, still count.
-    Coarse to fine: 1 degree steps over the whole range, then 0.1 degree steps.
+    Coarse to fine: 1 degree steps over the whole range on a sample of the ink, then 0.1
+    degree steps on a denser one (a few thousand points give a sharp enough histogram).
     """
-    ys, xs = np.nonzero(ink > floor)
-    if len(ys) < 50:
+    # uint8 > a float floor is uint8 > its floor: what cv2.threshold tests, in raster order like np.nonzero.
+    mask = cv2.threshold(ink, float(floor), 255, cv2.THRESH_BINARY)[1] if ink.size else ink
+    points = cv2.findNonZero(mask) if ink.size else None
+    if points is None or len(points) < 50:
         return 0.0
-    step = max(1, len(ys) // 12000)  # enough points for a sharp histogram, bounded work
-    ys, xs = ys[::step], xs[::step]
-    weights = ink[ys, xs].astype(np.float64)
-    ys, xs = ys.astype(np.float32), xs.astype(np.float32)
+    points = points.reshape(-1, 2)
+    weights = ink[points[:, 1], points[:, 0]].astype(np.float64)
+    xy = points.astype(np.float32)
     coarse = np.arange(-max_degrees, max_degrees + 0.01, 1.0)
-    scores = [_projection_score(ys, xs, weights, d) for d in coarse]
+    step = max(1, len(points) // SKEW_POINTS_COARSE)
+    scores = _projection_scores(xy[::step, 1], xy[::step, 0], weights[::step], coarse)
     centre = float(coarse[int(np.argmax(scores))])
     fine = np.arange(centre - 0.6, centre + 0.61, 0.1)
-    return float(max(fine, key=lambda d: _projection_score(ys, xs, weights, d)))
+    step = max(1, len(points) // SKEW_POINTS_FINE)
+    fine_scores = _projection_scores(xy[::step, 1], xy[::step, 0], weights[::step], fine)
+    return float(fine[int(np.argmax(fine_scores))])
+
+
+# Ink points the skew search projects: every k-th in raster order, at most this many.
+SKEW_POINTS_COARSE = 3000
+SKEW_POINTS_FINE = 6000
 
 
 def _components(binary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -241,7 +295,7 @@ def _estimate_height(stats: np.ndarray, min_h: float, max_h: float) -> float | N
     if not labels:
         return None
     labels.sort(key=lambda i: -int(stats[i, 4]))
-    return float(np.median([stats[i, 3] for i in labels[:12]]))
+    return _median([int(stats[i, 3]) for i in labels[:12]])
 
 
 def _drop_enclosures(stats: np.ndarray, labels: list[int]) -> list[int]:
@@ -322,7 +376,7 @@ def _skew(ink: np.ndarray, floor: float, stats: np.ndarray, row: list[int]) -> f
     x1 = int((stats[row, 0] + stats[row, 2]).max())
     y0 = int(stats[row, 1].min())
     y1 = int((stats[row, 1] + stats[row, 3]).max())
-    pad = int(0.6 * float(np.median(stats[row, 3])))
+    pad = int(0.6 * _median(stats[row, 3].tolist()))
     band = ink[max(0, y0 - pad): y1 + pad, max(0, x0 - pad): x1 + pad]
     return _projection_angle(band, floor)
 
@@ -339,7 +393,7 @@ def _x_overlap(a: _Mark, b: _Mark) -> int:
 
 def _attach_fragments(marks: list[_Mark], stats: np.ndarray) -> list[_Mark]:
     """Add pieces of broken strokes in the row's band to the digit they sit above, below or inside."""
-    med_h = float(np.median([m.h for m in marks]))
+    med_h = _median([m.h for m in marks])
     top = min(m.y for m in marks) - 0.25 * med_h
     bottom = max(m.y1 for m in marks) + 0.25 * med_h
     left, right = marks[0].x - med_h, marks[-1].x1 + med_h
@@ -403,7 +457,7 @@ def _split_at_minima(mark: _Mark, pieces: int, binary: np.ndarray) -> list[_Mark
 
 def _row_height(marks: list[_Mark]) -> float:
     """The writer's digit height: a high percentile, since MNIST 2s, 4s and 7s are often short."""
-    return float(np.percentile([m.h for m in marks], 80))
+    return _percentile([m.h for m in marks], 80)
 
 
 def _split_wide(marks: list[_Mark], binary: np.ndarray, expected: tuple[int, ...]) -> list[_Mark]:
@@ -507,11 +561,12 @@ def mnist_normalise(ink_crop: np.ndarray) -> np.ndarray:
     """A white-on-black digit crop to MNIST style: fit 20x20 keeping aspect, centre of mass at (14, 14)."""
     crop = np.asarray(ink_crop, np.float32)
     out = np.zeros((MNIST_SIZE, MNIST_SIZE), np.uint8)
-    if crop.ndim != 2 or crop.size == 0 or crop.max() <= 0:
+    if crop.ndim != 2 or crop.size == 0:
         return out
-    ys, xs = np.nonzero(crop > 0)
-    crop = crop[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1]
-    h, w = crop.shape
+    x0, y0, w, h = cv2.boundingRect((crop > 0).view(np.uint8))
+    if w == 0:
+        return out
+    crop = crop[y0: y0 + h, x0: x0 + w]
     scale = MNIST_BOX / max(h, w)
     nw, nh = max(1, int(round(w * scale))), max(1, int(round(h * scale)))
     # INTER_AREA averages when shrinking, which is the anti-aliasing MNIST's digits carry.
@@ -527,8 +582,8 @@ def mnist_normalise(ink_crop: np.ndarray) -> np.ndarray:
     cx = float((small.sum(axis=0) * np.arange(nw)).sum() / total)
     # Integer shift as MNIST did, to pixel (14, 14) where MNIST's centres of mass sit (measured:
     # 13.99 +/- 0.29); clamp so the digit stays inside the 28 px field.
-    top = int(np.clip(round(MNIST_CENTRE - cy), 0, MNIST_SIZE - nh))
-    left = int(np.clip(round(MNIST_CENTRE - cx), 0, MNIST_SIZE - nw))
+    top = min(max(round(MNIST_CENTRE - cy), 0), MNIST_SIZE - nh)
+    left = min(max(round(MNIST_CENTRE - cx), 0), MNIST_SIZE - nw)
     out[top: top + nh, left: left + nw] = small.astype(np.uint8)
     return out
 
@@ -541,7 +596,7 @@ def _digit_crop(mark: _Mark, seg: _Segmentation, ink: np.ndarray, threshold: int
     rim &= seg.lines[mark.y: mark.y1, mark.x: mark.x1] == 0  # not the printed line it touches
     crop = ink[mark.y: mark.y1, mark.x: mark.x1].astype(np.float32) * rim
     core = crop[mask]
-    peak = float(np.percentile(core, 75)) if core.size else 255.0
+    peak = _percentile_of_array(core, 75) if core.size else 255.0
     floor = 0.5 * threshold
     if peak <= floor:
         return np.zeros_like(crop)
@@ -564,10 +619,10 @@ def _normalise_stroke(crop: np.ndarray) -> np.ndarray:
     model saw MNIST's pens only. Widths are relative to the digit's box, as MNIST's 20 px box is.
     """
     mask = (crop >= 0.5).astype(np.uint8)
-    ys, xs = np.nonzero(mask)
-    if len(ys) == 0:
+    _x, _y, w, h = cv2.boundingRect(mask)
+    if w == 0:
         return crop
-    box = max(int(ys.max() - ys.min()), int(xs.max() - xs.min())) + 1
+    box = max(w, h)
     relative = _stroke_width(mask) / box
     lo, hi = MNIST_STROKE_RANGE
     if relative > hi:
@@ -606,10 +661,11 @@ def _prepare(image: object, config: ReaderConfig) -> tuple[np.ndarray | None, tu
 
 
 def _frame_box(mark: _Mark, inverse: np.ndarray | None, origin: tuple[int, int],
-               scale: float) -> tuple[int, int, int, int]:
-    """A mark's box in working pixels mapped back to frame pixels (undoing deskew, downscale and ROI)."""
+               scale: float, offset: tuple[int, int] = (0, 0)) -> tuple[int, int, int, int]:
+    """A mark's box in band pixels mapped back to frame pixels (undoing band, deskew, downscale and ROI)."""
     x0, x1 = (mark.x_cut if mark.x_cut else (mark.x, mark.x1))
     corners = np.array([[x0, mark.y], [x1, mark.y], [x0, mark.y1], [x1, mark.y1]], np.float64)
+    corners += np.array(offset, np.float64)
     if inverse is not None:
         corners = corners @ inverse[:, :2].T + inverse[:, 2]
     corners = corners / scale + np.array(origin, np.float64)
@@ -617,12 +673,130 @@ def _frame_box(mark: _Mark, inverse: np.ndarray | None, origin: tuple[int, int],
     return int(lo[0]), int(lo[1]), int(hi[0] - lo[0]), int(hi[1] - lo[1])
 
 
+# The coarse search runs on a half-size copy of the ink image when the frame is at least this
+# tall and wide; smaller frames are searched at full size (they are cheap anyway).
+COARSE_MIN_SIDE = 240
+# Around the row found at half size, the full-size band keeps room for everything the row's
+# stages look at: broken strokes and small digits in the gaps and beside the row (1.2 row
+# heights), a printed box or ruled line around it (0.4 heights), and the skew measure (0.6).
+BAND_PAD_X = 1.4
+BAND_PAD_Y = 0.8
+BAND_PAD_PX = 4
+
+
+@dataclass(frozen=True)
+class _Band:
+    """Where the postcode's row is, in working pixels: the band to read at full size."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    row: tuple[int, int, int, int]  # the row's marks' box (x0, y0, x1, y1)
+    row_height: float  # median height of the row's marks
+    centre: tuple[float, float]  # centre of the row's marks' box: the deskew pivot
+
+
+def _coarse_band(ink: np.ndarray, threshold: int, min_h: float, max_h: float) -> _Band | None:
+    """Find the row on a half-size copy of the ink image; None when the frame is small or has no row.
+
+    Only where to look is taken from here: the digits themselves are cut at full size.
+    """
+    h, w = ink.shape
+    if min(h, w) < COARSE_MIN_SIDE:
+        return None
+    hw, hh = w // 2, h // 2
+    half = cv2.resize(ink, (hw, hh), interpolation=cv2.INTER_AREA)
+    fx, fy = w / hw, h / hh
+    seg, _, _ = _segment(half, threshold, min_h / fy, max_h / fy, None, measure_skew=False)
+    if not seg.marks:
+        return None
+    x0, x1 = min(m.x for m in seg.marks) * fx, max(m.x1 for m in seg.marks) * fx
+    y0, y1 = min(m.y for m in seg.marks) * fy, max(m.y1 for m in seg.marks) * fy
+    row_h = _median([m.h for m in seg.marks]) * fy
+    tall = max(m.h for m in seg.marks) * fy
+    pad_x, pad_y = BAND_PAD_X * tall + BAND_PAD_PX, BAND_PAD_Y * tall + BAND_PAD_PX
+    row = (int(x0), int(y0), int(math.ceil(x1)), int(math.ceil(y1)))
+    return _Band(max(0, int(x0 - pad_x)), max(0, int(y0 - pad_y)), min(w, int(math.ceil(x1 + pad_x))),
+                 min(h, int(math.ceil(y1 + pad_y))), row, row_h, ((x0 + x1) / 2.0, (y0 + y1) / 2.0))
+
+
+def _band_skew(ink: np.ndarray, threshold: int, band: _Band) -> float:
+    """The row's angle from the projection of the ink in and around it, as ``_skew`` measures it."""
+    x0, y0, x1, y1 = band.row
+    pad = int(0.6 * band.row_height)
+    return _projection_angle(ink[max(0, y0 - pad): y1 + pad, max(0, x0 - pad): x1 + pad], 0.4 * threshold)
+
+
+def _rotated_band(ink: np.ndarray, forward: np.ndarray, band: _Band) -> np.ndarray:
+    """The band of ``warpAffine(ink, forward)`` without rotating the rest of the frame.
+
+    Only the source pixels the band's corners map back to (plus two for the bilinear
+    neighbours) are read; outside the frame is 0, as when the whole frame is rotated.
+    """
+    h, w = ink.shape
+    inverse = cv2.invertAffineTransform(forward)
+    corners = np.array([[band.x0, band.y0], [band.x1, band.y0], [band.x0, band.y1], [band.x1, band.y1]],
+                       np.float64) @ inverse[:, :2].T + inverse[:, 2]
+    sx0, sy0 = (max(0, int(math.floor(v)) - 2) for v in corners.min(axis=0))
+    sx1, sy1 = (min(limit, int(math.ceil(v)) + 3) for v, limit in zip(corners.max(axis=0), (w, h)))
+    shift = forward.copy()
+    shift[:, 2] = forward[:, :2] @ np.array([sx0, sy0], np.float64) + forward[:, 2] - (band.x0, band.y0)
+    return cv2.warpAffine(ink[sy0:sy1, sx0:sx1], shift, (band.x1 - band.x0, band.y1 - band.y0),
+                          flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def _full_frame_row(ink: np.ndarray, threshold: int, min_h: float, max_h: float,
+                    config: ReaderConfig) -> tuple[_Segmentation, np.ndarray, np.ndarray | None, float]:
+    """The row found on the whole frame at full size: segment, deskew the frame, segment again.
+
+    Returns (segmentation, the ink image it was cut from, the inverse rotation or None, angle).
+    """
+    seg, digit_h, angle = _segment(ink, threshold, min_h, max_h, None)
+    inverse = None
+    if seg.marks and config.deskew_min_degrees <= abs(angle) <= 20:
+        xs = [m.x for m in seg.marks] + [m.x1 for m in seg.marks]
+        ys = [m.y for m in seg.marks] + [m.y1 for m in seg.marks]
+        centre = ((min(xs) + max(xs)) / 2.0, (min(ys) + max(ys)) / 2.0)
+        forward = cv2.getRotationMatrix2D(centre, angle, 1.0)
+        ink = cv2.warpAffine(ink, forward, (ink.shape[1], ink.shape[0]), flags=cv2.INTER_LINEAR,
+                             borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        inverse = cv2.invertAffineTransform(forward)
+        seg, _, _ = _segment(ink, threshold, min_h, max_h, digit_h, measure_skew=False)
+    return seg, ink, inverse, angle
+
+
+def _band_row(ink: np.ndarray, threshold: int, min_h: float, max_h: float, band: _Band,
+              config: ReaderConfig) -> tuple[_Segmentation, np.ndarray, np.ndarray | None, float]:
+    """The row cut from the full-size band only: measure its skew, deskew the band, segment it once.
+
+    Returns (segmentation in band pixels, the band's ink, the inverse rotation or None, angle).
+    """
+    angle = _band_skew(ink, threshold, band)
+    inverse = None
+    if config.deskew_min_degrees <= abs(angle) <= 20:
+        forward = cv2.getRotationMatrix2D(band.centre, angle, 1.0)
+        band_ink = _rotated_band(ink, forward, band)
+        inverse = cv2.invertAffineTransform(forward)
+    else:
+        angle = 0.0 if abs(angle) > 20 else angle
+        band_ink = ink[band.y0: band.y1, band.x0: band.x1]
+    seg, _, _ = _segment(band_ink, threshold, min_h, max_h, None, measure_skew=False)
+    return seg, band_ink, inverse, angle
+
+
 def locate_digits(image: np.ndarray, config: ReaderConfig = ReaderConfig()) -> LocatedDigits:
-    """Find the postcode's digits in a frame, left to right, as MNIST-style 28x28 crops."""
+    """Find the postcode's digits in a frame, left to right, as MNIST-style 28x28 crops.
+
+    The row is looked for on a half-size copy; the band around it is deskewed and cut into
+    digits at full size. When the band does not hold a whole postcode the whole frame is
+    searched at full size, as a safety net.
+    """
     grey, origin, scale, note = _prepare(image, config)
     if grey is None:
         return _empty(note)
-    if int(grey.max()) - int(grey.min()) < 24:
+    lowest, highest, _, _ = cv2.minMaxLoc(grey)
+    if highest - lowest < 24:
         return _empty("blank frame: no ink darker or lighter than the paper")
     frame_h = image.shape[0] * scale  # digit sizes are fractions of the full frame's height
     min_h = max(6.0, config.min_digit_height * frame_h)
@@ -637,17 +811,17 @@ def locate_digits(image: np.ndarray, config: ReaderConfig = ReaderConfig()) -> L
     ink = _ink_image(paper_grey, small_factor)
     threshold = _threshold(ink, config.min_contrast)
 
-    seg, digit_h, angle = _segment(ink, threshold, min_h, max_h, None)
-    inverse = None
-    if seg.marks and config.deskew_min_degrees <= abs(angle) <= 20:
-        xs = [m.x for m in seg.marks] + [m.x1 for m in seg.marks]
-        ys = [m.y for m in seg.marks] + [m.y1 for m in seg.marks]
-        centre = ((min(xs) + max(xs)) / 2.0, (min(ys) + max(ys)) / 2.0)
-        forward = cv2.getRotationMatrix2D(centre, angle, 1.0)
-        ink = cv2.warpAffine(ink, forward, (ink.shape[1], ink.shape[0]), flags=cv2.INTER_LINEAR,
-                             borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        inverse = cv2.invertAffineTransform(forward)
-        seg, _, _ = _segment(ink, threshold, min_h, max_h, digit_h, measure_skew=False)
+    band = _coarse_band(ink, threshold, min_h, max_h)
+    offset = (0, 0)
+    seg = None
+    if band is not None:
+        seg, work, inverse, angle = _band_row(ink, threshold, min_h, max_h, band, config)
+        offset = (band.x0, band.y0)
+        if len(_drop_slivers(_merge_overlapping(seg.marks))) < min(config.expected_lengths):
+            seg = None  # the band missed part of the postcode: look at the whole frame
+    if seg is None:
+        seg, work, inverse, angle = _full_frame_row(ink, threshold, min_h, max_h, config)
+        offset = (0, 0)
     if not seg.marks:
         return _empty("no row of digit-sized marks found", inverted)
 
@@ -660,7 +834,7 @@ def locate_digits(image: np.ndarray, config: ReaderConfig = ReaderConfig()) -> L
     if not marks:  # every mark was a sliver of a printed line or a speck
         return _empty("no digit-sized marks left after removing slivers", inverted)
 
-    digits = np.stack([mnist_normalise(_digit_crop(m, seg, ink, threshold)) for m in marks])
-    boxes = tuple(_frame_box(m, inverse, origin, scale) for m in marks)
+    digits = np.stack([mnist_normalise(_digit_crop(m, seg, work, threshold)) for m in marks])
+    boxes = tuple(_frame_box(m, inverse, origin, scale, offset) for m in marks)
     log.debug("located %d digits (inverted=%s, angle=%.1f)", len(marks), inverted, angle)
     return LocatedDigits(digits, boxes, inverted, "")
