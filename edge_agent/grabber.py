@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from edge_agent.sources import SourceEnded
+from edge_agent.sources import EncodedImage, SourceEnded
 from edge_agent.types import Clock, Frame, FrameSource
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,11 @@ class GrabberState(str, enum.Enum):
 
 
 class FrameGrabber:
-    """Read a FrameSource on a background thread and keep only the latest Frame."""
+    """Read a FrameSource on a background thread and keep only the latest Frame.
+
+    A source may return pixels or an ``EncodedImage`` (a folder's files): the latter stay encoded
+    in the history and are decoded only when an item's read (or an ``on_frame`` callback) asks.
+    """
 
     def __init__(
         self,
@@ -85,7 +89,8 @@ class FrameGrabber:
         self._callback_errors = 0
         self._frame_times: deque[float] = deque(maxlen=max(2, fps_window))
         # Half a second at 30 fps: items are bound to their frame as their trigger arrives, so
-        # this only has to cover a PLC stamp's transit and max_frame_age; ~1 MB a 640x480 frame.
+        # this only has to cover a PLC stamp's transit and max_frame_age; ~1 MB a decoded 640x480
+        # frame, the file's size (30-300 KB) while a frame from a folder stays encoded.
         self._history: deque[Frame] = deque(maxlen=max(1, history_frames))
 
     # -- public API -------------------------------------------------------
@@ -298,20 +303,30 @@ class FrameGrabber:
                         return f"{self.source.name}: no frame for {now - last_frame_at:.1f}s", got_frame
                     self._stop.wait(_LIVE_IDLE_WAIT_S)
                 continue
-            if not isinstance(image, np.ndarray) or image.size == 0:
+            if not (isinstance(image, EncodedImage) and len(image) > 0) and \
+                    not (isinstance(image, np.ndarray) and image.size > 0):
                 return f"{self.source.name} returned {type(image).__name__}, not an image", got_frame
             last_frame_at = now
             got_frame = True
             self._publish(image, now)
         return None, got_frame
 
-    def _publish(self, image: np.ndarray, monotonic_now: float) -> None:
-        # Read-only because the same array goes to every consumer (trigger
-        # callback, reader, debug snapshot); an in-place edit would corrupt the others.
-        image.flags.writeable = False
+    def _publish(self, image: np.ndarray | EncodedImage, monotonic_now: float) -> None:
+        captured_at = None
+        if isinstance(image, EncodedImage):
+            # Kept encoded: decoded (once) only if an item or the scene detector asks for its pixels.
+            pixels, encoded, captured_at = None, image, image.captured_at
+        else:
+            # Read-only because the same array goes to every consumer (trigger
+            # callback, reader, debug snapshot); an in-place edit would corrupt the others.
+            image.flags.writeable = False
+            pixels, encoded = image, None
         with self._cond:
             self._seq += 1
-            frame = Frame(image=image, captured_at=self.clock.time(), seq=self._seq, source=self.source.name)
+            # A source that knows when its camera took the image says so (items are bound to
+            # frames by that moment); otherwise the moment it was read is the best we know.
+            stamp = captured_at if captured_at is not None else self.clock.time()
+            frame = Frame(pixels, stamp, self._seq, self.source.name, encoded)
             self._latest = frame
             self._history.append(frame)
             self._frame_times.append(monotonic_now)

@@ -51,6 +51,14 @@ def image_sha256(image: np.ndarray | bytes) -> str:
     return digest.hexdigest()
 
 
+def frame_sha256(frame: Frame, frame_hash: str = "pixels") -> str:
+    """The audit hash of a frame: ``image_sha256`` of its bytes ("encoded", when it came encoded) or pixels."""
+    if frame_hash == "encoded" and frame.encoded is not None:
+        return frame.encoded.sha256
+    return image_sha256(frame.image)
+
+
+FRAME_HASHES = ("pixels", "encoded")
 _CACHED_READS = 8
 
 
@@ -59,7 +67,14 @@ class PostcodeReader:
 
     def __init__(self, model: LoadedModel, reader_config: ReaderConfig,
                  threshold_override: float | None = None, plan: SortPlan | None = None,
-                 policy: DecodePolicy = DecodePolicy()):
+                 policy: DecodePolicy = DecodePolicy(), frame_hash: str = "pixels"):
+        """``frame_hash``: what a frame's ``image_sha256`` is the hash of. "pixels" (the default):
+        its decoded BGR pixels, as ``image_sha256(cv2.imread(path))``. "encoded": the bytes a frame
+        came as (``sha256sum`` of the file), where it came encoded; the frame is then decoded
+        straight to grey and never to colour. Frames that came as pixels hash their pixels."""
+        if frame_hash not in FRAME_HASHES:
+            raise ValueError(f"frame_hash must be one of {FRAME_HASHES}, not {frame_hash!r}")
+        self.frame_hash = frame_hash
         self._model = model
         self.reader_config = reader_config
         self.threshold_override = threshold_override
@@ -100,11 +115,11 @@ class PostcodeReader:
         own = self._model.manifest.acceptance_threshold
         return max(own, self.threshold_override) if self.threshold_override else own
 
-    def read_image(self, image: np.ndarray) -> FrameRead:
-        """Locate, classify (one batch) and decide on one image."""
+    def read_image(self, image: np.ndarray, sha256: str | None = None) -> FrameRead:
+        """Locate, classify (one batch) and decide on one image (``sha256``: its audit hash, if known)."""
         model, plan = self._model, self._plan  # one of each for the whole read, even across a swap
         started = time.perf_counter()
-        sha = image_sha256(image)
+        sha = sha256 if sha256 is not None else image_sha256(image)
         located = locate_digits(image, self.reader_config)
         located_at = time.perf_counter()
         result = model.classifier.classify(located.digits)
@@ -144,7 +159,10 @@ class PostcodeReader:
                     break
             running.wait()  # then look in the cache again (or read it, if that read failed)
         try:
-            read = self.read_image(frame.image)
+            if self.frame_hash == "encoded":
+                read = self.read_image(frame.for_reading(), frame_sha256(frame, "encoded"))
+            else:
+                read = self.read_image(frame.image)
             with self._cache_lock:
                 self._cache[key] = read
                 while len(self._cache) > _CACHED_READS:

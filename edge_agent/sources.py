@@ -10,9 +10,11 @@ captures are not thread-safe.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,10 +51,105 @@ def decode_image(data: bytes, what: str = "image") -> np.ndarray:
     """Decode encoded image bytes to a BGR uint8 array, or raise FrameError saying why."""
     if not data:
         raise FrameError(f"{what}: file is empty")
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    return _decode(data, cv2.IMREAD_COLOR, what)
+
+
+# Magic numbers of the formats a folder camera writes; files that start otherwise are decoded
+# at once to find out whether OpenCV can read them at all.
+_JPEG_START, _JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
+_PNG_START, _PNG_END = b"\x89PNG\r\n\x1a\n", b"IEND"
+
+
+def looks_whole(data: bytes) -> bool | None:
+    """Whether encoded bytes look like one complete JPEG or PNG (True/False); None for other formats.
+
+    A cheap check on the first and last bytes, so a frame can be kept encoded and decoded only
+    when an item needs it: an empty, truncated or foreign file is still refused when it is read.
+    """
+    if data.startswith(_JPEG_START):
+        # Cameras and encoders may pad after the end-of-image marker; look at the last few bytes.
+        return _JPEG_END in data[-32:]
+    if data.startswith(_PNG_START):
+        return len(data) > 57 and _PNG_END in data[-16:]  # signature, IHDR and IEND at least
+    return None
+
+
+class EncodedImage:
+    """One image as the camera or folder delivered it (JPEG, PNG, ... bytes), decoded only on demand.
+
+    Each decode (colour, or straight to grey) is done at most once and kept, read-only, for
+    every consumer; ``sha256`` is the hash of the bytes (``sha256sum`` of the file). Thread-safe.
+    ``captured_at`` (wall-clock seconds) is set by a source that knows when its camera took the
+    image; the grabber then stamps the frame with it instead of the moment it was read.
+    """
+
+    __slots__ = ("data", "what", "captured_at", "_colour", "_grey", "_sha256", "_lock")
+
+    def __init__(self, data: bytes, what: str = "image", captured_at: float | None = None) -> None:
+        self.data = bytes(data)
+        self.what = what
+        self.captured_at = captured_at
+        self._colour: np.ndarray | None = None
+        self._grey: np.ndarray | None = None
+        self._sha256: str | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def sha256(self) -> str:
+        """Hex SHA-256 of the encoded bytes."""
+        if self._sha256 is None:
+            self._sha256 = hashlib.sha256(self.data).hexdigest()
+        return self._sha256
+
+    @property
+    def decoded(self) -> bool:
+        return self._colour is not None or self._grey is not None
+
+    def decode(self, grey: bool = False) -> np.ndarray:
+        """The pixels: BGR (or grey for a grey image file), or straight to grey; raises FrameError."""
+        with self._lock:
+            if grey:
+                if self._grey is None:
+                    if self._colour is not None:
+                        self._grey = _readonly(_grey_of(self._colour))
+                    else:
+                        self._grey = _readonly(_decode(self.data, cv2.IMREAD_GRAYSCALE, self.what))
+                return self._grey
+            if self._colour is None:
+                self._colour = _readonly(decode_image(self.data, self.what))
+            return self._colour
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __repr__(self) -> str:
+        return f"EncodedImage({self.what!r}, {len(self.data)} bytes)"
+
+
+def _decode(data: bytes, flags: int, what: str) -> np.ndarray:
+    if not data:
+        raise FrameError(f"{what}: file is empty")
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
     if image is None or image.size == 0:
         raise FrameError(f"{what}: not a readable image (corrupt, truncated or unsupported format)")
     return image
+
+
+def _grey_of(image: np.ndarray) -> np.ndarray:
+    if image.ndim == 2:
+        return image
+    return cv2.cvtColor(image, cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY)
+
+
+def _readonly(image: np.ndarray) -> np.ndarray:
+    # Shared by every consumer (scene detector, reader, crops): an in-place edit would corrupt the others.
+    image.flags.writeable = False
+    return image
+
+
+def as_pixels(image: np.ndarray | EncodedImage) -> np.ndarray:
+    """Pixels of what a source's ``read`` returned: decoded (and kept) if it came encoded."""
+    return image.decode() if isinstance(image, EncodedImage) else image
 
 
 def redact_url(url: str) -> str:
@@ -272,6 +369,10 @@ class DirectorySource:
     ``frames_per_image`` delivers each image that many times in a row, so a demo
     folder looks like envelopes that stay under the camera for a while (a scene-
     change trigger needs a still scene to fire).
+
+    With ``lazy`` (the default) ``read`` returns an ``EncodedImage``: the file's bytes, decoded
+    only when an item needs the frame (an idle agent decodes nothing). JPEG and PNG files are
+    checked for a whole file (start and end markers) when read; other formats are decoded then.
     """
 
     live = False
@@ -287,13 +388,15 @@ class DirectorySource:
         stable_scans: int = 1,
         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
         frames_per_image: int = 1,
+        lazy: bool = True,
     ) -> None:
         if order not in ("name", "mtime"):
             raise ValueError(f"order must be 'name' or 'mtime', not {order!r}")
         if frames_per_image < 1:
             raise ValueError(f"frames_per_image must be at least 1, not {frames_per_image}")
         self.frames_per_image = frames_per_image
-        self._held: np.ndarray | None = None
+        self.lazy = lazy
+        self._held: np.ndarray | EncodedImage | None = None
         self._held_left = 0
         self.path = Path(path)
         self.loop = loop
@@ -304,7 +407,7 @@ class DirectorySource:
         self.max_file_bytes = max_file_bytes
         self.name = f"dir:{self.path}"
         self.bad_files = 0
-        self._replayed: dict[str, tuple[_Seen, np.ndarray]] = {}
+        self._replayed: dict[str, tuple[_Seen, np.ndarray | EncodedImage]] = {}
         self.last_bad: str | None = None
         # Kept across close()/open() so a reconnect does not re-read old files.
         self._seen: dict[str, _Seen] = {}
@@ -359,14 +462,22 @@ class DirectorySource:
             return sorted(names, key=lambda n: (listing[n].mtime_ns, n))
         return sorted(names)
 
-    def _load(self, name: str, stat: _Seen) -> np.ndarray | None:
-        """Decode one file; log, count and return None if it is unreadable."""
+    def _load(self, name: str, stat: _Seen) -> np.ndarray | EncodedImage | None:
+        """Read one file (decoded, or encoded when lazy); log, count and return None if it is unreadable."""
         path = self.path / name
         try:
             if stat.size > self.max_file_bytes:
                 raise FrameError(f"{path}: {stat.size} bytes is over the {self.max_file_bytes}-byte limit")
             data = path.read_bytes()
-            return decode_image(data, str(path))
+            if not self.lazy:
+                return decode_image(data, str(path))
+            image = EncodedImage(data, str(path))
+            whole = looks_whole(data)
+            if whole is None:
+                image.decode()  # a format without a cheap check: find out now whether it is readable
+            elif not whole:
+                raise FrameError(f"{path}: {'file is empty' if not data else 'not a whole JPEG or PNG (truncated?)'}")
+            return image
         except FileNotFoundError:
             log.debug("%s vanished before it was read", path)
             return None
@@ -377,7 +488,7 @@ class DirectorySource:
             log.error("skipping unreadable image: %s", exc)
             return None
 
-    def read(self) -> np.ndarray | None:
+    def read(self) -> np.ndarray | EncodedImage | None:
         """The next new image in the folder; a replayed one if looping; else None."""
         if not self._is_open:
             raise SourceError(f"{self.name}: read before open")
@@ -391,7 +502,7 @@ class DirectorySource:
             self._held, self._held_left = image, self.frames_per_image - 1
         return image
 
-    def _next_image(self) -> np.ndarray | None:
+    def _next_image(self) -> np.ndarray | EncodedImage | None:
         listing = self._scan()
         # Forget files that are gone so the bookkeeping does not grow forever.
         for book in (self._seen, self._pending):
@@ -422,20 +533,22 @@ class DirectorySource:
             return self._replay(listing)
         return None
 
-    def _replay(self, listing: dict[str, _Seen]) -> np.ndarray | None:
+    def _replay(self, listing: dict[str, _Seen]) -> np.ndarray | EncodedImage | None:
         names = self._ordered([n for n in listing if n in self._seen and n not in self._bad], listing)
         for _ in range(len(names)):
             name = names[self._replay_index % len(names)]
             self._replay_index = (self._replay_index + 1) % len(names)
             # A replayed file that has not changed decodes to the same pixels: keep them
-            # (read-only, shared) instead of decoding the same PNG thirty times a second.
+            # (read-only, shared; or the encoded file with its decodes, once made) instead of
+            # reading and decoding the same PNG thirty times a second.
             cached = self._replayed.get(name)
             if cached is not None and cached[0] == listing[name]:
                 return cached[1]
             image = self._load(name, listing[name])
             if image is not None:
                 if len(self._replayed) < _MAX_REPLAY_CACHE:
-                    image.flags.writeable = False
+                    if isinstance(image, np.ndarray):
+                        image.flags.writeable = False
                     self._replayed[name] = (listing[name], image)
                 return image
         return None
@@ -459,8 +572,12 @@ def open_source(
     order: str = "name",
     include_existing: bool = True,
     frames_per_image: int = 1,
+    lazy: bool = True,
 ) -> V4L2Source | StreamSource | VideoFileSource | DirectorySource:
-    """Build (not open) the source a spec names: camera index or /dev path, stream URL, video file or folder."""
+    """Build (not open) the source a spec names: camera index or /dev path, stream URL, video file or folder.
+
+    ``lazy``: a folder delivers its files encoded, decoded only when an item reads them.
+    """
     spec = spec.strip()
     if not spec:
         raise SourceError("empty source: give a camera index, /dev/video path, stream URL, video file or folder")
@@ -480,7 +597,8 @@ def open_source(
     path = Path(spec).expanduser()
     if path.is_dir():
         return DirectorySource(
-            path, loop=loop, order=order, include_existing=include_existing, frames_per_image=frames_per_image
+            path, loop=loop, order=order, include_existing=include_existing, frames_per_image=frames_per_image,
+            lazy=lazy,
         )
     if path.is_file():
         if path.suffix.lower() in IMAGE_EXTENSIONS:

@@ -10,14 +10,59 @@ from typing import Any, Protocol
 import numpy as np
 
 
-@dataclass(frozen=True)
 class Frame:
-    """One camera image (BGR or greyscale uint8) with when and where it was captured."""
+    """One camera image (BGR or greyscale uint8) with when and where it was captured.
 
-    image: np.ndarray
-    captured_at: float  # wall-clock seconds since the epoch
-    seq: int  # increases by one per frame the source delivered
-    source: str
+    A frame from a source that delivers encoded images (image files, MJPEG) keeps the bytes in
+    ``encoded`` and is decoded only when ``image`` is first asked for, then kept: a frame no item
+    reads is never decoded. ``encoded`` is anything with ``data`` (the bytes), ``sha256`` and
+    ``decode(grey=False)`` (``edge_agent.sources.EncodedImage``). Immutable, like the value it is.
+    """
+
+    __slots__ = ("captured_at", "seq", "source", "encoded", "_pixels")
+
+    def __init__(self, image: np.ndarray | None = None, captured_at: float = 0.0, seq: int = 0,
+                 source: str = "", encoded: Any = None) -> None:
+        if image is None and encoded is None:
+            raise ValueError("a frame needs its pixels or its encoded bytes")
+        set_ = object.__setattr__
+        set_(self, "captured_at", captured_at)  # wall-clock seconds since the epoch
+        set_(self, "seq", seq)  # increases by one per frame the source delivered
+        set_(self, "source", source)
+        set_(self, "encoded", encoded)
+        set_(self, "_pixels", image)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"Frame is immutable: cannot set {name}")
+
+    @property
+    def image(self) -> np.ndarray:
+        """The pixels as the source gives them (BGR, or grey for grey images); decoded on first use."""
+        pixels = self._pixels
+        if pixels is None:
+            # Two threads asking at once both get the encoded image's one cached decode.
+            pixels = self.encoded.decode()
+            object.__setattr__(self, "_pixels", pixels)
+        return pixels
+
+    def for_reading(self) -> np.ndarray:
+        """The pixels a reader that works in grey needs, cheapest first.
+
+        Colour or grey pixels already decoded as they are; else the bytes decoded straight to
+        grey (a JPEG's luma plane: no colour conversion, a third of the memory).
+        """
+        if self._pixels is None and self.encoded is not None:
+            return self.encoded.decode(grey=True)
+        return self.image
+
+    @property
+    def decoded(self) -> bool:
+        """Whether the pixels exist yet (always, for a frame that came as pixels)."""
+        return self._pixels is not None or bool(getattr(self.encoded, "decoded", False))
+
+    def __repr__(self) -> str:
+        kind = "encoded" if self.encoded is not None else "pixels"
+        return f"Frame(seq={self.seq}, source={self.source!r}, captured_at={self.captured_at}, {kind})"
 
 
 @dataclass(frozen=True)

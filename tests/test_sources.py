@@ -18,6 +18,7 @@ from edge_agent.sources import (
     StreamSource,
     V4L2Source,
     VideoFileSource,
+    as_pixels,
     decode_image,
     open_source,
     redact_url,
@@ -29,8 +30,9 @@ def shade(value: int, size: tuple[int, int] = (48, 64)) -> np.ndarray:
     return np.full((*size, 3), value, dtype=np.uint8)
 
 
-def level(image: np.ndarray) -> int:
-    return int(round(float(image.mean())))
+def level(image) -> int:
+    """The grey level of a shade image, decoding it first if the source delivered it encoded."""
+    return int(round(float(as_pixels(image).mean())))
 
 
 def write_image(path: Path, value: int) -> Path:
