@@ -729,7 +729,7 @@ def _coarse_band(ink: np.ndarray, threshold: int, min_h: float, max_h: float) ->
     hw, hh = w // 2, h // 2
     half = cv2.resize(ink, (hw, hh), interpolation=cv2.INTER_AREA)
     fx, fy = w / hw, h / hh
-    seg, _, _ = _segment(half, threshold, min_h / fy, max_h / fy, None, measure_skew=False, attach=False)
+    seg, _, _ = _segment(half, threshold, min_h / fy, max_h / fy, None, measure_skew=False)
     if not seg.marks:
         return None
     x0, x1 = min(m.x for m in seg.marks) * fx, max(m.x1 for m in seg.marks) * fx
@@ -827,10 +827,10 @@ def locate_digits(image: np.ndarray, config: ReaderConfig = ReaderConfig()) -> L
     small_factor = max(1, int(round(min(grey.shape) / 120)))
     small = cv2.resize(grey, (max(1, grey.shape[1] // small_factor), max(1, grey.shape[0] // small_factor)),
                        interpolation=cv2.INTER_AREA)
-    # Polarity is one yes/no for the whole frame: a quarter-size copy of the small one decides it
-    # as surely (600 of 600 rendered frames alike) for a quarter of the median filter's work.
-    inverted = _polarity_is_light_on_dark(_halved(_halved(small)) if min(small.shape) >= 120 else small)
-    paper_grey, paper_small = (cv2.bitwise_not(grey), cv2.bitwise_not(small)) if inverted else (grey, small)
+    inverted = _polarity_is_light_on_dark(small)
+    # Dark ink: the small copy is the paper's; light ink: shrink the inverted frame (exactly what
+    # the paper estimate was tuned on, not the inverted small copy, which rounds differently).
+    paper_grey, paper_small = (cv2.bitwise_not(grey), None) if inverted else (grey, small)
     ink = _ink_image(paper_grey, small_factor, paper_small)
     threshold = _threshold(ink, config.min_contrast)
 

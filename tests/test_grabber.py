@@ -367,3 +367,26 @@ def test_skipped_corrupt_files_are_counted_in_health(tmp_path):
         assert grabber.wait_for_frame(0, WAIT) is not None
         wait_until(lambda: grabber.bad_frames == 1)
         assert grabber.health()["bad_frames"] == 1
+
+
+def test_folder_frames_are_decoded_only_when_an_item_asks(tmp_path):
+    from edge_agent.sources import DirectorySource
+
+    cv2.imwrite(str(tmp_path / "a.jpg"), np.full((8, 8, 3), 90, np.uint8))
+    with FrameGrabber(DirectorySource(tmp_path), SystemClock(), FAST_BACKOFF) as grabber:
+        frame = grabber.wait_for_frame(0, WAIT)
+        assert frame is not None and frame.encoded is not None and not frame.decoded
+        assert frame.for_reading().ndim == 2  # straight to grey for the reader
+        assert not frame.image.flags.writeable and frame.image.shape == (8, 8, 3)
+        assert frame.decoded
+
+
+def test_a_source_that_knows_its_capture_time_stamps_the_frame(tmp_path):
+    from edge_agent.sources import EncodedImage
+
+    data = cv2.imencode(".jpg", np.full((8, 8, 3), 90, np.uint8))[1].tobytes()
+    source = ScriptedSource()
+    source.frames.append(EncodedImage(data, "cam", captured_at=1234.5))
+    with FrameGrabber(source, FixedWallClock(), FAST_BACKOFF) as grabber:
+        frame = grabber.wait_for_frame(0, WAIT)
+        assert frame is not None and frame.captured_at == 1234.5

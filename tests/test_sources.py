@@ -17,8 +17,10 @@ from edge_agent.sources import (
     SourceError,
     StreamSource,
     V4L2Source,
+    EncodedImage,
     VideoFileSource,
     as_pixels,
+    looks_whole,
     decode_image,
     open_source,
     redact_url,
@@ -379,3 +381,51 @@ def test_folder_that_disappears_raises_then_reopens(tmp_path):
     write_image(folder / "2.png", 20)
     source.open()
     assert read_all(source, 3) == [20]
+
+
+def test_folder_frames_stay_encoded_until_asked_for(tmp_path):
+    write_image(tmp_path / "a.jpg", 80)
+    source = DirectorySource(tmp_path)
+    source.open()
+    image = source.read()
+    assert isinstance(image, EncodedImage) and not image.decoded
+    assert image.data == (tmp_path / "a.jpg").read_bytes()
+    import hashlib
+    assert image.sha256 == hashlib.sha256(image.data).hexdigest()  # sha256sum of the file
+    colour = image.decode()
+    assert colour.shape == (48, 64, 3) and not colour.flags.writeable
+    assert image.decode() is colour  # decoded once, kept
+    grey = image.decode(grey=True)
+    assert grey.shape == (48, 64) and level(grey) == 80
+
+
+def test_grey_is_decoded_straight_from_the_bytes_when_colour_was_never_needed(tmp_path):
+    write_image(tmp_path / "a.png", 120)
+    source = DirectorySource(tmp_path)
+    source.open()
+    image = source.read()
+    grey = image.decode(grey=True)
+    assert grey.ndim == 2 and level(grey) == 120 and image._colour is None  # noqa: SLF001
+
+
+def test_truncated_jpeg_and_png_are_refused_when_read_not_when_decoded(tmp_path):
+    good = cv2.imencode(".jpg", shade(50))[1].tobytes()
+    png = cv2.imencode(".png", shade(60))[1].tobytes()
+    assert looks_whole(good) and looks_whole(png)
+    assert looks_whole(good[:-100]) is False and looks_whole(png[:-20]) is False
+    assert looks_whole(b"BM" + b"\0" * 60) is None  # another format: decoded to find out
+    (tmp_path / "1.jpg").write_bytes(good[: len(good) // 2])
+    (tmp_path / "2.png").write_bytes(png[:-20])
+    (tmp_path / "3.jpg").write_bytes(good)
+    source = DirectorySource(tmp_path)
+    source.open()
+    assert read_all(source, 4) == [50]
+    assert source.bad_files == 2
+
+
+def test_lazy_off_delivers_decoded_pixels(tmp_path):
+    write_image(tmp_path / "a.png", 30)
+    source = open_source(str(tmp_path), lazy=False)
+    source.open()
+    image = source.read()
+    assert isinstance(image, np.ndarray) and level(image) == 30
