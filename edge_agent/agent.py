@@ -20,7 +20,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from edge_agent.binding import FrameWindow, SurgeGuard, choose_frame, too_late_to_read
+from edge_agent.binding import FRAME_DROPPED, FrameWindow, SurgeGuard, bind_frame, too_late_to_read
 from edge_agent.bundle import BundleError
 from edge_agent.config import AgentConfig, mqtt_password, security_warnings
 from edge_agent.endpoints import EndpointServer, make_app
@@ -248,6 +248,8 @@ class Agent:
         trigger = replace(trigger, deadline=trigger.at + self.budget_s)
         if frame is None and trigger.stale is None:
             frame = self._frame_in_window(trigger)  # now, while the history still holds it
+            if frame is FRAME_DROPPED:
+                trigger, frame = replace(trigger, stale=Reason.LATE), None
         with self._counter_lock:
             self.counters.triggers += 1
         with self._outstanding_cond:
@@ -265,10 +267,12 @@ class Agent:
                             frame)
         return check
 
-    def _frame_in_window(self, trigger: Trigger) -> Frame | None:
+    def _frame_in_window(self, trigger: Trigger):
+        """The item's frame, None while it is not captured yet, or FRAME_DROPPED if it was let go."""
         if self.grabber is None:
             return None
-        return choose_frame(self.grabber.history(), trigger.at, self.window)
+        history = self.grabber.history()
+        return bind_frame(history, self.grabber.timeline(), trigger.at, self.window)
 
     # -- journal: durable before acknowledged -----------------------------------
 
@@ -324,7 +328,11 @@ class Agent:
             self._answer_unread(item, item.trigger.stale)
             return
         if item.frame is None:
-            item.frame = self._frame_in_window(item.trigger)
+            frame = self._frame_in_window(item.trigger)
+            if frame is FRAME_DROPPED:
+                self._answer_unread(item, Reason.LATE, error=_DROPPED_DETAIL)
+                return
+            item.frame = frame
         if item.frame is not None:
             self.record_stage("wait_frame", 0.0)
             self._ready.put(item)
@@ -346,11 +354,14 @@ class Agent:
             if not waiting:
                 continue
             history = self.grabber.history() if self.grabber is not None else []
+            timeline = self.grabber.timeline() if self.grabber is not None else None
             now = self.clock.time()
             still: list[_Item] = []
             for item in waiting:
-                frame = choose_frame(history, item.trigger.at, self.window)
-                if frame is not None:
+                frame = bind_frame(history, timeline, item.trigger.at, self.window)
+                if frame is FRAME_DROPPED:
+                    self._answer_unread(item, Reason.LATE, error=_DROPPED_DETAIL)
+                elif frame is not None:
                     item.frame = frame
                     self.record_stage("wait_frame", now - item.trigger.received_at)
                     self._ready.put(item)
@@ -855,6 +866,9 @@ class Agent:
                 self.counters.bad_frames += new
             self._report_error("bad_frame", {"count": new, "total": bad,
                                               "source": self.grabber.source.name})
+
+
+_DROPPED_DETAIL = "its frame had already left the camera history (the line fell behind); any later frame shows another envelope"
 
 
 def _safe_name(text: str) -> str:

@@ -45,6 +45,56 @@ def choose_frame(frames: Sequence[Frame], at: float, window: FrameWindow) -> Fra
     return None
 
 
+class FrameDropped:
+    """The item's own frame was captured but is no longer held (the agent fell that far behind).
+
+    Binding any other frame would read a different envelope, so the item is answered instead.
+    """
+
+    def __repr__(self) -> str:
+        return "FRAME_DROPPED"
+
+
+FRAME_DROPPED = FrameDropped()
+
+
+def intended_seq(timeline: Sequence[tuple[int, float]], at: float, window: FrameWindow) -> int | None:
+    """The sequence number of the item's frame by ``choose_frame``'s rule, over every frame's
+    (seq, captured_at), including frames whose pixels are no longer held; None if none yet."""
+    if not window.after_only:
+        for seq, captured_at in reversed(timeline):
+            if captured_at <= at:
+                if captured_at >= at - window.max_age_s:
+                    return seq
+                break
+    for seq, captured_at in timeline:
+        if at < captured_at <= at + window.wait_s:
+            return seq
+    return None
+
+
+def bind_frame(frames: Sequence[Frame], timeline: Sequence[tuple[int, float]] | None, at: float,
+               window: FrameWindow) -> Frame | FrameDropped | None:
+    """The item's frame from the held ``frames`` (oldest first), FRAME_DROPPED if it has already
+    been let go, None if it is not there yet.
+
+    ``timeline`` (every recent frame's seq and capture time, taken after ``frames``) is what
+    tells "not captured yet" from "captured and dropped": without it, the first frame held
+    after the trigger could be a later envelope's whose predecessors were dropped.
+    """
+    if timeline is None:
+        return choose_frame(frames, at, window)
+    want = intended_seq(timeline, at, window)
+    if want is None:
+        return None
+    for frame in frames:
+        if frame.seq == want:
+            return frame
+    if frames and want < frames[0].seq:
+        return FRAME_DROPPED
+    return None  # captured after the held frames were read: found on the next look
+
+
 def too_late_to_read(now: float, deadline: float, read_estimate_s: float) -> bool:
     """True when a read started now would finish after the item's deadline."""
     return now + read_estimate_s > deadline

@@ -92,6 +92,9 @@ class FrameGrabber:
         # this only has to cover a PLC stamp's transit and max_frame_age; ~1 MB a decoded 640x480
         # frame, the file's size (30-300 KB) while a frame from a folder stays encoded.
         self._history: deque[Frame] = deque(maxlen=max(1, history_frames))
+        # Every recent frame's (seq, captured_at), long after its pixels are let go: binding
+        # tells "not captured yet" from "captured and dropped" with it (binding.bind_frame).
+        self._timeline: deque[tuple[int, float]] = deque(maxlen=1024)
 
     # -- public API -------------------------------------------------------
 
@@ -135,6 +138,11 @@ class FrameGrabber:
             # reading it would answer for the wrong envelope.
             age = self.clock.monotonic() - self._frame_times[-1]
             return frame if age <= max_age_s else None
+
+    def timeline(self) -> list[tuple[int, float]]:
+        """(seq, captured_at) of the last 1,024 frames, oldest first, pixels held or not."""
+        with self._cond:
+            return list(self._timeline)
 
     def history(self) -> list[Frame]:
         """The last few frames, oldest first (the newest is ``latest()``)."""
@@ -329,6 +337,7 @@ class FrameGrabber:
             frame = Frame(pixels, stamp, self._seq, self.source.name, encoded)
             self._latest = frame
             self._history.append(frame)
+            self._timeline.append((frame.seq, frame.captured_at))
             self._frame_times.append(monotonic_now)
             self._failures_in_row = 0
             self._cond.notify_all()

@@ -72,3 +72,24 @@ def test_surge_guard_lets_a_line_rate_through_and_flags_a_flood():
     assert guard.surging(10.2 + 0.9)  # held after the flood stops...
     assert not guard.surging(10.2 + 1.5)  # ...then released
     assert not SurgeGuard(0).surging(0.0)  # 0 turns it off
+
+
+def test_a_dropped_frame_is_never_replaced_by_a_later_envelope():
+    """The item's own frame (9.99) has left the held history, which now starts at 10.02: binding
+    the first held frame after the trigger would read the next envelope. The timeline knows."""
+    from edge_agent.binding import FRAME_DROPPED, bind_frame
+
+    captured = frames_at(9.96, 9.99, 10.02, 10.05)  # seq 1..4
+    timeline = [(f.seq, f.captured_at) for f in captured]
+    held = captured[2:]
+    assert bind_frame(held, timeline, 10.0, WINDOW) is FRAME_DROPPED
+    # Held: bound as before. Not captured yet (the trigger is ahead of the camera): wait (None).
+    assert bind_frame(captured[:2], timeline[:2], 10.0, WINDOW).captured_at == 9.99
+    assert bind_frame(captured[:2], timeline[:2], 10.5, WINDOW) is None
+    # No frame young enough before the trigger: the first one after it, and never the second.
+    late_camera = frames_at(9.5, 10.02, 10.05)
+    line = [(f.seq, f.captured_at) for f in late_camera]
+    assert bind_frame(late_camera[1:], line, 10.0, WINDOW).captured_at == 10.02
+    assert bind_frame(late_camera[2:], line, 10.0, WINDOW) is FRAME_DROPPED
+    # Without a timeline (a source that keeps none) the held frames decide, as choose_frame does.
+    assert bind_frame(held, None, 10.0, WINDOW).captured_at == 10.02
