@@ -256,3 +256,85 @@ def test_a_nan_quantisation_scale_is_refused():
     nan_out = TensorSpec((1, 10), "int8", float("nan"), 0)
     with pytest.raises(BundleError, match="positive finite"):
         check_int8_digit_model(good, nan_out, 10, "model.tflite")
+
+
+# Calibration: the manifest's temperature divides the logits before the softmax.
+
+def _without_calibration(bundle):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest.pop("calibration", None)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_loader_applies_the_manifest_temperature(bundle_copy):
+    digits = np.load(ROOT / "edge_agent" / "assets" / "demo_digits.npz")["images"][:40]
+    _without_calibration(bundle_copy)
+    plain = load_bundle(bundle_copy)
+    rewrite_manifest(bundle_copy, calibration={"method": "temperature", "temperature": 2.0})
+    tempered = load_bundle(bundle_copy)
+    assert (plain.classifier.temperature, tempered.classifier.temperature) == (1.0, 2.0)
+    logits = plain.classifier.outputs(digits)
+    np.testing.assert_array_equal(tempered.classifier.outputs(digits), logits)  # the model is untouched
+    expected = np.exp(logits / 2.0 - (logits / 2.0).max(axis=1, keepdims=True))
+    expected /= expected.sum(axis=1, keepdims=True)
+    hot, cold = tempered.classifier.classify(digits), plain.classifier.classify(digits)
+    np.testing.assert_allclose(hot.probabilities, expected, atol=1e-6)
+    np.testing.assert_array_equal(hot.labels, cold.labels)
+    assert np.all(hot.confidences <= cold.confidences + 1e-7)  # T > 1 only ever lowers the top score
+    assert np.mean(hot.confidences) < np.mean(cold.confidences)
+
+
+def test_a_manifest_without_calibration_means_temperature_one(bundle_copy):
+    """A 1.0.0 manifest (no "calibration") keeps working, with the plain softmax of the logits."""
+    digits = np.load(ROOT / "edge_agent" / "assets" / "demo_digits.npz")["images"][:20]
+    _without_calibration(bundle_copy)
+    model = load_bundle(bundle_copy)
+    assert model.manifest.temperature == 1.0 and model.classifier.temperature == 1.0
+    logits = model.classifier.outputs(digits)
+    np.testing.assert_allclose(model.classifier.classify(digits).probabilities, loader.softmax(logits))
+
+
+@pytest.mark.parametrize(("calibration", "message"), [
+    ({"method": "isotonic", "table": []}, "method 'isotonic' is not supported"),
+    ({"method": "temperature", "temperature": -1.0}, r"must be a number in \[0.01, 100\]"),
+    ({"method": "temperature", "temperature": "1.5"}, "must be a number"),
+    ({"method": "temperature"}, "must be a number"),
+    ("1.5", "must be an object"),
+])
+def test_a_calibration_the_agent_cannot_apply_is_refused(bundle_copy, calibration, message):
+    rewrite_manifest(bundle_copy, calibration=calibration)
+    with pytest.raises(BundleError, match=message):
+        load_bundle(bundle_copy)
+
+
+def test_a_temperature_on_a_probabilities_model_is_refused(bundle_copy):
+    rewrite_manifest(bundle_copy, output_kind="probabilities",
+                     calibration={"method": "temperature", "temperature": 1.5})
+    with pytest.raises(BundleError, match="needs output_kind"):
+        load_bundle(bundle_copy)
+
+
+def test_shipped_manifest_has_version_calibration_and_selftest(shipped):
+    raw = shipped.manifest.raw
+    major, minor, patch = shipped.manifest.version_tuple
+    assert (major, minor, patch) > (1, 0, 0)  # 1.0.0 had no calibration
+    calibration = raw["calibration"]
+    assert calibration["method"] == "temperature" and calibration["temperature"] > 0
+    assert shipped.classifier.temperature == pytest.approx(calibration["temperature"])
+    assert calibration["fitted_on"].startswith("validation")
+    assert 0 <= calibration["ece_after"] < calibration["ece_before"]
+    assert raw["threshold_selection"]["probabilities"].startswith("calibrated")
+    assert raw["selftest"]["n"] >= 200 and (SHIPPED_BUNDLE / raw["selftest"]["file"]).is_file()
+    assert raw["selftest"]["sha256"] == sha256_file(SHIPPED_BUNDLE / raw["selftest"]["file"])
+    assert (SHIPPED_BUNDLE / "MODEL_CARD.md").read_text().startswith(
+        f"# Model card: {shipped.manifest.name} {shipped.manifest.version}")
+
+
+def test_shipped_threshold_holds_on_its_calibrated_selftest(shipped):
+    """The loader's probabilities are the ones the threshold was chosen on: most digits clear it."""
+    with np.load(SHIPPED_BUNDLE / shipped.manifest.raw["selftest"]["file"]) as data:
+        images, labels = data["images"], data["labels"]
+    result = shipped.classifier.classify(images)
+    accepted = result.confidences >= shipped.manifest.acceptance_threshold
+    assert accepted.mean() > 0.8
+    assert np.mean(result.labels[accepted] == labels[accepted]) >= 0.99

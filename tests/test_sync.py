@@ -183,7 +183,7 @@ def keys(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_bundle(tmp_path_factory) -> Path:
-    """The shipped bundle (1.0.0) with a self-test made of the 300 demo digits."""
+    """The shipped bundle (1.0.1) with a self-test made of the 300 demo digits."""
     bundle = tmp_path_factory.mktemp("base") / "mnist-int8"
     shutil.copytree(SHIPPED_BUNDLE, bundle)
     add_selftest(bundle, DEMO_DIGITS)
@@ -212,11 +212,11 @@ def add_version(tmp_path, base, server, key, version, channel="stable", prepare=
 
 @pytest.fixture
 def site_v1(tmp_path, base_bundle, server, keys) -> Path:
-    """A site that pulled 1.0.0 from stable."""
+    """A site that pulled 1.0.1 from stable."""
     publish(base_bundle, server.root, "stable", keys[0].private)
     site = tmp_path / "site"
     result = pull(settings_for(server, site, keys))
-    assert (result.outcome, result.version) == ("updated", "1.0.0"), result
+    assert (result.outcome, result.version) == ("updated", "1.0.1"), result
     return site
 
 
@@ -224,7 +224,7 @@ def site_v1(tmp_path, base_bundle, server, keys) -> Path:
 
 def test_first_pull_update_not_modified_and_rollback(tmp_path, base_bundle, server, keys, site_v1):
     events = []
-    assert activation.active_bundle(site_v1) == site_v1 / "versions" / "1.0.0"
+    assert activation.active_bundle(site_v1) == site_v1 / "versions" / "1.0.1"
     read_bundle(activation.active_bundle(site_v1))  # complete and its model matches its manifest
 
     add_version(tmp_path, base_bundle, server, keys[0], "2.0.0")
@@ -235,7 +235,7 @@ def test_first_pull_update_not_modified_and_rollback(tmp_path, base_bundle, serv
     assert all(json.dumps(e) for e in events)
     assert os.readlink(site_v1 / "active") == "versions/2.0.0"
     state = status(site_v1)
-    assert (state["active"], state["previous"], state["high_water"]) == ("2.0.0", "1.0.0", "2.0.0")
+    assert (state["active"], state["previous"], state["high_water"]) == ("2.0.0", "1.0.1", "2.0.0")
     assert state["staged"] == [] and state["last_error"] is None
 
     events.clear()
@@ -244,13 +244,13 @@ def test_first_pull_update_not_modified_and_rollback(tmp_path, base_bundle, serv
     assert "index_not_modified" in [e["event"] for e in events]
     assert server.requests[-1][0] == "index.json" and "If-None-Match" in server.requests[-1][1]
 
-    assert activation.rollback(site_v1) == ("2.0.0", "1.0.0")
-    assert activation.active_bundle(site_v1).name == "1.0.0"
+    assert activation.rollback(site_v1) == ("2.0.0", "1.0.1")
+    assert activation.active_bundle(site_v1).name == "1.0.1"
     assert status(site_v1)["high_water"] == "2.0.0"
     # The rolled-back version is not installed again by the next pull.
     result = pull(settings_for(server, site_v1, keys))
     assert not result.ok and "2.0.0 failed before (rolled back)" in result.reason
-    assert activation.active_bundle(site_v1).name == "1.0.0"
+    assert activation.active_bundle(site_v1).name == "1.0.1"
 
 
 def test_cli_keygen_add_selftest_publish_pull_status_rollback(tmp_path, base_bundle, server):
@@ -269,24 +269,24 @@ def test_cli_keygen_add_selftest_publish_pull_status_rollback(tmp_path, base_bun
     assert "accuracy" in run("add-selftest", bundle, "--digits", DEMO_DIGITS).stdout
     assert json.loads((bundle / "manifest.json").read_text())["selftest"]["n"] == 300
     assert run("publish", bundle, "--registry", server.root, "--channel", "stable", "--key", private).stdout \
-        .strip() == "published 1.0.0 on stable"
+        .strip() == "published 1.0.1 on stable"
     site = tmp_path / "site"
     pull_args = ("pull", "--registry", server.url, "--public-key", tmp_path / "keys" / "sync-signing.pub",
                  "--models-dir", site, "--timeout", "2", "--retries", "0")
     out = run(*pull_args)
     *log_lines, last = out.stdout.strip().splitlines()
-    assert last == "updated: 1.0.0"
+    assert last == "updated: 1.0.1"
     events = [json.loads(json.loads(line)["msg"])["event"] for line in log_lines
               if json.loads(line)["logger"] == "sync"]
     assert events == ["check", "index_verified", "download", "downloaded", "verified", "validated", "activated"]
-    assert json.loads(run("status", "--models-dir", site).stdout)["active"] == "1.0.0"
-    assert run(*pull_args).stdout.strip().splitlines()[-1] == "up_to_date: 1.0.0"
+    assert json.loads(run("status", "--models-dir", site).stdout)["active"] == "1.0.1"
+    assert run(*pull_args).stdout.strip().splitlines()[-1] == "up_to_date: 1.0.1"
     # Republishing the same bytes is a no-op; the same version with other bytes is refused in one line.
     run("publish", bundle, "--registry", server.root, "--channel", "stable", "--key", private)
     rewrite_manifest(bundle, acceptance_threshold=0.5)
     out = run("publish", bundle, "--registry", server.root, "--channel", "stable", "--key", private, check=False)
     assert out.returncode == 1
-    assert out.stderr.strip().splitlines()[-1] == ("refused: version 1.0.0 is already published with different "
+    assert out.stderr.strip().splitlines()[-1] == ("refused: version 1.0.1 is already published with different "
                                                    "bytes; bump the version (a published version is never rewritten)")
     server.misbehave["index.json"] = "500"
     out = run(*pull_args, check=False)
@@ -344,7 +344,7 @@ def case_tampered_model(ctx):
 def case_tampered_manifest(ctx):
     ctx.add("2.0.0")
     path = ctx.server.root / "bundles/2.0.0/manifest.json"
-    path.write_text(path.read_text().replace('"acceptance_threshold": 0.99', '"acceptance_threshold": 0.10'))
+    path.write_text(path.read_text().replace('"acceptance_threshold": 0.9', '"acceptance_threshold": 0.1'))
     return r"manifest\.json: sha256 .* does not match the signed index"
 
 
@@ -352,7 +352,7 @@ def case_tampered_manifest_resigned_index(ctx):
     """Someone with the index key but not the manifest's: the manifest signature catches it."""
     ctx.add("2.0.0")
     path = ctx.server.root / "bundles/2.0.0/manifest.json"
-    path.write_text(path.read_text().replace('"acceptance_threshold": 0.99', '"acceptance_threshold": 0.10'))
+    path.write_text(path.read_text().replace('"acceptance_threshold": 0.9', '"acceptance_threshold": 0.1'))
     ctx.resign(lambda index: index["versions"]["2.0.0"]["files"]["manifest.json"].update(
         size=path.stat().st_size, sha256=sha256_file(path)))
     return r"manifest of 2\.0\.0 signature does not verify with any pinned key"
@@ -422,7 +422,7 @@ def case_index_larger_than_cap(ctx):
 
 def case_downgrade(ctx):
     ctx.add("0.9.0")
-    return r"downgrade refused: stable offers 0\.9\.0, older than 1\.0\.0 \(high-water mark 1\.0\.0\)"
+    return r"downgrade refused: stable offers 0\.9\.0, older than 1\.0\.1 \(high-water mark 1\.0\.1\)"
 
 
 def case_selftest_fails(ctx):
@@ -514,7 +514,7 @@ def test_refused_with_its_reason_and_active_untouched(case, tmp_path, base_bundl
     assert re.search(expected, result.reason), result.reason
     assert active_fingerprint(site_v1) == before
     state = status(site_v1)
-    assert state["active"] == "1.0.0" and state["last_error"] == result.reason
+    assert state["active"] == "1.0.1" and state["last_error"] == result.reason
     assert not any((site_v1 / "versions").glob("2.0.0"))
 
 
@@ -538,7 +538,7 @@ def test_the_agent_sees_each_switch_once(tmp_path, base_bundle, server, keys, si
     assert pointer.changed() == site_v1 / "versions" / "2.0.0"
     assert pointer.changed() is None
     activation.rollback(site_v1, reason="health check: no healthy reads within 60 s")
-    assert pointer.changed() == site_v1 / "versions" / "1.0.0"
+    assert pointer.changed() == site_v1 / "versions" / "1.0.1"
     assert status(site_v1)["failed"] == {"2.0.0": "health check: no healthy reads within 60 s"}
 
 
@@ -546,11 +546,11 @@ def test_downgrade_only_with_a_pin(tmp_path, base_bundle, server, keys, site_v1)
     add_version(tmp_path, base_bundle, server, keys[0], "0.9.0", channel="old")
     result = pull(settings_for(server, site_v1, keys, pin="0.9.0"))
     assert (result.outcome, result.version) == ("updated", "0.9.0")
-    assert status(site_v1)["high_water"] == "1.0.0"
+    assert status(site_v1)["high_water"] == "1.0.1"
     assert "0.9.0" in activation.installed_versions(site_v1)
     # Unpinned again: back up to the channel's version (equal to the mark, so no downgrade).
     result = pull(settings_for(server, site_v1, keys))
-    assert (result.outcome, result.version) == ("updated", "1.0.0")
+    assert (result.outcome, result.version) == ("updated", "1.0.1")
 
 
 def test_interrupted_download_resumes_with_range(tmp_path, base_bundle, server, keys, site_v1):
@@ -607,7 +607,7 @@ def test_resign_revives_a_registry_whose_index_expired(tmp_path, base_bundle, se
     out = subprocess.run([sys.executable, "-m", "sync", "resign", "--registry", str(server.root), "--key",
                           str(keys[0].private_path)], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0 and out.stdout.startswith("index re-signed, expires "), out.stderr
-    assert pull(settings_for(server, site, keys)).version == "1.0.0"
+    assert pull(settings_for(server, site, keys)).version == "1.0.1"
     with pytest.raises(SyncError, match="publish a bundle first"):
         resign(tmp_path / "empty", keys[0].private)
 
@@ -628,7 +628,7 @@ def test_pull_every_keeps_pulling(tmp_path, base_bundle, server, keys):
         [sys.executable, "-m", "sync", "pull", "--registry", server.url, "--public-key", str(keys[0].public_path),
          "--models-dir", str(site), "--every", "0.2"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for(lambda: activation.active_version(site) == "1.0.0")
+        _wait_for(lambda: activation.active_version(site) == "1.0.1")
         add_version(tmp_path, base_bundle, server, keys[0], "1.1.0")
         _wait_for(lambda: activation.active_version(site) == "1.1.0")
     finally:
@@ -759,11 +759,11 @@ def test_kill_9_at_each_step_leaves_a_complete_model(step, tmp_path, base_bundle
     # Whatever the moment, active is a complete bundle whose model matches its manifest: old or new.
     manifest, _ = read_bundle(activation.active_bundle(site_v1))
     # Killed before the switch: the old one, complete; killed right after it: the new one, complete.
-    assert manifest.version == ("2.0.0" if step == "after_switch" else "1.0.0")
+    assert manifest.version == ("2.0.0" if step == "after_switch" else "1.0.1")
     server.misbehave.clear()
     result = pull(settings_for(server, site_v1, keys))
     assert (result.outcome, result.version) == (
         ("up_to_date" if step == "after_switch" else "updated"), "2.0.0"), result
     assert status(site_v1)["high_water"] == "2.0.0"
     read_bundle(activation.active_bundle(site_v1))
-    assert status(site_v1)["previous"] == "1.0.0"
+    assert status(site_v1)["previous"] == "1.0.1"
