@@ -258,9 +258,10 @@ def build_bundle(config: QuantizeConfig) -> dict:
             "calibration": {
                 "method": "temperature",
                 "temperature": round(temperature, 6),
-                "fitted_on": (f"validation: {n_real} held-out training digits and "
+                "fitted_on": (f"validation digits: {n_real} held out from training and "
                               f"{len(hard_validation) - n_real} augmented copies of them "
-                              f"({len(hard_validation)}), minimum negative log-likelihood"),
+                              f"({len(hard_validation)} in all)"),
+                "objective": "minimum mean negative log-likelihood",
                 "ece_bins": ECE_BINS,
                 "ece_before": round(validation_summary["before"]["ece"], 6),
                 "ece_after": round(validation_summary["after"]["ece"], 6),

@@ -73,7 +73,7 @@ def draw_reliability_diagram(before: list[ReliabilityBin], after: list[Reliabili
     image[MARGIN_TOP:MARGIN_TOP + PANEL, 2:24] = np.minimum(image[MARGIN_TOP:MARGIN_TOP + PANEL, 2:24],
                                                           rotated[..., None])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), image):
+    if not cv2.imwrite(str(path), image, [cv2.IMWRITE_PNG_COMPRESSION, 9]):
         raise OSError(f"could not write {path}")
 
 
