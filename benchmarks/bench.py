@@ -33,15 +33,8 @@ from benchmarks.side_by_side.report import Section, write_reports  # noqa: E402
 from edge_agent.mnist import DataError, locate_data_dir  # noqa: E402
 
 # In report order; section 4 (end to end at fixed trigger rates) is benchmarks/e2e_rates.py's.
-SECTIONS = {
-    "classifier": classifier.run,
-    "roofline": roofline.run,
-    "reader": reader_stages.run,
-    "e2e_rates": e2e_rates.run,
-    "scaling": scaling.run,
-    "footprint": footprint.run,
-    "brief": brief_test.run,
-}
+SECTIONS = {module.KEY: module for module in (classifier, roofline, reader_stages, e2e_rates, scaling, footprint,
+                                              brief_test)}
 NO_DATA = 3  # exit status when the MNIST files are missing (the quick test skips on it)
 
 
@@ -62,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small counts: checks the harness, about a minute")
     parser.add_argument("--sections", help=f"comma-separated subset of: {', '.join(SECTIONS)}")
+    parser.add_argument("--skip", default="", help="comma-separated sections to list as not run")
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "bench", help="reports, figures and logs")
     parser.add_argument("--cache", type=Path, default=ROOT / "build" / "bench",
                         help="models trained or converted for the comparison, the compiled probe (reused)")
@@ -73,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stem", help="report file name without extension (default: bench-<date>[-quick])")
     args = parser.parse_args(argv)
     chosen = list(SECTIONS) if not args.sections else [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = [s for s in chosen if s not in SECTIONS]
+    skipped = {s.strip() for s in args.skip.split(",") if s.strip()}
+    unknown = [s for s in chosen + sorted(skipped) if s not in SECTIONS]
     if unknown:
         parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     try:
@@ -98,13 +93,19 @@ def main(argv: list[str] | None = None) -> int:
     sections: list[Section] = []
     try:
         for key in chosen:
+            module = SECTIONS[key]
+            if key in skipped:
+                section = Section(key, module.TITLE, data={"skipped": "--skip"},
+                                  notes=["Not run: skipped on the command line (`--skip`)."])
+                sections.append(section)
+                continue
             started = time.monotonic()
             ctx.log(f"section {key} ...")
             try:
-                section = SECTIONS[key](ctx)
+                section = module.run(ctx)
             except Exception as exc:  # one broken section must not lose the others' figures
                 traceback.print_exc()
-                section = Section(key, key, error=f"{type(exc).__name__}: {exc}")
+                section = Section(key, module.TITLE, error=f"{type(exc).__name__}: {exc}")
             section.seconds = time.monotonic() - started
             ctx.results[key] = section
             sections.append(section)
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
               "data_dir": str(data_dir), "bundle": str(args.bundle), "code": code_version()}
     json_path, md_path = write_reports(out_dir, stem, report, sections)
     print(f"bench: wrote {json_path} and {md_path}")
-    failed = [s.key for s in sections if s.error and not s.data.get("skipped")]
+    failed = [s.key for s in sections if s.error]
     if failed:
         print(f"bench: section(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1

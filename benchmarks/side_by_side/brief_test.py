@@ -34,12 +34,15 @@ from edge_agent.loader import load_bundle
 from edge_agent.mnist import load_split
 from edge_agent.render import fit_digit_height, random_conditions, render_postcode_frame
 
+KEY = "brief"
+TITLE = "7. The brief's test side by side: 500 digits"
+
 DIGITS = 500
 PER_ENVELOPE = 5
 
 
 def run(ctx: Context) -> Section:
-    section = Section("brief", "7. The brief's test side by side: 500 digits")
+    section = Section(KEY, TITLE)
     test = load_split(ctx.data_dir, "test")
     picks = np.sort(np.random.default_rng(7).choice(len(test), DIGITS, replace=False))
     images, labels = test.images[picks], test.labels[picks].astype(int)

@@ -15,14 +15,21 @@ import argparse
 import hashlib
 import json
 import os
+import re
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.side_by_side.context import ROOT, Context, emit
+from benchmarks.side_by_side.context import JSON_MARK, ROOT, Context, emit
 from benchmarks.side_by_side.report import Section, Table, ratio, times
+from edge_agent.bundle import MODEL_FILE
+
+KEY = "classifier"
+TITLE = "1. Classifier side by side: int8 LiteRT, float32 TFLite, Keras"
 
 BATCHES = (1, 5, 64)
 # Variant name -> what the report calls it. "int8" is the appliance's own path (load_bundle,
@@ -85,7 +92,7 @@ def _trained_here(settings: dict) -> str:
 
 
 def run(ctx: Context) -> Section:
-    section = Section("classifier", "1. Classifier side by side: int8 LiteRT, float32 TFLite, Keras")
+    section = Section(KEY, TITLE)
     keras_path, provenance, training = choose_keras_model(ctx)
     float_path = None if training else ctx.cache_dir / "models" / f"float32-{_sha12(keras_path)}.tflite"
     if training or not float_path.exists():
@@ -115,7 +122,79 @@ def run(ctx: Context) -> Section:
                          "float_tflite": str(float_path), "budget_s_per_variant": budget,
                          "by_threads": {str(k): v for k, v in per_threads.items()}})
     _tables(section, per_threads, provenance)
+    profiles = {"int8": hot_kernels(ctx, ctx.bundle / MODEL_FILE, "int8"),
+                "float32": hot_kernels(ctx, float_path, "float32")}
+    section.data["hot_kernels"] = profiles
+    if all(isinstance(p, dict) for p in profiles.values()):
+        section.tables.append(Table(
+            "Where the CPU time goes (perf samples of a process invoking the model at batch 64 on one thread, "
+            "taken after its warm-up; functions above 1%)", ["model", "share of samples", "library", "function"],
+            [[model, f"{hit['percent']:.1f}%", hit["library"], f"`{hit['symbol']}`"]
+             for model, profile in profiles.items() for hit in profile["hits"]]))
+    else:
+        why = next(p for p in profiles.values() if isinstance(p, str))
+        section.notes.append(f"No kernel profile: {why}.")
     return section
+
+
+_PERF_LINE = re.compile(r"^\s*([\d.]+)%\s+(\S+)\s+\[[.k]\]\s+(.+?)\s*(?:-\s+-\s*)?$")
+
+
+def hot_kernels(ctx: Context, model_path: Path, kind: str) -> dict | str:
+    """Where a process invoking the model spends its CPU (perf, attached after the warm-up), or why not known.
+
+    Returns {"hits": [{percent, library, symbol}], "digits_per_cpu_s": the same process's rate}.
+    """
+    perf = shutil.which("perf")
+    if perf is None:
+        return "perf is not installed"
+    seconds = ctx.pick(1.5, 4.0)
+    data = ctx.work_dir / f"perf-{kind}.data"
+    spinner = subprocess.Popen([ctx.python, "-m", "benchmarks.side_by_side.classifier", "spin", "--model",
+                                str(model_path), "--kind", kind, "--seconds", str(seconds + 1.0)],
+                               cwd=ROOT, env=ctx.env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        if spinner.stdout.readline().strip() != SPIN_READY:
+            return "the model-invoking process did not start"
+        # Only the invoke loop is sampled: imports and interpreter set-up happen before READY.
+        subprocess.run([perf, "record", "-q", "-e", "cpu-clock", "-p", str(spinner.pid), "-o", str(data), "--",
+                        "sleep", str(seconds)], check=True, capture_output=True, timeout=120)
+        report = subprocess.run([perf, "report", "-i", str(data), "--stdio", "-q", "--sort", "dso,symbol",
+                                 "--percent-limit", "1"], check=True, capture_output=True, text=True, timeout=120)
+        rest = spinner.communicate(timeout=60)[0]
+    except (OSError, subprocess.SubprocessError) as exc:
+        spinner.kill()
+        spinner.wait()
+        return f"perf failed ({exc}); kernel.perf_event_paranoid may forbid it"
+    hits = []
+    for line in report.stdout.splitlines():
+        match = _PERF_LINE.match(line)
+        if match:
+            hits.append({"percent": float(match.group(1)), "library": match.group(2), "symbol": match.group(3)})
+    found = [line[len(JSON_MARK):] for line in rest.splitlines() if line.startswith(JSON_MARK)]
+    if not hits or not found:
+        return "perf recorded no samples"
+    return {"hits": hits, **json.loads(found[-1])}
+
+
+SPIN_READY = "READY"
+
+
+def spin(args: argparse.Namespace) -> dict:
+    """Invoke a model on random 28x28 digits at batch 64 for a while: the process perf samples."""
+    from benchmarks.side_by_side.tflite import FloatRunner, Int8Runner
+
+    runner = (Int8Runner if args.kind == "int8" else FloatRunner)(Path(args.model), 1)
+    digits = np.random.default_rng(0).integers(0, 256, (64, 28, 28), dtype=np.uint8)
+    for _ in range(5):
+        runner.labels(digits)
+    print(SPIN_READY, flush=True)
+    calls, cpu, deadline = 0, time.process_time(), time.monotonic() + args.seconds
+    while time.monotonic() < deadline:
+        runner.labels(digits)
+        calls += 1
+    cpu = time.process_time() - cpu
+    return {"calls": calls, "cpu_s": round(cpu, 3), "digits_per_cpu_s": round(64 * calls / cpu, 1)}
 
 
 def _tables(section: Section, per_threads: dict[int, dict], provenance: str) -> None:
@@ -215,7 +294,6 @@ def measure(args: argparse.Namespace) -> dict:
 
     from benchmarks.side_by_side.tflite import FloatRunner, Int8Runner, execution_plan
     from benchmarks.side_by_side.timing import interleaved
-    from edge_agent.bundle import MODEL_FILE
     from edge_agent.loader import load_bundle
     from edge_agent.mnist import load_split
 
@@ -300,9 +378,13 @@ def main(argv: list[str] | None = None) -> int:
     meas.add_argument("--rounds", type=int, default=5, help="interleaved rounds (and the least calls per variant)")
     meas.add_argument("--accuracy-digits", type=int, default=0)
     meas.add_argument("--kernels", action="store_true", help="also time builtin kernels and the bare invoke")
+    loop = sub.add_parser("spin")
+    loop.add_argument("--model", required=True)
+    loop.add_argument("--kind", choices=("int8", "float32"), required=True)
+    loop.add_argument("--seconds", type=float, default=4.0)
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    emit(prepare(args) if args.command == "prepare" else measure(args))
+    emit({"prepare": prepare, "measure": measure, "spin": spin}[args.command](args))
     return 0
 
 

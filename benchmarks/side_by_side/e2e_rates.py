@@ -14,11 +14,14 @@ import subprocess
 from benchmarks.side_by_side.context import ROOT, Context
 from benchmarks.side_by_side.report import Section, Table
 
+KEY = "e2e_rates"
+TITLE = "4. End to end through Mosquitto at 10/50/100/300 triggers/s"
+
 SCRIPT = ROOT / "benchmarks" / "e2e_rates.py"
 
 
 def run(ctx: Context) -> Section:
-    section = Section("e2e_rates", "4. End to end through Mosquitto at 10/50/100/300 triggers/s")
+    section = Section(KEY, TITLE)
     if not SCRIPT.exists():
         section.data["skipped"] = "benchmarks/e2e_rates.py does not exist yet"
         section.notes.append("Not run: `benchmarks/e2e_rates.py` is not in this checkout yet (the end-to-end "
@@ -34,14 +37,33 @@ def run(ctx: Context) -> Section:
         raise RuntimeError(f"{SCRIPT.name} exited {done.returncode} (log: {log_path})")
     result = _last_json(done.stdout)
     section.data["result"] = result
-    for key, value in (result.items() if isinstance(result, dict) else [("result", result)]):
-        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            columns = list(dict.fromkeys(k for row in value for k in row))
-            section.tables.append(Table(str(key), columns, [[row.get(c) for c in columns] for row in value]))
-    scalars = {k: v for k, v in result.items() if not isinstance(v, (list, dict))} if isinstance(result, dict) else {}
-    if scalars:
-        section.tables.append(Table("", ["", "value"], [[k, v] for k, v in scalars.items()]))
+    section.tables += tables_of(result)
     return section
+
+
+def _cell(value: object) -> object:
+    """A nested value in one cell: a dict as "key value, ...", anything else as it is."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_cell(v)}" for k, v in value.items())
+    return value
+
+
+def tables_of(result: object, title: str = "") -> list[Table]:
+    """Tables for whatever JSON the script printed: a list of objects is a table, an object is a table of
+    its plain values (at the top level each object value gets its own table), a small object is a cell."""
+    if isinstance(result, list) and result and all(isinstance(v, dict) for v in result):
+        columns = list(dict.fromkeys(k for row in result for k in row))
+        return [Table(title, columns, [[_cell(row.get(c)) for c in columns] for row in result])]
+    if not isinstance(result, dict):
+        return [Table(title, ["", "value"], [[title or "result", _cell(result)]])]
+    rows, tables = [], []
+    for key, value in result.items():
+        nested = isinstance(value, dict) and any(isinstance(v, (dict, list)) for v in value.values())
+        if isinstance(value, list) or (isinstance(value, dict) and (not title or nested)):
+            tables += tables_of(value, f"{title} {key}".strip())
+        else:
+            rows.append([key, _cell(value)])
+    return ([Table(title, ["", "value"], rows)] if rows else []) + tables
 
 
 def _last_json(stdout: str) -> object:

@@ -17,6 +17,9 @@ from benchmarks.side_by_side.context import Context
 from benchmarks.side_by_side.report import Section, Table
 from benchmarks.side_by_side.site import Site
 
+KEY = "footprint"
+TITLE = "6. Footprint: cold start, idle CPU, memory"
+
 KERAS_PROCESS = """
 import sys, time, numpy as np, psutil
 started = time.monotonic()
@@ -36,7 +39,7 @@ emit({"rss_mb": round(info.rss / 2**20, 1), "uss_mb": round(info.uss / 2**20, 1)
 
 
 def run(ctx: Context) -> Section:
-    section = Section("footprint", "6. Footprint: cold start, idle CPU, memory")
+    section = Section(KEY, TITLE)
     idle_s = ctx.pick(3.0, 10.0)
     triggers = ctx.pick(10, 100)
     site = Site(ctx, "footprint", fps=30.0)
@@ -46,17 +49,25 @@ def run(ctx: Context) -> Section:
         if not plc.wait_online(90):
             raise RuntimeError(f"the agent did not come online in 90 s (log: {agent.config.parent / 'agent.log'})")
         online = time.monotonic()
-        first = plc.request("cold-0", timeout_s=10)
-        first_at = time.monotonic()
+        # A trigger sent the moment "online" appears can be lost: the agent publishes its status
+        # before its trigger subscription is in place (edge_agent/mqtt.py, _on_connect). Counted,
+        # then the PLC tries again, so the rest of the section still measures.
+        lost, first = 0, None
+        while first is None and lost < 3:
+            first = plc.request(f"cold-{lost}", timeout_s=5)
+            lost += first is None
         if first is None:
-            raise RuntimeError("no answer to the first trigger in 10 s")
+            raise RuntimeError(f"no answer to 3 triggers after online (log: {agent.config.parent / 'agent.log'})")
+        first_at = time.monotonic()
         read, attempts, read_at = first, 1, first_at
-        while read[0].get("reason") == "no_frame" and attempts < 10:  # no camera frame yet: a real read next
-            read = plc.request(f"cold-{attempts}", timeout_s=10)
+        while read is not None and read[0].get("reason") == "no_frame" and attempts < 10:  # no camera frame yet
+            read = plc.request(f"cold-read-{attempts}", timeout_s=5)
             attempts += 1
             read_at = time.monotonic()
         cold = {"launch_to_online_s": online - agent.launched_at,
+                "first_triggers_lost": lost,
                 "launch_to_first_result_s": first_at - agent.launched_at,
+                "launch_to_online_plus_first_answer_s": online - agent.launched_at + first[1] / 1000,
                 "first_result_reason": first[0].get("reason"), "first_result_latency_ms": first[1],
                 "launch_to_first_read_s": read_at - agent.launched_at, "triggers_until_read": attempts}
 
@@ -91,9 +102,16 @@ def run(ctx: Context) -> Section:
         "Cold start: `edge-agent run` launched with the PLC already listening on a fresh Mosquitto",
         ["", "seconds"],
         [["launch -> status online", cold["launch_to_online_s"]],
-         [f"launch -> first result (reason: {cold['first_result_reason'] or 'read'})",
+         [f"launch -> online + the first answered trigger's round trip (reason: "
+          f"{cold['first_result_reason'] or 'read'})", cold["launch_to_online_plus_first_answer_s"]],
+         [f"launch -> first result, as the PLC saw it ({lost} trigger(s) sent at 'online' lost, 5 s each)",
           cold["launch_to_first_result_s"]],
          [f"launch -> first read of a camera frame ({attempts} trigger(s))", cold["launch_to_first_read_s"]]]))
+    if lost:
+        section.notes.append(f"{lost} trigger(s) sent the moment the agent's status said online got no answer: the "
+                             "agent publishes \"online\" before its trigger subscription is in place "
+                             "(edge_agent/mqtt.py, `_on_connect`), so the broker drops a trigger that arrives "
+                             "in between.")
     section.tables.append(Table(
         f"Idle: camera at {site.fps:g} fps, no triggers, over {idle['seconds']} s",
         ["", "CPU"],

@@ -27,6 +27,9 @@ from edge_agent.pipeline import image_sha256
 from edge_agent.reader import ReaderConfig, locate_digits
 from edge_agent.render import render_postcode_samples
 
+KEY = "reader"
+TITLE = "3. The reader per frame, stage by stage (640x480, one core)"
+
 JPEG_QUALITY = 90
 STAGES = ("decode PNG", "decode JPEG", "hash", "locate", "classify", "decide", "input quality")
 # What the agent does for a frame from a JPEG (MJPG/RTSP) camera, and from a PNG folder camera.
@@ -89,7 +92,7 @@ def time_frame(png: bytes, jpg: bytes, model, config: ReaderConfig,
 
 
 def run(ctx: Context) -> Section:
-    section = Section("reader", "3. The reader per frame, stage by stage (640x480, one core)")
+    section = Section(KEY, TITLE)
     n = ctx.pick(8, 200)
     frames = encoded_frames(ctx, n, seed=11)
     model = load_bundle(ctx.bundle, num_threads=1)

@@ -20,6 +20,9 @@ from benchmarks.side_by_side.report import Section, Table
 from benchmarks.side_by_side.tflite import count_macs
 from edge_agent.bundle import MODEL_FILE
 
+KEY = "roofline"
+TITLE = "2. Roofline: MACs per digit against the core's peak"
+
 PROBE_SOURCE = Path(__file__).with_name("probe.c")
 # MACs one 256-bit instruction does: vpmaddubsw multiplies 32 u8 x s8 pairs (adding them pairwise
 # into int16), vpmaddwd 16 int16 pairs (into int32), vfmadd231ps 8 float32 lanes.
@@ -52,7 +55,7 @@ def probe_core(ctx: Context) -> dict:
 
 
 def run(ctx: Context) -> Section:
-    section = Section("roofline", "2. Roofline: MACs per digit against the core's peak")
+    section = Section(KEY, TITLE)
     macs = count_macs(ctx.bundle / MODEL_FILE)
     core = probe_core(ctx)
     clock = core["clock_ghz"] or float("nan")
@@ -97,4 +100,33 @@ def run(ctx: Context) -> Section:
          "share (vpmaddubsw / FMA)"], rows))
     section.data["achieved"] = [dict(zip(["threads", "batch", "variant", "digits_per_cpu_s", "gmacs_per_cpu_s",
                                           "share_practical", "share_best"], r)) for r in rows]
+    _per_kernel(section, classifier, macs, peaks, clock)
     return section
+
+
+def _per_kernel(section: Section, classifier: Section, macs: dict, peaks: dict, clock: float) -> None:
+    """The convolution and dense kernels on their own: perf's share of the time gives each its MAC/s."""
+    profiles = classifier.data.get("hot_kernels", {})
+    if not profiles or not all(isinstance(p, dict) for p in profiles.values()):
+        return
+    conv_macs = sum(o["macs"] for o in macs["per_op"] if o["op"] in ("CONV_2D", "DEPTHWISE_CONV_2D"))
+    dense_macs = sum(o["macs"] for o in macs["per_op"] if o["op"] == "FULLY_CONNECTED")
+    rows = []
+    for model, ceiling in (("int8", "vpmaddwd"), ("float32", "vfmadd231ps")):
+        profile = profiles[model]
+        per_digit_s = 1 / profile["digits_per_cpu_s"]  # the sampled process's own rate
+        for kind, op_macs, test in (("convolutions (igemm)", conv_macs, lambda s: "igemm" in s),
+                                    ("dense layers (gemm)", dense_macs, lambda s: "_gemm" in s and "igemm" not in s)):
+            hits = [h for h in profile["hits"] if test(h["symbol"])]
+            share = sum(h["percent"] for h in hits) / 100
+            if not share:
+                continue
+            achieved = op_macs / (per_digit_s * share) / 1e9
+            rows.append([model, kind, ", ".join(f"`{h['symbol']}`" for h in hits), f"{100 * share:.0f}%",
+                         achieved, f"{100 * achieved / (peaks[ceiling] * clock):.0f}% of {ceiling}"])
+    section.data["per_kernel"] = [dict(zip(["model", "ops", "kernels", "share_of_time", "gmacs_per_cpu_s",
+                                            "share_of_peak"], r)) for r in rows]
+    section.tables.append(Table(
+        "The kernels on their own (batch 64, one thread): their share of the sampled process's CPU time (perf) "
+        "and the MAC/s that implies", ["model", "ops", "XNNPACK kernels", "share of time", "G MAC per CPU-s",
+                                       "of the core's peak"], rows))

@@ -24,12 +24,15 @@ from edge_agent.decision import decide
 from edge_agent.loader import load_bundle
 from edge_agent.reader import ReaderConfig, locate_digits
 
+KEY = "scaling"
+TITLE = "5. Scaling: digits per frame, and agents per machine"
+
 LENGTHS = tuple(range(1, 11))
 SPACING_S = 0.06  # between one PLC's triggers: longer than a frame at 20 fps, so each reads a new frame
 
 
 def run(ctx: Context) -> Section:
-    section = Section("scaling", "5. Scaling: digits per frame, and agents per machine")
+    section = Section(KEY, TITLE)
     _digits(ctx, section)
     _agents(ctx, section)
     return section
@@ -100,7 +103,8 @@ def _agents(ctx: Context, section: Section) -> None:
                 raise RuntimeError(f"not all {n} agents came online (logs under {site.dir})")
             for plc in plcs:  # warm-up: interpreter buffers, first reads
                 for i in range(ctx.pick(2, 5)):
-                    plc.request(f"warm-{i}", timeout_s=10)
+                    # short: a trigger sent at "online" may be lost (see the footprint section)
+                    plc.request(f"warm-{i}", timeout_s=3)
             latencies: list[float] = []
             reasons: Counter = Counter()
             lock = threading.Lock()

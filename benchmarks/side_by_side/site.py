@@ -6,6 +6,7 @@ with a folder camera of rendered envelopes; the PLCs speak MQTT from this proces
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import time
@@ -80,11 +81,15 @@ class Site:
         return agent
 
     def stop_agents(self) -> None:
+        """Stop the PLCs and agents; each agent's log is kept under the report's logs/ folder."""
         for plc in self.plcs:
             plc.stop()
         self.plcs.clear()
+        logs = self.ctx.out_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
         for agent in self.agents:
             _stop(agent.process, 20)
+            shutil.copyfile(agent.config.parent / "agent.log", logs / f"{self.dir.name}-{agent.line}.log")
         self.agents.clear()
 
     def close(self) -> None:
