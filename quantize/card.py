@@ -39,7 +39,8 @@ def _model_section(manifest: dict) -> str:
     size = f" ({parameters / 1e6:.2f} M parameters in all)" if parameters else ""
     if members > 1:
         seeds = ", ".join(str(s) for s in model.get("member_seeds", []))
-        lines = [f"An ensemble of {members} independently trained members (seeds {seeds}), each: {text}.",
+        lines = [f"An ensemble of {members} independently trained members (seeds {seeds}), each "
+                 f"{text[0].lower() + text[1:]}.",
                  f"The members run side by side in ONE int8 graph on one input and their logits are "
                  f"averaged inside it{size}: a frame's digits still cost one invoke."]
     else:
