@@ -26,7 +26,7 @@ from edge_agent.config import parse_config
 from edge_agent.demo import render_demo_camera
 from sync.mqtt_report import SyncMqtt
 from tests.broker import free_port, wait_for_port
-from tests.paths import ROOT
+from tests.paths import ROOT, SHIPPED_BUNDLE
 
 pytestmark = pytest.mark.slow
 
@@ -172,7 +172,10 @@ return {status: text('status'), reads_per_min: text('reads_per_min'), p99: text(
         canary: !card.querySelector('[data-k="canary"]').hidden, tile_version: tileText('tile_version'),
         tile_canary: !tile.querySelector('[data-k="canary"]').hidden, tile_sync: tileText('sync_short')};
 """
-ROLLBACK_REASON = "unhealthy: 96% of 48 reads on 1.1.0 went to review (max 90%)"
+# The agent runs the shipped bundle; the canary line tried a newer version that was rolled back.
+SHIPPED = json.loads((SHIPPED_BUNDLE / "manifest.json").read_text())["version"]
+CANARY = "9.9.0"
+ROLLBACK_REASON = f"unhealthy: 96% of 48 reads on {CANARY} went to review (max 90%)"
 
 
 def iso_now() -> str:
@@ -182,18 +185,18 @@ def iso_now() -> str:
 def publish_sync(port: int) -> None:
     """What edge-sync publishes after a pull on each line: its step events and the retained state."""
     stable_pull = [{"event": "check", "active": "0.9.0", "channel": "stable", "pin": None},
-                   {"event": "download", "version": "1.0.0", "bytes": 118_000},
-                   {"event": "verified", "version": "1.0.0"},
-                   {"event": "validated", "version": "1.0.0", "selftest_accuracy": 0.985},
-                   {"event": "activated", "version": "1.0.0", "previous": "0.9.0", "pruned": []},
-                   {"event": "healthy", "version": "1.0.0", "reads": 42, "review_pct": 11.9}]
-    canary_pull = [{"event": "check", "active": "1.0.0", "channel": "canary", "pin": None},
-                   {"event": "activated", "version": "1.1.0", "previous": "1.0.0", "pruned": []},
-                   {"event": "rolled_back", "version": "1.1.0", "to": "1.0.0", "reason": ROLLBACK_REASON}]
-    updated = {"active": "1.0.0", "previous": "0.9.0", "last_error": None,
-               "last_result": {"outcome": "updated", "version": "1.0.0", "reason": "", "at": iso_now()}}
-    rolled_back = {"active": "1.0.0", "previous": "1.1.0", "last_error": ROLLBACK_REASON,
-                   "last_result": {"outcome": "rolled_back", "version": "1.1.0", "reason": ROLLBACK_REASON,
+                   {"event": "download", "version": f"{SHIPPED}", "bytes": 118_000},
+                   {"event": "verified", "version": f"{SHIPPED}"},
+                   {"event": "validated", "version": f"{SHIPPED}", "selftest_accuracy": 0.985},
+                   {"event": "activated", "version": f"{SHIPPED}", "previous": "0.9.0", "pruned": []},
+                   {"event": "healthy", "version": f"{SHIPPED}", "reads": 42, "review_pct": 11.9}]
+    canary_pull = [{"event": "check", "active": f"{SHIPPED}", "channel": "canary", "pin": None},
+                   {"event": "activated", "version": f"{CANARY}", "previous": f"{SHIPPED}", "pruned": []},
+                   {"event": "rolled_back", "version": f"{CANARY}", "to": f"{SHIPPED}", "reason": ROLLBACK_REASON}]
+    updated = {"active": f"{SHIPPED}", "previous": "0.9.0", "last_error": None,
+               "last_result": {"outcome": "updated", "version": f"{SHIPPED}", "reason": "", "at": iso_now()}}
+    rolled_back = {"active": f"{SHIPPED}", "previous": f"{CANARY}", "last_error": ROLLBACK_REASON,
+                   "last_result": {"outcome": "rolled_back", "version": f"{CANARY}", "reason": ROLLBACK_REASON,
                                    "at": iso_now()}}
     for line, events, state in (("line-1", stable_pull, updated), ("line-2", canary_pull, rolled_back)):
         reporter = SyncMqtt("127.0.0.1", port, SITE, line)
@@ -229,30 +232,30 @@ def test_dashboard_in_a_real_browser(site, chrome, mqtt_broker):
     assert all(c["points"] > 0 for c in charts if c["name"] in ("latency", "throughput", "digits")), charts
 
     first = chrome.execute_script(LINE_TEXT, "line-1")
-    assert first["status"] == "up" and first["model"] == "1.0.0"
+    assert first["status"] == "up" and first["model"] == f"{SHIPPED}"
     assert first["reads_per_min"] not in ("", "–") and first["p99"].endswith("ms")
     assert first["thumbnails"] > 0  # the digit crops decoded as PNG images
-    assert first["last_sync"] == "not reported" and first["tile_version"] == "1.0.0"
+    assert first["last_sync"] == "not reported" and first["tile_version"] == f"{SHIPPED}"
 
     # edge-sync reports its pulls: the page shows active and previous version, channel and result.
     publish_sync(mqtt_broker.port)
     synced = wait_for(lambda: (lambda l1: l1 if l1["previous"] else None)(chrome.execute_script(LINE_TEXT, "line-1")),
                       10, "line-1's sync state on the page")
-    assert synced["model"] == "1.0.0" and synced["previous"] == "(previous 0.9.0)"
-    assert synced["channel"] == "· channel stable" and synced["last_sync"] == "updated 1.0.0"
+    assert synced["model"] == f"{SHIPPED}" and synced["previous"] == "(previous 0.9.0)"
+    assert synced["channel"] == "· channel stable" and synced["last_sync"] == f"updated {SHIPPED}"
     assert synced["last_sync_age"].endswith("s ago") and synced["sync_alert"] is None
     assert not synced["canary"] and not synced["tile_canary"] and synced["tile_sync"] == ""
-    assert "activated 1.0.0 (from 0.9.0)" in synced["sync_events"] and "healthy 1.0.0" in synced["sync_events"]
+    assert f"activated {SHIPPED} (from 0.9.0)" in synced["sync_events"] and f"healthy {SHIPPED}" in synced["sync_events"]
     canary = wait_for(lambda: (lambda l2: l2 if l2["sync_alert"] else None)(chrome.execute_script(LINE_TEXT, "line-2")),
                       10, "line-2's rollback on the page")
-    assert canary["model"] == "1.0.0" and canary["previous"] == "(previous 1.1.0)"
+    assert canary["model"] == f"{SHIPPED}" and canary["previous"] == f"(previous {CANARY})"
     assert canary["canary"] and canary["tile_canary"] and canary["channel"] == "· channel canary"
-    assert canary["last_sync"] == "rolled back 1.1.0" and ROLLBACK_REASON in canary["last_sync_reason"]
-    assert canary["sync_alert"] == f"Last sync rolled back 1.1.0: {ROLLBACK_REASON}"
+    assert canary["last_sync"] == f"rolled back {CANARY}" and ROLLBACK_REASON in canary["last_sync_reason"]
+    assert canary["sync_alert"] == f"Last sync rolled back {CANARY}: {ROLLBACK_REASON}"
     assert canary["tile_sync"] == "⚠ sync rolled back"
-    assert f"rolled back 1.1.0 → 1.0.0: {ROLLBACK_REASON}" in canary["sync_events"]
+    assert f"rolled back {CANARY} → {SHIPPED}: {ROLLBACK_REASON}" in canary["sync_events"]
     assert chrome.execute_script("return document.getElementById('models-text').textContent") == \
-        "Models 1.0.0 · 1 sync refused/rolled back"
+        f"Models {SHIPPED} · 1 sync refused/rolled back"
     site_now = api_site(url)
     assert site_now["summary"]["canary_lines"] == 1 and site_now["summary"]["sync_problems"] == 1
     assert [line["model"]["rollout"] for line in site_now["lines"]] == ["in_sync", "in_sync"]
@@ -298,7 +301,7 @@ def test_dashboard_in_a_real_browser(site, chrome, mqtt_broker):
         "return !document.getElementById('broker-banner').hidden"), 15, "the broker-unreachable banner")
     assert chrome.execute_script(LINE_TEXT, "line-1")["status"] == "unknown"
     last_known = chrome.execute_script(LINE_TEXT, "line-1")
-    assert last_known["model"] == "1.0.0" and last_known["previous"] == "(previous 0.9.0)"
+    assert last_known["model"] == f"{SHIPPED}" and last_known["previous"] == "(previous 0.9.0)"
     assert chrome.execute_script("return document.getElementById('server-banner').hidden")
 
     problems = [entry for entry in chrome.get_log("browser")
