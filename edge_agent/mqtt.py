@@ -191,6 +191,8 @@ class MqttLink:
         self._reconnected_at: float | None = None  # clock.monotonic() of a reconnect after a lost connection
         self._had_connection = False
         self._online_since = 0.0
+        self._subscribed = False  # the broker holds our trigger subscription (on this connection)
+        self._subscribe_mid: int | None = None
         self._probe_sent_at: float | None = None  # clock.monotonic() of the last liveness probe
         self._echo_at = 0.0  # clock.monotonic() of the last probe that came back
         self._probes = 0
@@ -307,7 +309,7 @@ class MqttLink:
     def refresh_status(self) -> None:
         """Publish the retained "online" again, so its expiry never runs out while the agent lives."""
         client = self._client
-        if client is not None and self._connected.is_set():
+        if client is not None and self._connected.is_set() and self._subscribed:
             self._publish_status(client, "online")
 
     def wake(self) -> None:
@@ -499,9 +501,13 @@ class MqttLink:
         self._connected.set()
         log.info("MQTT connected to %s:%d (MQTT %s, session present=%s)", self.settings.host,
                  self.settings.port, self.protocol, flags.session_present)
-        self._publish_status(client, "online")
+        # "online" tells the PLC to send triggers: only once the broker holds our trigger
+        # subscription. A resumed session already has it; a new one has it at the SUBACK.
+        self._subscribed = bool(flags.session_present)
+        if self._subscribed:
+            self._publish_status(client, "online")
         # Subscribing again is harmless with a resumed session and needed without one.
-        client.subscribe([(self.settings.trigger_topic, 1), (self.settings.marker_topic, 1)])
+        _, self._subscribe_mid = client.subscribe([(self.settings.trigger_topic, 1), (self.settings.marker_topic, 1)])
         if self._replaying:
             client.publish(self.settings.marker_topic, self._marker.encode(), qos=1)
         self._wake.set()
@@ -551,10 +557,15 @@ class MqttLink:
 
     def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reason_codes: list[ReasonCode],
                       properties: Properties | None) -> None:
+        if client is not self._client:
+            return
         for rc in reason_codes:
             if rc.is_failure:
                 log.error("broker refused the trigger subscription %s: %s (check the broker's ACL)",
                           self.settings.trigger_topic, rc)
+        if mid == self._subscribe_mid and not self._subscribed and reason_codes and not reason_codes[0].is_failure:
+            self._subscribed = True
+            self._publish_status(client, "online")
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         if client is not self._client:

@@ -512,3 +512,31 @@ def test_items_without_a_frame_do_not_hold_up_each_other(tmp_path, mqtt_broker, 
     finally:
         plc.stop()
         agent.stop()
+
+
+def test_online_is_announced_only_once_triggers_can_arrive(tmp_path, mqtt_broker, camera_frames):
+    """A PLC that sends its first trigger the moment the agent says "online" (a new session, so the
+    broker has no trigger subscription until the SUBACK) gets an answer every time."""
+    folder, _truth = camera_frames
+    for attempt in range(3):
+        line = f"fresh-{attempt}"
+        base = f"postcode/test-site/{line}"
+        table = agent_table(tmp_path / line, mqtt_broker.port, folder, site={"site_id": "test-site", "line_id": line})
+        plc = PlcClient("127.0.0.1", mqtt_broker.port, trigger_topic=f"{base}/trigger",
+                        result_topic=f"{base}/result", status_topic=f"{base}/status", client_id=f"plc-{line}")
+        plc.start()
+        sent = threading.Event()
+
+        def send_when_online(c, item=f"first-{attempt}"):
+            if not sent.is_set() and c.status.get("state") == "online":
+                sent.set()
+                c.trigger(item)
+            return sent.is_set()
+
+        agent = RunningAgent(table)
+        try:
+            assert plc.wait_for(send_when_online, 30)
+            assert plc.result(f"first-{attempt}", timeout_s=15) is not None, f"attempt {attempt}: trigger lost"
+        finally:
+            plc.stop()
+            agent.stop()
