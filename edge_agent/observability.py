@@ -598,10 +598,17 @@ def _raised(value: float, level: float, above: bool, strict: bool, was_raised: b
 
 
 def _psi_or_none(expected: Sequence[float] | np.ndarray | None,
-                 observed: Sequence[float] | np.ndarray | None) -> float | None:
+                 observed: Sequence[float] | np.ndarray | None, smooth: bool = True) -> float | None:
     if expected is None or observed is None:
         return None
-    value = population_stability_index(expected, observed)
+    e, o = np.asarray(expected, dtype=float), np.asarray(observed, dtype=float)
+    if e.sum() <= 0 or o.sum() <= 0:
+        return None
+    # The monitor compares counts: half a count in every bin (Jeffreys) keeps a bin that a small
+    # reference never saw from weighing ln(share / epsilon) on a handful of window reads; with
+    # the hundreds of reads a site's window holds it moves PSI by little.
+    half = 0.5 if smooth else 0.0  # not for the training distribution: proportions, not counts
+    value = population_stability_index(e + half, o + half)
     return None if math.isnan(value) else value
 
 
@@ -634,5 +641,5 @@ def _training_figures(win: ReadAggregates | None, training: TrainingBaseline | N
     """Window against the bundle's training and test baselines: context for people, never alarms."""
     if win is None or training is None:
         return {"prediction_psi_vs_training": None, "confidence_psi_vs_test": None}
-    return {"prediction_psi_vs_training": _psi_or_none(training.class_distribution, win.digit_counts),
-            "confidence_psi_vs_test": _psi_or_none(training.confidence_counts, win.confidence_counts)}
+    return {"prediction_psi_vs_training": _psi_or_none(training.class_distribution, win.digit_counts, smooth=False),
+            "confidence_psi_vs_test": _psi_or_none(training.confidence_counts, win.confidence_counts, smooth=False)}
