@@ -7,6 +7,7 @@ network thread must each stop the pings (so systemd restarts the agent), and say
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -226,17 +227,10 @@ def test_pings_stop_when_inference_is_stuck(watched, notify_socket, mqtt_broker)
         raise RuntimeError("released at teardown")
 
     reader.read_frame_cached = stuck
-    publisher = paho.Client(CallbackAPIVersion.VERSION2, client_id="wd-plc")
-    publisher.connect("127.0.0.1", mqtt_broker.port)
-    publisher.loop_start()
-    try:
-        publisher.publish(f"{BASE}/trigger", b'{"item_id": "stuck-1"}', qos=1).wait_for_publish(5)
-        fault_at = time.monotonic()
-        _assert_pings_then_silence(notify_socket, fault_at, "pipeline")
-        assert "reader-0 silent" in watched.agent.liveness()["pipeline"].detail
-    finally:
-        publisher.loop_stop()
-        publisher.disconnect()
+    fault_at = time.monotonic()  # the fault begins with the trigger that reaches it
+    _send_trigger(mqtt_broker.port, "stuck-1")
+    _assert_pings_then_silence(notify_socket, fault_at, "pipeline")
+    assert "reader-0 silent" in watched.agent.liveness()["pipeline"].detail
 
 
 def test_pings_stop_when_an_exception_kills_pahos_network_thread(watched, notify_socket, mqtt_broker):
@@ -251,24 +245,28 @@ def test_pings_stop_when_an_exception_kills_pahos_network_thread(watched, notify
         raise RuntimeError("a bug in a callback")
 
     link._client.on_message = explode  # the next message raises inside paho's network thread
-    publisher = paho.Client(CallbackAPIVersion.VERSION2, client_id="wd-plc-2")
-    publisher.connect("127.0.0.1", mqtt_broker.port)
+    fault_at = time.monotonic()  # the fault begins with the trigger that reaches it
+    _send_trigger(mqtt_broker.port, "boom-1")
+    _assert_pings_then_silence(notify_socket, fault_at, "mqtt")
+    # paho itself still believes it is connected; the link does not.
+    assert link._client.is_connected()
+    assert not link.connected
+    assert "network thread has ended" in watched.agent.liveness()["mqtt"].detail
+
+
+def _send_trigger(port: int, item_id: str) -> None:
+    """One trigger from a short-lived PLC client, acknowledged by the broker before returning."""
+    publisher = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"wd-plc-{item_id}")
+    publisher.connect("127.0.0.1", port)
     publisher.loop_start()
     try:
-        publisher.publish(f"{BASE}/trigger", b'{"item_id": "boom-1"}', qos=1).wait_for_publish(5)
-        fault_at = time.monotonic()
-        _assert_pings_then_silence(notify_socket, fault_at, "mqtt")
-        # paho itself still believes it is connected; the link does not.
-        assert link._client.is_connected()
-        assert not link.connected
-        assert "network thread has ended" in watched.agent.liveness()["mqtt"].detail
+        publisher.publish(f"{BASE}/trigger", json.dumps({"item_id": item_id}).encode(), qos=1).wait_for_publish(5)
     finally:
         publisher.loop_stop()
         publisher.disconnect()
 
 
 def test_healthz_reports_liveness(watched):
-    import json
     import urllib.error
     import urllib.request
 
@@ -300,16 +298,21 @@ def test_the_real_command_says_ready_pings_and_stopping(tmp_path, mqtt_broker, c
     config.write_text("\n".join(lines) + "\n")
     env = dict(os.environ, NOTIFY_SOCKET=notify_socket.address, WATCHDOG_USEC="1000000", PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "edge_agent.cli", "run", "--config", str(config)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _assert_ready_pings_and_stopping(proc, notify_socket, ready_timeout_s=60.0)
+
+
+def _assert_ready_pings_and_stopping(proc: subprocess.Popen, notify: NotifySocket, ready_timeout_s: float) -> None:
+    """READY=1, then watchdog pings (none before READY), then STOPPING=1 and exit 0 on SIGTERM."""
     try:
-        assert notify_socket.wait_for("READY=1", 60.0), proc.stderr.read1().decode() if proc.poll() else ""
-        ready_at = next(at for at, m in notify_socket.messages if "READY=1" in m)
-        assert notify_socket.wait_for("WATCHDOG=1", 5.0, after=ready_at)
-        # Nothing pings before it is ready: systemd would otherwise count a half-started agent as up.
-        assert not any("WATCHDOG=1" in m for at, m in notify_socket.messages if at < ready_at)
+        assert notify.wait_for("READY=1", ready_timeout_s)
+        ready_at = next(at for at, m in notify.messages if "READY=1" in m)
+        assert notify.wait_for("WATCHDOG=1", 5.0, after=ready_at)
+        # Nothing pings before it is ready: systemd would otherwise count a half-started service as up.
+        assert not any("WATCHDOG=1" in m for at, m in notify.messages if at < ready_at)
         proc.terminate()
         assert proc.wait(30) == 0
-        assert notify_socket.wait_for("STOPPING=1", 2.0)
+        assert notify.wait_for("STOPPING=1", 2.0)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -322,14 +325,4 @@ def test_the_dashboard_says_ready_and_pings(tmp_path, mqtt_broker, notify_socket
     proc = subprocess.Popen([sys.executable, "-m", "web.cli", "--broker", f"127.0.0.1:{mqtt_broker.port}",
                              "--site", "wd-site", "--port", str(free_port())], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        assert notify_socket.wait_for("READY=1", 30.0)
-        ready_at = next(at for at, m in notify_socket.messages if "READY=1" in m)
-        assert notify_socket.wait_for("WATCHDOG=1", 5.0, after=ready_at)
-        proc.terminate()
-        assert proc.wait(30) == 0
-        assert notify_socket.wait_for("STOPPING=1", 2.0)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    _assert_ready_pings_and_stopping(proc, notify_socket, ready_timeout_s=30.0)
