@@ -78,13 +78,21 @@ class SocketCamera:
             return frame
         if self._sock is None:
             raise OSError("socket camera is not open")
-        ready, _, _ = select.select([self._sock], [], [], 0.05)
-        if ready:
+        # An empty read tells the grabber nothing was waiting when it began (its timeline is
+        # complete up to then), so a frame already partly received is read to its end first.
+        while True:
+            ready, _, _ = select.select([self._sock], [], [], 0.05)
+            if not ready:
+                if self._buffer:
+                    continue  # the rest of a frame is on its way
+                return None
             chunk = self._sock.recv(1 << 20)
             if not chunk:
                 raise OSError("the benchmark closed the camera")
             self._buffer += chunk
-        return self._take()
+            frame = self._take()
+            if frame is not None:
+                return frame
 
     def _take(self) -> EncodedImage | None:
         if len(self._buffer) < _HEADER.size:

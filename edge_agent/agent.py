@@ -272,7 +272,14 @@ class Agent:
         if self.grabber is None:
             return None
         history = self.grabber.history()
-        return bind_frame(history, self.grabber.timeline(), trigger.at, self.window)
+        return bind_frame(history, self.grabber.timeline(), trigger.at, self.window, self._complete_until())
+
+    def _complete_until(self) -> float:
+        """Up to when the grabber's timeline holds every frame taken. Past an item's window no
+        frame of its moment can still be on its way, so the window's length bounds the wait."""
+        if self.grabber is None:
+            return float("inf")
+        return max(self.grabber.complete_until(), self.clock.time() - self.window.wait_s)
 
     # -- journal: durable before acknowledged -----------------------------------
 
@@ -355,10 +362,11 @@ class Agent:
                 continue
             history = self.grabber.history() if self.grabber is not None else []
             timeline = self.grabber.timeline() if self.grabber is not None else None
+            complete_until = self._complete_until()
             now = self.clock.time()
             still: list[_Item] = []
             for item in waiting:
-                frame = bind_frame(history, timeline, item.trigger.at, self.window)
+                frame = bind_frame(history, timeline, item.trigger.at, self.window, complete_until)
                 if frame is FRAME_DROPPED:
                     self._answer_unread(item, Reason.LATE, error=_DROPPED_DETAIL)
                 elif frame is not None:

@@ -58,14 +58,18 @@ class FrameDropped:
 FRAME_DROPPED = FrameDropped()
 
 
-def intended_seq(timeline: Sequence[tuple[int, float]], at: float, window: FrameWindow) -> int | None:
+def intended_seq(timeline: Sequence[tuple[int, float]], at: float, window: FrameWindow,
+                 complete_until: float = float("inf")) -> int | None:
     """The sequence number of the item's frame by ``choose_frame``'s rule, over every frame's
-    (seq, captured_at), including frames whose pixels are no longer held; None if none yet."""
+    (seq, captured_at), including frames whose pixels are no longer held; None if none yet, or
+    if a frame taken before ``at`` may still be on its way (``complete_until`` < ``at`` and no
+    frame taken after ``at`` has arrived)."""
     if not window.after_only:
         for seq, captured_at in reversed(timeline):
             if captured_at <= at:
+                settled = complete_until >= at or timeline[-1][1] > at
                 if captured_at >= at - window.max_age_s:
-                    return seq
+                    return seq if settled else None
                 break
     for seq, captured_at in timeline:
         if at < captured_at <= at + window.wait_s:
@@ -74,17 +78,22 @@ def intended_seq(timeline: Sequence[tuple[int, float]], at: float, window: Frame
 
 
 def bind_frame(frames: Sequence[Frame], timeline: Sequence[tuple[int, float]] | None, at: float,
-               window: FrameWindow) -> Frame | FrameDropped | None:
+               window: FrameWindow, complete_until: float = float("inf")) -> Frame | FrameDropped | None:
     """The item's frame from the held ``frames`` (oldest first), FRAME_DROPPED if it has already
     been let go, None if it is not there yet.
 
     ``timeline`` (every recent frame's seq and capture time, taken after ``frames``) is what
     tells "not captured yet" from "captured and dropped": without it, the first frame held
     after the trigger could be a later envelope's whose predecessors were dropped.
+
+    ``complete_until``: every frame captured up to this moment is in the timeline. A camera
+    that stamps its own frames delivers them some time after it took them, so the newest frame
+    held at the trigger may not be the newest one taken before it: binding it then would read
+    the previous envelope. Until the timeline is complete past the trigger, the item waits.
     """
     if timeline is None:
         return choose_frame(frames, at, window)
-    want = intended_seq(timeline, at, window)
+    want = intended_seq(timeline, at, window, complete_until)
     if want is None:
         return None
     for frame in frames:

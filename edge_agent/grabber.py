@@ -95,6 +95,11 @@ class FrameGrabber:
         # Every recent frame's (seq, captured_at), long after its pixels are let go: binding
         # tells "not captured yet" from "captured and dropped" with it (binding.bind_frame).
         self._timeline: deque[tuple[int, float]] = deque(maxlen=1024)
+        # Up to when the timeline holds every frame taken (binding.bind_frame). Frames stamped
+        # here on arrival leave no gap (one still on its way will be stamped later), so +inf;
+        # a camera that stamps its own frames is known complete only up to its newest stamp, or
+        # up to the moment a read found nothing waiting.
+        self._complete_until = float("inf")
 
     # -- public API -------------------------------------------------------
 
@@ -143,6 +148,11 @@ class FrameGrabber:
         """(seq, captured_at) of the last 1,024 frames, oldest first, pixels held or not."""
         with self._cond:
             return list(self._timeline)
+
+    def complete_until(self) -> float:
+        """Wall-clock moment up to which every frame the camera took is in ``timeline()``."""
+        with self._cond:
+            return self._complete_until
 
     def history(self) -> list[Frame]:
         """The last few frames, oldest first (the newest is ``latest()``)."""
@@ -296,6 +306,7 @@ class FrameGrabber:
                 next_read_at = max(next_read_at + period, self.clock.monotonic())
             try:
                 self._in_call = ("read", self.clock.monotonic())
+                read_started = self.clock.time()
                 image = self.source.read()
             except SourceEnded:
                 return GrabberState.ENDED, got_frame
@@ -307,6 +318,9 @@ class FrameGrabber:
             if image is None:
                 # A folder with nothing new is normal; a camera with no frames is not.
                 if self.live:
+                    with self._cond:  # nothing was waiting when this read began
+                        if self._complete_until < read_started:
+                            self._complete_until = read_started
                     if self.stall_timeout_s is not None and now - last_frame_at > self.stall_timeout_s:
                         return f"{self.source.name}: no frame for {now - last_frame_at:.1f}s", got_frame
                     self._stop.wait(_LIVE_IDLE_WAIT_S)
@@ -334,6 +348,10 @@ class FrameGrabber:
             # A source that knows when its camera took the image says so (items are bound to
             # frames by that moment); otherwise the moment it was read is the best we know.
             stamp = captured_at if captured_at is not None else self.clock.time()
+            if captured_at is None:
+                self._complete_until = float("inf")
+            elif self._complete_until == float("inf") or self._complete_until < stamp:
+                self._complete_until = stamp
             frame = Frame(pixels, stamp, self._seq, self.source.name, encoded)
             self._latest = frame
             self._history.append(frame)

@@ -93,3 +93,40 @@ def test_a_dropped_frame_is_never_replaced_by_a_later_envelope():
     assert bind_frame(late_camera[2:], line, 10.0, WINDOW) is FRAME_DROPPED
     # Without a timeline (a source that keeps none) the held frames decide, as choose_frame does.
     assert bind_frame(held, None, 10.0, WINDOW).captured_at == 10.02
+
+
+def test_a_frame_still_on_its_way_is_waited_for_not_replaced_by_the_previous_envelope():
+    """A camera that stamps its own frames delivers them late under load: at the trigger (10.0)
+    the timeline ends at the previous envelope's frame (9.999) while the item's own (10.0) is in
+    the socket. Binding waits until the timeline is known complete past the trigger."""
+    from edge_agent.binding import bind_frame
+
+    captured = frames_at(9.998, 9.999, 10.0, 10.001)
+    timeline = [(f.seq, f.captured_at) for f in captured]
+    before_own = captured[:2], timeline[:2]
+    assert bind_frame(*before_own, 10.0, WINDOW, complete_until=9.999) is None
+    # Once its own frame has come (or the source was seen empty after the trigger), it is bound.
+    assert bind_frame(captured[:3], timeline[:3], 10.0, WINDOW, complete_until=10.0).seq == 3
+    assert bind_frame(*before_own, 10.0, WINDOW, complete_until=10.0005).seq == 2
+    # A frame taken after the trigger proves every earlier one has arrived (delivery is in order).
+    assert bind_frame(captured, timeline, 10.0, WINDOW, complete_until=10.001).seq == 3
+    assert bind_frame([captured[1], captured[3]], [timeline[1], timeline[3]], 10.0, WINDOW,
+                      complete_until=10.001).seq == 2
+    # The default (frames stamped on arrival leave no gap) binds at once, as before.
+    assert bind_frame(*before_own, 10.0, WINDOW).seq == 2
+
+
+@given(st.lists(st.floats(0.0, 2.0), min_size=1, max_size=30, unique=True), st.floats(0.0, 2.0),
+       st.integers(0, 30))
+def test_an_incomplete_timeline_never_binds_a_frame_other_than_the_complete_ones(times, at, arrived):
+    """Whatever prefix of the frames has arrived, binding gives either nothing yet or exactly
+    the frame it gives once every frame has arrived."""
+    from edge_agent.binding import bind_frame
+
+    captured = frames_at(*sorted(times))
+    timeline = [(f.seq, f.captured_at) for f in captured]
+    final = bind_frame(captured, timeline, at, WINDOW, complete_until=float("inf"))
+    prefix = captured[:arrived]
+    early = bind_frame(prefix, timeline[:arrived], at, WINDOW,
+                       complete_until=prefix[-1].captured_at if prefix else float("-inf"))
+    assert early is None or early is final

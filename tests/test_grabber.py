@@ -390,3 +390,28 @@ def test_a_source_that_knows_its_capture_time_stamps_the_frame(tmp_path):
     with FrameGrabber(source, FixedWallClock(), FAST_BACKOFF) as grabber:
         frame = grabber.wait_for_frame(0, WAIT)
         assert frame is not None and frame.captured_at == 1234.5
+
+
+def test_the_timeline_is_complete_up_to_a_stamping_cameras_newest_frame_or_its_last_empty_read():
+    """Binding waits for a self-stamping camera's frames in transit (binding.bind_frame): the
+    grabber says up to when its timeline is known complete."""
+    from edge_agent.sources import EncodedImage
+
+    data = cv2.imencode(".jpg", np.full((8, 8, 3), 90, np.uint8))[1].tobytes()
+    source = ScriptedSource()
+    source.frames.append(EncodedImage(data, "cam", captured_at=1234.5))
+    with FrameGrabber(source, FixedWallClock(), FAST_BACKOFF) as grabber:
+        assert grabber.wait_for_frame(0, WAIT) is not None
+        # Then the camera has nothing waiting: empty reads began at the (fixed) wall clock.
+        deadline = time.monotonic() + WAIT
+        while grabber.complete_until() != 1_700_000_000.0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert grabber.complete_until() == 1_700_000_000.0
+
+
+def test_frames_stamped_on_arrival_leave_no_gap_in_the_timeline():
+    source = ScriptedSource()
+    source.push(1)
+    with FrameGrabber(source, FixedWallClock(), FAST_BACKOFF) as grabber:
+        assert grabber.wait_for_frame(0, WAIT) is not None
+        assert grabber.complete_until() == float("inf")
