@@ -11,7 +11,8 @@ probabilities:
   digits      today's rule: every digit at or above the bundle's threshold (no directory);
   directory   the posterior over valid codes, each code its own destination;
   chute       the same posterior summed per chute (what the sorting machine needs).
-The acceptance rule of the last two is the posterior >= 1 - target misdirect rate (1e-4).
+The acceptance rule of the last two is the posterior >= 1 - target misdirect rate (--target),
+with the prior for invalid codes set to the stream's share of them (--invalid-share).
 """
 
 from __future__ import annotations
@@ -91,10 +92,12 @@ def run(args) -> dict:
         raise SystemExit("MNIST files not found: pass --data or set MNIST_DIR (see ../shared/datasets/mnist)")
     digits = load_split(data_dir, "test")
     bundles = [b.split("=", 1) for b in args.bundle] or [["shipped", str(ROOT / "models" / "mnist-int8")]]
-    policy = DecodePolicy(target_misdirect_rate=args.target)
+    # The decoder's prior for mail to codes that do not exist is the stream's share: a site sets
+    # it from its own counts of undeliverable codes (sort_plan.invalid_prior).
+    policy = DecodePolicy(target_misdirect_rate=args.target, invalid_prior=args.invalid_share)
     cost = CostModel()
     report: dict = {"frames": args.frames, "seed": args.seed, "target_misdirect_rate": args.target,
-                    "invalid_share": args.invalid_share, "rows": []}
+                    "invalid_share": args.invalid_share, "invalid_prior": policy.invalid_prior, "rows": []}
     for size in args.directories:
         rng = np.random.default_rng(args.seed + size)
         codes = directory(size, rng)
@@ -151,7 +154,7 @@ def _as_chutes(decisions, plan):
 def _line(row: dict) -> str:
     low, high = row["misdirect_rate_95"]
     return (f"{row['directory']:>6} codes  {row['bundle']:<12} {row['rule']:<9} auto-sorted "
-            f"{row['auto_sort_rate']:6.1%}  precision {row['precision']:8.3%}  misdirects {row['misdirects']:>3} "
+            f"{row['auto_sort_rate']:6.1%} (valid mail {row['auto_sort_rate_valid_mail']:6.1%})  precision {row['precision']:8.3%}  misdirects {row['misdirects']:>3} "
             f"(95% up to {high:.3%})  invalid accepted {row['invalid_accepted']}/{row['invalid_envelopes']}  "
             f"cost/1000 {row['cost_per_1000']:.2f}")
 

@@ -226,7 +226,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print("review: " + (", ".join(f"{k} {v}" for k, v in report["reviews_by_reason"].items()) or "none"))
         if plan:
             print(f"mail to postcodes not in the plan: {report['invalid_envelopes']}, "
-                  f"sorted automatically: {report['invalid_accepted']}")
+                  f"sorted automatically: {report['invalid_accepted']}; "
+                  f"mail to valid postcodes sorted automatically: {report['auto_sort_rate_valid_mail']:.1%}")
         print(f"cost per 1,000 envelopes: {report['cost_per_1000']:.2f} "
               f"(keying {args.keying_seconds} s at {args.labour_per_hour}/h, misdirect {args.misdirect_cost})")
     return 0

@@ -73,6 +73,9 @@ def score(decisions: list[Decision], truths: list[str], plan: SortPlan | None, c
         "review_rate": (n - accepted) / max(n, 1),
         "reviews_by_reason": dict(sorted(reviews.items())),
         "postcode_exact_rate": exact_reads / max(n, 1),
+        # Mail to a code that does not exist can never be sorted: the share of the rest that was.
+        "auto_sort_rate_valid_mail": (accepted - sum(decisions[i].accepted for i in invalid_truths))
+        / max(n - len(invalid_truths), 1),
         "invalid_envelopes": len(invalid_truths),
         "invalid_accepted": sum(decisions[i].accepted for i in invalid_truths),
         "cost_per_1000": round(per_item * 1000, 2),

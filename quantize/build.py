@@ -24,6 +24,7 @@ from quantize.gate import check_gate, choose_threshold, histogram
 from quantize.plots import draw_reliability_diagram, finite_or_none
 from training.augment import augmented_dataset
 from training.data import load_training_data
+from training.reader_crops import reader_crops
 from training.train import TrainConfig, class_distribution, class_report, split_for
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,10 @@ class QuantizeConfig:
     target_precision: float = 0.999
     calibration_images: int = 500
     augmented_validation_copies: int = 9
+    # Fit the temperature and choose the threshold on what the agent classifies: the reader's
+    # crops of frames rendered from the validation digits (training.reader_crops). 0: on the
+    # validation digits and augmented copies of them, as bundles up to 1.0.1 were.
+    reader_crop_copies: int = 5
     eval_limit: int | None = None  # evaluate on the first N test images (smoke runs only)
     seed: int = 1234
     name: str = "mnist-cnn-int8"
@@ -226,7 +231,16 @@ def build_bundle(config: QuantizeConfig) -> dict:
         # Validation: the held-out training digits plus augmented copies of them (harder, and
         # ten times the evidence). The temperature is fitted on all of it and the threshold is
         # chosen on all of it, with the calibrated probabilities the loader will return.
-        hard_validation = augmented_copies(source.validation, config.augmented_validation_copies, config.seed)
+        if config.reader_crop_copies:
+            hard_validation = reader_crops(source.validation, config.reader_crop_copies, config.seed)
+            fitted_on = (f"reader crops of frames rendered from the {len(source.validation)} validation digits "
+                         f"held out from training ({config.reader_crop_copies} renderings each, "
+                         f"{len(hard_validation)} crops)")
+        else:
+            hard_validation = augmented_copies(source.validation, config.augmented_validation_copies, config.seed)
+            fitted_on = (f"validation digits: {len(source.validation)} held out from training and "
+                         f"{len(hard_validation) - len(source.validation)} augmented copies of them "
+                         f"({len(hard_validation)} in all)")
         val_logits = logits_of(classifier, hard_validation.images)
         temperature = fit_temperature(val_logits, hard_validation.labels)
         val_probabilities = tempered_softmax(val_logits, temperature)
@@ -234,9 +248,13 @@ def build_bundle(config: QuantizeConfig) -> dict:
                                      val_probabilities.argmax(axis=1) == hard_validation.labels,
                                      config.target_precision)
         validation_summary = calibration_summary(val_logits, hard_validation.labels, temperature)
-        n_real = len(source.validation)
-        real_summary = calibration_summary(val_logits[:n_real], hard_validation.labels[:n_real], temperature)
+        real_summary = calibration_summary(logits_of(classifier, source.validation.images), source.validation.labels,
+                                           temperature)
         test_summary = calibration_summary(test_logits, test.labels, temperature)
+        # Reported, never tuned on: the test digits as the agent would see them.
+        test_crops = reader_crops(test, 1, config.seed + 7)
+        test_crops_summary = calibration_summary(logits_of(classifier, test_crops.images), test_crops.labels,
+                                                 temperature)
 
         int8_conf = tempered_softmax(test_logits, temperature).max(axis=1)
         accepted = int8_conf >= threshold["threshold"]
@@ -258,9 +276,7 @@ def build_bundle(config: QuantizeConfig) -> dict:
             "calibration": {
                 "method": "temperature",
                 "temperature": round(temperature, 6),
-                "fitted_on": (f"validation digits: {n_real} held out from training and "
-                              f"{len(hard_validation) - n_real} augmented copies of them "
-                              f"({len(hard_validation)} in all)"),
+                "fitted_on": fitted_on,
                 "objective": "minimum mean negative log-likelihood",
                 "ece_bins": ECE_BINS,
                 "ece_before": round(validation_summary["before"]["ece"], 6),
@@ -268,6 +284,8 @@ def build_bundle(config: QuantizeConfig) -> dict:
                 "validation": _calibration_figures(validation_summary),
                 "validation_real_digits": _calibration_figures(real_summary),
                 "test": {"dataset": test_name, **_calibration_figures(test_summary)},
+                "test_reader_crops": {"dataset": f"reader crops of frames rendered from {test_name}",
+                                      **_calibration_figures(test_crops_summary)},
                 "note": "top-label ECE, 15 equal-width bins; the temperature and the threshold were "
                         "chosen on validation only, the test figures are reported, never tuned on",
             },

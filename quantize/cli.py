@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-drop-pp", type=float, default=0.5,
                         help="refuse when int8 is this many points below float")
     parser.add_argument("--target-precision", type=float, default=0.999)
+    parser.add_argument("--reader-crop-copies", type=int, default=5,
+                        help="fit the temperature and threshold on the reader's crops of this many renderings "
+                             "of each validation digit (0: on the digits and augmented copies)")
     parser.add_argument("--eval-limit", type=int, help="evaluate on the first N test images only")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -38,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     config = QuantizeConfig(
         train_dirs=train_dirs, from_bundle=args.from_bundle, out_dir=args.out, data_dir=args.data,
         version=args.version, max_drop_pp=args.max_drop_pp, target_precision=args.target_precision,
-        eval_limit=args.eval_limit, figures_dir=args.figures,
+        eval_limit=args.eval_limit, figures_dir=args.figures, reader_crop_copies=args.reader_crop_copies,
     )
     try:
         manifest = build_bundle(config)

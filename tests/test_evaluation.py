@@ -42,6 +42,7 @@ def test_scoring_by_hand():
     assert report["auto_sort_rate"] == pytest.approx(4 / 6) and report["misdirect_rate"] == pytest.approx(0.25)
     assert report["reviews_by_reason"] == {"ambiguous": 1, "invalid_postcode": 1}
     assert report["invalid_envelopes"] == 2 and report["invalid_accepted"] == 1
+    assert report["auto_sort_rate_valid_mail"] == pytest.approx(3 / 4)  # of the 4 to valid codes
     assert report["cost_per_1000"] == pytest.approx((2 * 0.01 + 1 * 2.0) / 6 * 1000, abs=0.01)
 
 

@@ -78,7 +78,8 @@ def test_quantize_end_to_end_produces_loadable_int8_bundle(small_training_run, t
     # A 2-epoch model is less stable under quantisation than the shipped one; the gate's own
     # default is exercised by the broken-model test below.
     code = quantize_main(["--train-dir", str(train_dir), "--out", str(out), "--data", str(data),
-                          "--eval-limit", "1000", "--max-drop-pp", "2.0", "--version", "0.1.0"])
+                          "--eval-limit", "1000", "--max-drop-pp", "2.0", "--version", "0.1.0",
+                          "--reader-crop-copies", "0"])
     assert code == 0
     model = load_bundle(out)
     assert model.manifest.version == "0.1.0"
@@ -247,12 +248,20 @@ def test_recalibrating_a_bundle_keeps_its_model_and_adds_a_temperature(tmp_path)
     data = mnist_dir()
     out = tmp_path / "bundle"
     code = quantize_main(["--from-bundle", str(SHIPPED_BUNDLE), "--out", str(out), "--data", str(data),
-                          "--eval-limit", "500", "--version", "9.0.1", "--figures", str(tmp_path / "img")])
+                          "--eval-limit", "500", "--version", "9.0.1", "--figures", str(tmp_path / "img"),
+                          "--reader-crop-copies", "1"])
     assert code == 0
     model = load_bundle(out)
     assert sha256_file(out / "model.tflite") == sha256_file(SHIPPED_BUNDLE / "model.tflite")
     assert model.manifest.version == "9.0.1" and model.classifier.temperature > 0
     assert model.manifest.raw["model"]["recalibrated_from"] == json.loads(
         (SHIPPED_BUNDLE / "manifest.json").read_text())["version"]
+    # Fitted on what the agent classifies: the reader's crops of the 1,000 validation digits
+    # (a frame the reader miscounts gives none); the test digits' crops are reported beside.
+    calibration = model.manifest.raw["calibration"]
+    assert calibration["fitted_on"].startswith("reader crops")
+    assert 900 <= calibration["validation"]["digits"] <= 1000
+    assert calibration["validation"]["nll_after"] <= calibration["validation"]["nll_before"] + 1e-9
+    assert 450 <= calibration["test_reader_crops"]["digits"] <= 500
     assert sorted(p.name for p in (tmp_path / "img").iterdir()) == [
         "reliability-mnist-cnn-int8-9.0.1-t10k.png", "reliability-mnist-cnn-int8-9.0.1-validation.png"]

@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validation-per-class", type=int, default=100)
     parser.add_argument("--elastic-copies", type=int, default=4,
                         help="elastic-distorted copies of each training image")
+    parser.add_argument("--reader-copies", type=int, default=0,
+                        help="crops the reader cuts from rendered frames of each training image (and validation)")
     parser.add_argument("--patience", type=int, default=8, help="early-stopping patience (epochs)")
     parser.add_argument("--limit", type=int, help="train on a random slice of N training images (smoke runs)")
     args = parser.parse_args(argv)
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         architecture=args.architecture, epochs=args.epochs, lr_schedule=args.lr_schedule,
         learning_rate=args.learning_rate,
         batch_size=args.batch_size, validation_per_class=args.validation_per_class,
-        elastic_copies=args.elastic_copies, patience=args.patience, limit=args.limit,
+        elastic_copies=args.elastic_copies, reader_copies=args.reader_copies, patience=args.patience, limit=args.limit,
     )
     try:
         metrics = train(config)

@@ -16,6 +16,7 @@ from edge_agent.mnist import DigitSet
 from training.augment import augmented_dataset, elastic_copies
 from training.data import load_training_data, stratified_split
 from training.model import build_architecture
+from training.reader_crops import reader_crops
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,9 @@ class TrainConfig:
     validation_per_class: int = 100
     patience: int = 8
     elastic_copies: int = 4  # distorted copies of each training image added before training
+    # Crops the reader cuts from rendered frames of each training image (training.reader_crops):
+    # the classifier learns the digits as the agent sees them. Validation gains as many crops.
+    reader_copies: int = 0
     limit: int | None = None  # train on a small slice (tests, smoke runs)
 
 
@@ -100,9 +104,21 @@ def train(config: TrainConfig) -> dict:
     log.info("training on %d images, validating on %d (source %s)", len(fit), len(validation), source)
 
     model = build_architecture(config.architecture)
-    x_val = validation.images[..., None].astype("float32") / 255.0
     fit_images = np.concatenate([fit.images, elastic_copies(fit.images, config.elastic_copies, config.seed)])
     fit_labels = np.concatenate([fit.labels] * (config.elastic_copies + 1))
+    if config.reader_copies:
+        fit_crops = reader_crops(fit, config.reader_copies, config.seed)
+        validation_crops = reader_crops(validation, config.reader_copies, config.seed + 1)
+        log.info("adding %d reader crops to training and %d to validation", len(fit_crops), len(validation_crops))
+        fit_images = np.concatenate([fit_images, fit_crops.images])
+        fit_labels = np.concatenate([fit_labels, fit_crops.labels])
+        monitored = DigitSet(np.concatenate([validation.images, validation_crops.images]),
+                             np.concatenate([validation.labels, validation_crops.labels]))
+    else:
+        monitored = validation
+    # Early stopping and the reported accuracy watch the validation digits and their crops;
+    # "validation_images" stays the held-out digits, which quantize/ recomputes from the split.
+    x_val = monitored.images[..., None].astype("float32") / 255.0
     learning_rate, schedule_callbacks = learning_rate_schedule(config, len(fit_labels))
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
@@ -112,7 +128,7 @@ def train(config: TrainConfig) -> dict:
     started = time.monotonic()
     history = model.fit(
         augmented_dataset(fit_images, fit_labels, config.batch_size, config.seed),
-        validation_data=(x_val, validation.labels),
+        validation_data=(x_val, monitored.labels),
         epochs=config.epochs,
         verbose=2,  # one line per epoch: readable in journald and CI logs
         callbacks=[
@@ -124,7 +140,7 @@ def train(config: TrainConfig) -> dict:
     )
     elapsed = time.monotonic() - started
     predictions = model.predict(x_val, verbose=0).argmax(axis=1)
-    report = class_report(validation.labels, predictions)
+    report = class_report(monitored.labels, predictions)
     metrics = {
         "model": config.architecture,
         "data_source": source,
