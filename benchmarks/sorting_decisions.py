@@ -90,13 +90,22 @@ def run(args) -> dict:
     data_dir = locate_data_dir(args.data)
     if data_dir is None:
         raise SystemExit("MNIST files not found: pass --data or set MNIST_DIR (see ../shared/datasets/mnist)")
-    digits = load_split(data_dir, "test")
+    if args.digits == "validation":
+        # The held-out validation digits of the shipped bundles' split: where candidates are
+        # compared and chosen. t10k (the default) is for reporting only.
+        from training.data import stratified_split
+
+        train = load_split(data_dir, "train")
+        _fit, validation = stratified_split(train.labels, args.validation_per_class, args.split_seed)
+        digits = train.subset(validation)
+    else:
+        digits = load_split(data_dir, "test")
     bundles = [b.split("=", 1) for b in args.bundle] or [["shipped", str(ROOT / "models" / "mnist-int8")]]
     # The decoder's prior for mail to codes that do not exist is the stream's share: a site sets
     # it from its own counts of undeliverable codes (sort_plan.invalid_prior).
     policy = DecodePolicy(target_misdirect_rate=args.target, invalid_prior=args.invalid_share)
     cost = CostModel()
-    report: dict = {"frames": args.frames, "seed": args.seed, "target_misdirect_rate": args.target,
+    report: dict = {"frames": args.frames, "digits": args.digits, "seed": args.seed, "target_misdirect_rate": args.target,
                     "invalid_share": args.invalid_share, "invalid_prior": policy.invalid_prior, "rows": []}
     for size in args.directories:
         rng = np.random.default_rng(args.seed + size)
@@ -165,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--bundle", action="append", default=[], help="LABEL=PATH (repeat to compare)")
     parser.add_argument("--directories", type=lambda s: [int(x) for x in s.split(",")], default=[8000, 30000])
+    parser.add_argument("--digits", choices=("test", "validation"), default="test",
+                        help="render from t10k (report) or from the held-out validation digits (choose)")
+    parser.add_argument("--split-seed", type=int, default=1234, help="validation split of the bundles")
+    parser.add_argument("--validation-per-class", type=int, default=100)
     parser.add_argument("--invalid-share", type=float, default=0.05)
     parser.add_argument("--target", type=float, default=1e-4)
     parser.add_argument("--data", help="MNIST folder (default: ../shared/datasets/mnist or MNIST_DIR)")

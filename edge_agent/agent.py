@@ -975,7 +975,7 @@ def build_agent(config: AgentConfig, clock: Clock | None = None, *, start_fresh:
     model = load_bundle(config.model.bundle, num_threads=config.model.num_threads)
     reader = PostcodeReader(model, ReaderConfig(roi=config.reader.roi,
                                                 expected_lengths=config.reader.postcode_lengths),
-                            threshold_override=config.model.acceptance_threshold,
+                            threshold_override=config.model.acceptance_threshold, frame_hash=config.reader.frame_hash,
                             policy=DecodePolicy(target_misdirect_rate=config.sort_plan.target_misdirect_rate,
                                                 invalid_prior=config.sort_plan.invalid_prior))
     config.outbox.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

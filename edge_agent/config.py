@@ -103,6 +103,11 @@ class ReaderSettings:
     postcode_lengths: tuple[int, ...] = (5,)
     roi: tuple[int, int, int, int] | None = None  # x, y, w, h of the postcode field in the frame
     workers: int = 1  # reader threads; 2 on a 4-core box doubles burst throughput of distinct frames
+    # What a result's image_sha256 hashes. "encoded": the bytes a frame came as (a folder's or a
+    # network camera's JPEG/PNG: `sha256sum` of the file), which spares decoding the frame to
+    # colour and hashing its pixels (~1 ms a frame); frames a camera hands over as pixels are
+    # hashed as pixels either way. "pixels": the decoded BGR pixels, for every source.
+    frame_hash: str = "encoded"
 
 
 @dataclass(frozen=True)
@@ -247,6 +252,7 @@ class AgentConfig:
 CHOICES = {
     "trigger.mode": ("mqtt", "interval", "change"),
     "mqtt.protocol": ("auto", "5", "3.1.1"),
+    "reader.frame_hash": ("encoded", "pixels"),
     "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
 }
 MQTT_MAX_UINT16 = 65_535  # port, keepalive and receive maximum are 16-bit fields in MQTT

@@ -49,7 +49,9 @@ def render_demo_camera(out_dir: Path, frames: int, seed: int, video: bool = Fals
     for i, (frame, postcode) in enumerate(rendered):
         path = out_dir / f"envelope-{i:04d}.png"
         cv2.imwrite(str(path), frame)
-        # Hash what a reader of the file will decode, so results can be matched to the truth.
+        # Keyed by both hashes a result may carry (reader.frame_hash): the file's bytes and
+        # the pixels a reader of the file decodes.
+        truth[image_sha256(path.read_bytes())] = postcode
         truth[image_sha256(cv2.imread(str(path), cv2.IMREAD_COLOR))] = postcode
     (out_dir.parent / "truth.json").write_text(json.dumps(truth, indent=1))
     return out_dir

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-drop-pp", type=float, default=0.5,
                         help="refuse when int8 is this many points below float")
     parser.add_argument("--target-precision", type=float, default=0.999)
-    parser.add_argument("--reader-crop-copies", type=int, default=5,
+    parser.add_argument("--reader-crop-copies", type=int, default=0,
                         help="fit the temperature and threshold on the reader's crops of this many renderings "
                              "of each validation digit (0: on the digits and augmented copies)")
     parser.add_argument("--eval-limit", type=int, help="evaluate on the first N test images only")

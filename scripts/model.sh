@@ -6,6 +6,8 @@
 #
 # RECIPE picks what is trained (docs/MODELS.md compares them):
 #   reference  (default, the shipped 1.0.1) the data scientist's CNN, seed 1234, as 1.0.0 was trained
+#   reference_crops the same CNN, 15 cosine epochs, with 3 reader crops of every training digit
+#              added (training.reader_crops); a candidate, not shipped (docs/MODELS.md)
 #   bn_cnn     one batch-norm CNN (seed 101, 12 cosine epochs)
 #   bn_cnn_x3  three of them (seeds 101/102/103, 12/8/8 epochs) averaged in one int8 graph
 # BUNDLE_OUT and BUNDLE_VERSION override the bundle folder and its version (default: the next
@@ -21,16 +23,20 @@ RECIPE="${RECIPE:-reference}"
 SPLIT_SEED=1234
 
 case "$RECIPE" in
-  reference) MEMBERS=() ;;
+  reference|reference_crops) MEMBERS=() ;;
   bn_cnn) MEMBERS=("101:12") ;;
   bn_cnn_x3) MEMBERS=("101:12" "102:8" "103:8") ;;  # seed:epochs
-  *) echo "error: RECIPE must be reference, bn_cnn or bn_cnn_x3, not $RECIPE" >&2; exit 2 ;;
+  *) echo "error: RECIPE must be reference_crops, reference, bn_cnn or bn_cnn_x3, not $RECIPE" >&2; exit 2 ;;
 esac
 
 train_dirs=()
 if [ "$RECIPE" = reference ]; then
   # nice: build machines share their cores with other jobs.
   nice -n 10 .venv-train/bin/edge-train --out build/train "$@"
+  train_dirs+=(--train-dir build/train)
+elif [ "$RECIPE" = reference_crops ]; then
+  nice -n 10 .venv-train/bin/edge-train --lr-schedule cosine --epochs 15 --reader-copies 3 \
+    --seed 1234 --split-seed "$SPLIT_SEED" --out build/train "$@"
   train_dirs+=(--train-dir build/train)
 else
   for member in "${MEMBERS[@]}"; do
