@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--threads", type=int, default=1)
     predict.add_argument("--sort-plan", type=Path, help="CSV postcode,chute: decide on the chute posterior "
                                                          "over the site's valid postcodes")
-    predict.add_argument("--target-misdirect-rate", type=float, default=1e-4,
+    predict.add_argument("--target-misdirect-rate", type=float, default=1e-3,
                          help="with --sort-plan: sort a chute only at posterior >= 1 - this (default %(default)s)")
     predict.set_defaults(func=cmd_predict)
 
@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     evaluate.add_argument("--lengths", default="5")
     evaluate.add_argument("--threads", type=int, default=1)
-    evaluate.add_argument("--target-misdirect-rate", type=float, default=1e-4)
+    evaluate.add_argument("--target-misdirect-rate", type=float, default=1e-3)
     evaluate.add_argument("--invalid-prior", type=float, default=0.01)
     evaluate.add_argument("--keying-seconds", type=float, default=2.25, help="manual keying per review (s)")
     evaluate.add_argument("--labour-per-hour", type=float, default=30.0, help="keying cost per hour")

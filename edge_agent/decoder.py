@@ -37,7 +37,7 @@ PROBABILITY_FLOOR = 1e-6
 class DecodePolicy:
     """How sure the posterior must be, and how often mail is addressed to codes that do not exist."""
 
-    target_misdirect_rate: float = 1e-4  # accepted items sorted to a wrong chute, at most
+    target_misdirect_rate: float = 1e-3  # accepted items sorted to a wrong chute, at most
     invalid_prior: float = 0.01  # share of mail written with a postcode the directory does not have
 
     @property
