@@ -74,7 +74,9 @@ def decide_with_plan(
     """
     digits_only = decide(labels, probabilities, expected_lengths, 0.0)
     base = dict(decided_by=SORT_PLAN, plan=plan.summary())
-    if digits_only.reason in (Reason.NO_POSTCODE, Reason.DIGIT_COUNT):
+    # One mark too many may be a stray mark: the decoder tries the read without each in turn.
+    stray_mark = digits_only.reason is Reason.DIGIT_COUNT and len(labels) - 1 in expected_lengths
+    if digits_only.reason in (Reason.NO_POSTCODE, Reason.DIGIT_COUNT) and not stray_mark:
         return Decision(digits_only.postcode, False, digits_only.confidence, digits_only.digits,
                         digits_only.reason, **base)
     verdict = decode(probabilities, plan, policy)

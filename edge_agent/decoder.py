@@ -73,6 +73,9 @@ class Posterior:
     chutes: np.ndarray  # posterior of each of the plan's chutes (plan.chutes order)
     invalid: float
     alternatives: tuple[tuple[str, float], ...]
+    # How well the read fits the prior (valid codes and "invalid" weighted): sum over strings of
+    # prior x q. Compares readings of the same frame (which crop is a stray mark), nothing else.
+    evidence: float = 0.0
 
 
 def posterior(probabilities: np.ndarray, plan: SortPlan, policy: DecodePolicy) -> Posterior:
@@ -100,12 +103,56 @@ def posterior(probabilities: np.ndarray, plan: SortPlan, policy: DecodePolicy) -
     chute_mass = np.bincount(index.code_chutes, weights=code_q, minlength=len(plan.chutes)).astype(np.float64)
     if len(index.prefixes):
         chute_mass += np.bincount(index.prefix_chutes, weights=region_q, minlength=len(plan.chutes))
-    return Posterior(read, chute_mass * scale, invalid_mass / total, _alternatives(p, index, plan, code_q, scale))
+    return Posterior(read, chute_mass * scale, invalid_mass / total, _alternatives(p, index, plan, code_q, scale),
+                     total)
+
+
+def posterior_with_a_stray_mark(probabilities: np.ndarray, plan: SortPlan, policy: DecodePolicy) -> Posterior:
+    """The posterior for a read with one mark more than the plan's codes have (a speck, a
+    stroke of a box, a digit cut in two that was not merged back).
+
+    Each mark in turn is taken as the stray one, equally likely a priori, and what it read says
+    nothing about the code; the reading of the other marks is decoded as usual. The hypotheses
+    are weighed by how well their readings fit the plan (``Posterior.evidence``), so the
+    directory picks which mark to drop, and the posterior is their mixture: two readings that
+    point to different chutes leave neither sure enough to sort.
+    """
+    p = np.asarray(probabilities, np.float64)
+    readings = [posterior(np.delete(p, k, axis=0), plan, policy) for k in range(p.shape[0])]
+    weights = np.array([r.evidence for r in readings])
+    if not len(readings) or weights.sum() <= 0.0:
+        return Posterior("".join(str(int(d)) for d in p.argmax(axis=1)), np.zeros(len(plan.chutes)), 1.0, ())
+    weights = weights / weights.sum()
+    chutes = np.sum([w * r.chutes for w, r in zip(weights, readings)], axis=0)
+    invalid = float(sum(w * r.invalid for w, r in zip(weights, readings)))
+    merged: dict[str, float] = {}
+    for w, r in zip(weights, readings):
+        for code, probability in r.alternatives:
+            merged[code] = merged.get(code, 0.0) + w * probability
+    alternatives = tuple((code, round(q, 6)) for code, q in sorted(merged.items(), key=lambda kv: -kv[1])[:3])
+    best = readings[int(np.argmax(weights))]
+    return Posterior(best.read, chutes, invalid, alternatives, float(np.dot(weights, [r.evidence for r in readings])))
 
 
 def decode(probabilities: np.ndarray, plan: SortPlan, policy: DecodePolicy) -> PlanDecision:
-    """Posterior over the plan's codes of the read's length; accept, or review with the reason."""
-    post = posterior(probabilities, plan, policy)
+    """Posterior over the plan's codes of the read's length; accept, or review with the reason.
+
+    A read one mark longer than the plan's codes is decoded with that mark left out in turn
+    (``posterior_with_a_stray_mark``): it is sorted if the mixture is sure of a chute, else it
+    goes to review as ``digit_count``.
+    """
+    length = len(probabilities)
+    if length not in plan.by_length and length - 1 in plan.by_length:
+        post = posterior_with_a_stray_mark(probabilities, plan, policy)
+        verdict = _verdict(post, plan, policy)
+        if verdict.accepted:
+            return verdict
+        return PlanDecision(verdict.postcode, verdict.chute, verdict.chute_confidence, verdict.invalid_probability,
+                            verdict.alternatives, False, Reason.DIGIT_COUNT)
+    return _verdict(posterior(probabilities, plan, policy), plan, policy)
+
+
+def _verdict(post: Posterior, plan: SortPlan, policy: DecodePolicy) -> PlanDecision:
     if not len(plan.chutes) or post.invalid >= 1.0:
         return PlanDecision(post.read, None, 0.0, post.invalid, post.alternatives, False, Reason.INVALID_POSTCODE)
     best = int(np.argmax(post.chutes))
