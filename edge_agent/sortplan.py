@@ -15,6 +15,7 @@ import csv
 import hashlib
 import io
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,12 @@ class LengthIndex:
     prefix_chutes: np.ndarray  # (m,) chute index of each prefix
     prefix_parent: np.ndarray  # (m,) index of the longest shorter prefix covering it, -1 if none
     valid_count: int  # how many postcodes of this length are valid (exact or covered by a prefix)
+
+    @cached_property
+    def flat_positions(self) -> np.ndarray:
+        """(length, n): where each code's digit sits in a flattened (length, 10) probability array,
+        one contiguous row per position, so the decoder gathers a column at a time."""
+        return np.ascontiguousarray(self.codes.T + 10 * np.arange(self.length)[:, None])
 
 
 @dataclass(frozen=True)

@@ -213,3 +213,15 @@ def test_the_stray_mark_mixture_sums_to_one(case, extra, where):
     post = posterior_with_a_stray_mark(four, plan, POLICY)
     assert float(post.chutes.sum()) + post.invalid == pytest.approx(1.0, abs=1e-9)
     assert np.all(post.chutes >= 0) and 0.0 <= post.invalid <= 1.0
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(reads_and_plans())
+def test_code_likelihoods_are_the_row_products_to_the_last_bit(case):
+    """The decoder gathers a position at a time (speed); it must equal prod_i p_i(c_i) exactly."""
+    from edge_agent.decoder import _code_likelihoods
+
+    p, plan, _ = case
+    index = plan.by_length[3]
+    p = floored(p)
+    assert np.array_equal(_code_likelihoods(p, index), np.prod(p[np.arange(3), index.codes], axis=1))
