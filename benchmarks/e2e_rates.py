@@ -5,8 +5,9 @@
 The agent is the real one (``build_agent`` + ``start_agent`` from the config a site would write,
 real Mosquitto on loopback, real SQLite outbox), in its own process pinned to one core
 (``taskset -c 0``); this script plays the PLC and the camera. The camera is a socket camera: this
-script sends each envelope's JPEG with the moment it was taken, as a camera that stamps its
-frames does, and the PLC stamps the envelope's trigger (``triggered_at``) with the same moment.
+script streams empty-paper frames at 200 fps and sends each envelope's JPEG with the moment it
+was taken, as a camera that stamps its frames does, and the PLC stamps the envelope's trigger
+(``triggered_at``) with the same moment.
 With ``camera.max_frame_age_ms = 1`` an item can only be bound to the frame taken at its own
 moment, so every answer's ``image_sha256`` is checked against the frame meant for it.
 (A folder camera would not do at these rates: the grabber stamps a folder's frames when it reads
@@ -132,24 +133,48 @@ def run_child(config_path: str, camera_path: str, frame_hash: str | None) -> int
 # -- the benchmark ----------------------------------------------------------------------------
 
 class Camera:
-    """The benchmark's end of one socket camera."""
+    """The benchmark's end of one socket camera: it streams empty-paper frames at ``fps`` (as a
+    live camera does) and sends an envelope's frame when one passes, every frame stamped with
+    the moment it is sent, in order.
 
-    def __init__(self, path: Path) -> None:
+    The agent binds an item to the newest frame taken at or before its trigger only once a
+    later frame has arrived (a stamping camera's frames are in transit for a while), so the
+    stream's rate bounds that wait: 200 fps here, up to 5 ms; a 30 fps camera, up to 33 ms.
+    """
+
+    def __init__(self, path: Path, blank: bytes, fps: float = 200.0) -> None:
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server.bind(str(path))
         self.server.listen(1)
         self.conn: socket.socket | None = None
         self.lock = threading.Lock()
+        self.blank = blank
+        self.fps = fps
+        self._stop = threading.Event()
+        self._streamer = threading.Thread(target=self._stream, daemon=True)
 
     def accept(self, timeout_s: float) -> None:
         self.server.settimeout(timeout_s)
         self.conn, _ = self.server.accept()
+        self._streamer.start()
 
-    def send(self, stamp: float, jpeg: bytes) -> None:
+    def send(self, jpeg: bytes) -> float:
+        """Send one frame stamped now; returns the stamp."""
         with self.lock:
+            stamp = time.time()
             self.conn.sendall(_HEADER.pack(stamp, len(jpeg)) + jpeg)
+            return stamp
+
+    def _stream(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.send(self.blank)
+            except OSError:
+                return
+            self._stop.wait(1.0 / self.fps)
 
     def close(self) -> None:
+        self._stop.set()
         for sock in (self.conn, self.server):
             if sock is not None:
                 sock.close()
@@ -190,13 +215,13 @@ class AgentProcess:
     """One agent child with its camera and PLC."""
 
     def __init__(self, workdir: Path, port: int, line: str, workers: int, cores: str | None,
-                 frame_hash: str | None) -> None:
+                 frame_hash: str | None, blank: bytes) -> None:
         from edge_agent.simulated_plc import PlcClient
 
         self.line = line
         config = workdir / f"{line}.json"
         config.write_text(json.dumps(agent_table(workdir, port, line, workers)))
-        self.camera = Camera(workdir / f"{line}.sock")
+        self.camera = Camera(workdir / f"{line}.sock", blank)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(config), str(workdir / f"{line}.sock")]
         if frame_hash:
             cmd += ["--frame-hash", frame_hash]
@@ -214,9 +239,9 @@ class AgentProcess:
         self.online_s = time.monotonic() - self.started
         self.ps = psutil.Process(self.proc.pid)  # taskset execs the agent: the same pid
 
-    def envelope(self, item: str, stamp: float, jpeg: bytes) -> None:
+    def envelope(self, item: str, jpeg: bytes) -> None:
         """One envelope under the camera: its frame, then the PLC's trigger stamped with the same moment."""
-        self.camera.send(stamp, jpeg)
+        stamp = self.camera.send(jpeg)
         self.plc.trigger(item, json.dumps({"item_id": item, "triggered_at": stamp}).encode())
 
     def cpu_s(self) -> float:
@@ -271,7 +296,7 @@ def steady(agent: AgentProcess, rate: float, frames: list[tuple[bytes, set[str]]
             time.sleep(wait)
         item = f"{tag}-{i:05d}"
         items[item] = hashes
-        agent.envelope(item, time.time(), jpeg)
+        agent.envelope(item, jpeg)
     sent_s = time.time() - started
     out = check(agent, items, 30)
     cpu = agent.cpu_s() - cpu0
@@ -282,17 +307,16 @@ def steady(agent: AgentProcess, rate: float, frames: list[tuple[bytes, set[str]]
     return out
 
 
-def idle(agent: AgentProcess, blank: bytes, seconds: float, fps: float = 30.0) -> dict:
+def idle(agent: AgentProcess, seconds: float, fps: float = 30.0) -> dict:
     """Camera at ``fps``, no triggers: the agent's CPU (frames are kept encoded, not decoded)."""
-    stop = time.time() + seconds
+    streaming = agent.camera.fps
+    agent.camera.fps = fps
+    time.sleep(0.5)
     cpu0, t0 = agent.cpu_s(), time.time()
-    n = 0
-    while time.time() < stop:
-        agent.camera.send(time.time(), blank)
-        n += 1
-        time.sleep(max(0.0, t0 + n / fps - time.time()))
+    time.sleep(seconds)
     cpu = agent.cpu_s() - cpu0
-    return {"seconds": round(time.time() - t0, 2), "camera_fps": fps, "frames": n,
+    agent.camera.fps = streaming
+    return {"seconds": round(time.time() - t0, 2), "camera_fps": fps,
             "agent_cpu_share_of_a_core": round(cpu / (time.time() - t0), 4)}
 
 
@@ -300,11 +324,10 @@ def burst(agent: AgentProcess, frames: list[tuple[bytes, set[str]]], gap_s: floa
     """Distinct envelopes one right after another (frame + stamped trigger each); time to the last answer."""
     items: dict[str, set[str]] = {}
     started = time.time()
-    base = started
     for i, (jpeg, hashes) in enumerate(frames):
         item = f"burst-{i:05d}"
         items[item] = hashes
-        agent.envelope(item, base + i * 1e-3, jpeg)  # stamps 1 ms apart: each its own moment
+        agent.envelope(item, jpeg)  # each stamped the moment its frame is sent
         if gap_s:
             time.sleep(gap_s)
     sent_s = time.time() - started
@@ -349,16 +372,16 @@ def main() -> int:
                               "burst_agent": "reader.workers = 2, both cores", "cpus": os.cpu_count()}}
     steady_agent = burst_agent = None
     try:
-        steady_agent = AgentProcess(workdir, port, "line-steady", 1, args.core, args.frame_hash)
+        steady_agent = AgentProcess(workdir, port, "line-steady", 1, args.core, args.frame_hash, blank)
         jpeg, hashes = frames.pop()
-        steady_agent.envelope("cold-start", time.time(), jpeg)
+        steady_agent.envelope("cold-start", jpeg)
         first = check(steady_agent, {"cold-start": hashes}, 30)
         report["cold_start"] = {"process_start_to_online_s": round(steady_agent.online_s, 2),
                                 "process_start_to_first_answer_s": round(time.monotonic() - steady_agent.started, 2),
                                 "first_answer_ms": first.get("p50_ms")}
         warm = [frames.pop() for _ in range(20)]
         steady(steady_agent, 20.0, warm, "warm")
-        report["idle"] = idle(steady_agent, blank, 3.0 if args.quick else 6.0)
+        report["idle"] = idle(steady_agent, 3.0 if args.quick else 6.0)
         report["steady"] = []
         for rate in rates:
             batch = [frames.pop() for _ in range(counts[rate])]
@@ -368,7 +391,7 @@ def main() -> int:
         steady_agent.stop()
         steady_agent = None
 
-        burst_agent = AgentProcess(workdir, port, "line-burst", 2, None, args.frame_hash)
+        burst_agent = AgentProcess(workdir, port, "line-burst", 2, None, args.frame_hash, blank)
         steady(burst_agent, 20.0, [frames.pop() for _ in range(15)], "warm")
         report["burst"] = burst(burst_agent, [frames.pop() for _ in range(burst_n)], args.burst_gap_ms / 1000)
         report["burst"]["under_1_s"] = bool(report["burst"]["first_trigger_to_last_answer_s"] is not None

@@ -276,7 +276,8 @@ class Agent:
 
     def _complete_until(self) -> float:
         """Up to when the grabber's timeline holds every frame taken. Past an item's window no
-        frame of its moment can still be on its way, so the window's length bounds the wait."""
+        frame of its moment can still be awaited, so the window's length bounds the wait: a
+        stamping camera that stops sending leaves its items waiting at most ``frame_wait_ms``."""
         if self.grabber is None:
             return float("inf")
         return max(self.grabber.complete_until(), self.clock.time() - self.window.wait_s)

@@ -89,7 +89,8 @@ def bind_frame(frames: Sequence[Frame], timeline: Sequence[tuple[int, float]] | 
     ``complete_until``: every frame captured up to this moment is in the timeline. A camera
     that stamps its own frames delivers them some time after it took them, so the newest frame
     held at the trigger may not be the newest one taken before it: binding it then would read
-    the previous envelope. Until the timeline is complete past the trigger, the item waits.
+    the previous envelope. Until the timeline is complete past the trigger (a frame taken after
+    it has arrived, or the item's frame window has closed), the item waits.
     """
     if timeline is None:
         return choose_frame(frames, at, window)

@@ -97,8 +97,9 @@ class FrameGrabber:
         self._timeline: deque[tuple[int, float]] = deque(maxlen=1024)
         # Up to when the timeline holds every frame taken (binding.bind_frame). Frames stamped
         # here on arrival leave no gap (one still on its way will be stamped later), so +inf;
-        # a camera that stamps its own frames is known complete only up to its newest stamp, or
-        # up to the moment a read found nothing waiting.
+        # a camera that stamps its own frames is known complete only up to its newest stamp
+        # (frames arrive in the order they were taken). Not up to a read that found nothing
+        # waiting: a frame taken before that read may still be in transit (seen under load).
         self._complete_until = float("inf")
 
     # -- public API -------------------------------------------------------
@@ -150,7 +151,8 @@ class FrameGrabber:
             return list(self._timeline)
 
     def complete_until(self) -> float:
-        """Wall-clock moment up to which every frame the camera took is in ``timeline()``."""
+        """Wall-clock moment up to which every frame the camera took is in ``timeline()``: +inf for
+        frames stamped on arrival, else the newest stamp."""
         with self._cond:
             return self._complete_until
 
@@ -306,7 +308,6 @@ class FrameGrabber:
                 next_read_at = max(next_read_at + period, self.clock.monotonic())
             try:
                 self._in_call = ("read", self.clock.monotonic())
-                read_started = self.clock.time()
                 image = self.source.read()
             except SourceEnded:
                 return GrabberState.ENDED, got_frame
@@ -318,9 +319,6 @@ class FrameGrabber:
             if image is None:
                 # A folder with nothing new is normal; a camera with no frames is not.
                 if self.live:
-                    with self._cond:  # nothing was waiting when this read began
-                        if self._complete_until < read_started:
-                            self._complete_until = read_started
                     if self.stall_timeout_s is not None and now - last_frame_at > self.stall_timeout_s:
                         return f"{self.source.name}: no frame for {now - last_frame_at:.1f}s", got_frame
                     self._stop.wait(_LIVE_IDLE_WAIT_S)
