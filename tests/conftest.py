@@ -1,4 +1,4 @@
-"""Shared fixtures: a real Mosquitto broker for the MQTT integration tests."""
+"""Shared fixtures: a real Mosquitto broker for the MQTT integration tests, and the shipped model."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.broker import MosquittoBroker, find_mosquitto
+from tests.paths import SHIPPED_BUNDLE
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +46,13 @@ def persistent_mqtt_broker(tmp_path: Path, mosquitto_executable: str) -> Iterato
 def mqtt_address(mqtt_broker: MosquittoBroker) -> tuple[str, int]:
     """(host, port) of a running mosquitto."""
     return mqtt_broker.address
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The shipped bundle, loaded once per test module (skips where the bundle is absent)."""
+    if not (SHIPPED_BUNDLE / "manifest.json").exists():
+        pytest.skip(f"no model bundle at {SHIPPED_BUNDLE}: the lead ships models/mnist-int8")
+    from edge_agent.loader import load_bundle
+
+    return load_bundle(SHIPPED_BUNDLE)

@@ -15,7 +15,7 @@ from edge_agent.mnist import DataError, DigitSet
 from edge_agent.reader import ReaderConfig, locate_digits, mnist_normalise
 from edge_agent.render import load_demo_digits, render_postcode_dataset, render_postcode_frame
 from edge_agent.types import LocatedDigits
-from tests.paths import SHIPPED_BUNDLE, mnist_split
+from tests.paths import mnist_split
 
 # Conditions the reader must cope with, each on its own, on an otherwise ordinary frame.
 CONDITIONS = {
@@ -42,15 +42,6 @@ CONDITIONS = {
 @pytest.fixture(scope="module")
 def demo() -> DigitSet:
     return load_demo_digits()
-
-
-@pytest.fixture(scope="module")
-def model():
-    if not (SHIPPED_BUNDLE / "manifest.json").exists():
-        pytest.skip(f"no model bundle at {SHIPPED_BUNDLE}: the lead ships models/mnist-int8")
-    from edge_agent.loader import load_bundle
-
-    return load_bundle(SHIPPED_BUNDLE)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import pytest
 from edge_agent.decision import decide
 from edge_agent.reader import ReaderConfig, _percentile, _percentile_of_array, _projection_angle, locate_digits
 from edge_agent.render import load_demo_digits, render_postcode_samples
-from tests.paths import SHIPPED_BUNDLE
 
 SEED = 2026
 BEFORE = ['81063', '51742', '45000', '88344', '52419', '61286', '81027', '02963', '87111', '50906',
@@ -29,15 +28,6 @@ CHANGED = {
     1: ("51742", "50412", "the truth is 50412: the band's read is right where the old one was wrong"),
     51: ("11247", "11847", "a 2 whose resampled stroke now reads 8; the truth is 11247"),
 }
-
-
-@pytest.fixture(scope="module")
-def model():
-    if not (SHIPPED_BUNDLE / "manifest.json").exists():
-        pytest.skip(f"no model bundle at {SHIPPED_BUNDLE}: the lead ships models/mnist-int8")
-    from edge_agent.loader import load_bundle
-
-    return load_bundle(SHIPPED_BUNDLE)
 
 
 @pytest.fixture(scope="module")
