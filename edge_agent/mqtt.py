@@ -173,6 +173,9 @@ class MqttLink:
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        # Held while deciding to publish "online" and while stop() raises _stopping, so that an
+        # "online" from a late SUBACK can never land after stop()'s retained "offline".
+        self._status_lock = threading.Lock()
         self._state_lock = threading.Lock()  # guards everything below
         self._inflight: dict[int, _InFlight] = {}  # paho mid -> message
         self._inflight_ids: dict[int, int] = {}  # outbox id -> paho mid
@@ -217,7 +220,8 @@ class MqttLink:
     def stop(self, timeout_s: float = 5.0) -> None:
         """Publish the retained ``offline`` status, disconnect and stop; pending messages stay in the outbox."""
         self._outbox.remove_listener(self.wake)
-        self._stopping.set()
+        with self._status_lock:
+            self._stopping.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
@@ -310,7 +314,7 @@ class MqttLink:
         """Publish the retained "online" again, so its expiry never runs out while the agent lives."""
         client = self._client
         if client is not None and self._connected.is_set() and self._subscribed:
-            self._publish_status(client, "online")
+            self._publish_online(client)
 
     def wake(self) -> None:
         """Make the delivery loop look at the outbox now (the outbox calls this after each add)."""
@@ -449,6 +453,13 @@ class MqttLink:
             body["reason"] = reason
         return json.dumps(body, sort_keys=True).encode()
 
+    def _publish_online(self, client: paho.Client) -> None:
+        # Never after stop() began: its retained "offline" must be the last word. No paho lock
+        # is held by stop() while it waits for this lock, so calling paho here cannot deadlock.
+        with self._status_lock:
+            if not self._stopping.is_set():
+                self._publish_status(client, "online")
+
     def _publish_status(self, client: paho.Client, state: str, reason: str = "") -> paho.MQTTMessageInfo:
         properties = None
         if self._use_v5 and state == "online":
@@ -505,7 +516,7 @@ class MqttLink:
         # subscription. A resumed session already has it; a new one has it at the SUBACK.
         self._subscribed = bool(flags.session_present)
         if self._subscribed:
-            self._publish_status(client, "online")
+            self._publish_online(client)
         # Subscribing again is harmless with a resumed session and needed without one.
         _, self._subscribe_mid = client.subscribe([(self.settings.trigger_topic, 1), (self.settings.marker_topic, 1)])
         if self._replaying:
@@ -565,7 +576,7 @@ class MqttLink:
                           self.settings.trigger_topic, rc)
         if mid == self._subscribe_mid and not self._subscribed and reason_codes and not reason_codes[0].is_failure:
             self._subscribed = True
-            self._publish_status(client, "online")
+            self._publish_online(client)
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         if client is not self._client:

@@ -432,6 +432,35 @@ def test_clean_stop_publishes_offline(mqtt_broker: MosquittoBroker, outbox: Outb
     late.stop()
 
 
+def test_a_suback_arriving_after_stop_does_not_publish_online(mqtt_broker: MosquittoBroker, outbox: Outbox) -> None:
+    # CI once saw "online" retained after a clean stop: stop() ran between CONNACK and SUBACK,
+    # and the late SUBACK published "online" behind the "offline". Replay that order by hand.
+    from paho.mqtt.reasoncodes import ReasonCode
+    settings = settings_for(mqtt_broker.address)
+    link = MqttLink(settings, outbox, SystemClock())
+    link.start()
+    assert wait_until(lambda: link.connected)
+    client = link._client
+    assert client is not None
+    link.stop()
+    statuses: list[bytes] = []
+    real_publish = client.publish
+
+    def recording_publish(topic: str, payload: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if topic == settings.status_topic:
+            statuses.append(payload)
+        return real_publish(topic, payload, *args, **kwargs)
+
+    client.publish = recording_publish  # type: ignore[method-assign]
+    link._subscribed = False
+    link._on_subscribe(client, None, link._subscribe_mid, [ReasonCode(PacketTypes.SUBACK, identifier=1)], None)
+    assert statuses == []
+    late = subscribe(mqtt_broker.address, [settings.status_topic])
+    assert wait_until(lambda: len(late.received()) == 1)
+    assert json.loads(late.received()[0].payload)["state"] == "offline"
+    late.stop()
+
+
 def test_trigger_reply_carries_response_topic_and_correlation_data(
         mqtt_broker: MosquittoBroker, outbox: Outbox, links: list[MqttLink]) -> None:
     settings = settings_for(mqtt_broker.address)
