@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from edge_agent.logs import PAHO_LOGGERS
 from tests.broker import MosquittoBroker, find_mosquitto
 from tests.paths import SHIPPED_BUNDLE
 
@@ -56,3 +61,33 @@ def model():
     from edge_agent.loader import load_bundle
 
     return load_bundle(SHIPPED_BUNDLE)
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """setup_logging configures the whole process: put the root, paho, warnings and OpenCV back.
+
+    For every test, because a CLI run in process installs a handler on the test's captured
+    stderr; left in place, later tests' threads log into that closed stream."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    paho_levels = {name: logging.getLogger(name).level for name in PAHO_LOGGERS}
+    opencv_env = os.environ.get("OPENCV_LOG_LEVEL")
+    cv2 = sys.modules.get("cv2")
+    opencv_level = cv2.utils.logging.getLogLevel() if cv2 else None
+    excepthook = threading.excepthook
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for name, paho_level in paho_levels.items():
+            logging.getLogger(name).setLevel(paho_level)
+        logging.captureWarnings(False)
+        threading.excepthook = excepthook
+        if opencv_env is None:
+            os.environ.pop("OPENCV_LOG_LEVEL", None)
+        else:
+            os.environ["OPENCV_LOG_LEVEL"] = opencv_env
+        if cv2:
+            cv2.utils.logging.setLogLevel(opencv_level)

@@ -10,7 +10,6 @@ import re
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 
 import paho.mqtt.client
 import pytest
@@ -42,31 +41,6 @@ def json_records(text: str) -> list[dict]:
             except json.JSONDecodeError:
                 pytest.fail(f"not a JSON log line: {line!r}")
     return records
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """setup_logging configures the whole process: put the root, paho, warnings and OpenCV back."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    paho_levels = {name: logging.getLogger(name).level for name in PAHO_LOGGERS}
-    opencv_env = os.environ.get("OPENCV_LOG_LEVEL")
-    cv2 = sys.modules.get("cv2")
-    opencv_level = cv2.utils.logging.getLogLevel() if cv2 else None
-    try:
-        yield
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        for name, paho_level in paho_levels.items():
-            logging.getLogger(name).setLevel(paho_level)
-        logging.captureWarnings(False)
-        if opencv_env is None:
-            os.environ.pop("OPENCV_LOG_LEVEL", None)
-        else:
-            os.environ["OPENCV_LOG_LEVEL"] = opencv_env
-        if cv2:
-            cv2.utils.logging.setLogLevel(opencv_level)
 
 
 LOAD_BUNDLE = f"""
