@@ -195,6 +195,18 @@ def base_bundle(tmp_path_factory) -> Path:
     return bundle
 
 
+def test_the_model_card_names_the_self_test_digits_and_their_licence(tmp_path: Path, base_bundle: Path) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(base_bundle, bundle)
+    card = (bundle / "MODEL_CARD.md").read_text()
+    assert card.count("## Self-test digits") == 1
+    section = card.split("## Self-test digits")[1]
+    assert "300 labelled digits, copied from `demo_digits.npz`" in section
+    assert "CC BY-SA 3.0" in section and "LeCun" in section
+    add_selftest(bundle, DEMO_DIGITS)  # again: the section is replaced, not repeated
+    assert (bundle / "MODEL_CARD.md").read_text().count("## Self-test digits") == 1
+
+
 @pytest.fixture
 def server(tmp_path):
     with RegistryServer(tmp_path / "registry") as running:
