@@ -289,7 +289,7 @@ def _projection_angle(ink: np.ndarray, floor: float, max_degrees: float = 8.0) -
 
 # Ink points the skew search projects: every k-th in raster order, at most this many.
 SKEW_POINTS_COARSE = 3000
-SKEW_POINTS_FINE = 6000
+SKEW_POINTS_FINE = 3000
 
 
 def _components(binary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
