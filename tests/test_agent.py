@@ -260,6 +260,14 @@ def agent_results(db: Path) -> dict[str, str]:
     return dict(rows)
 
 
+def results_so_far(db: Path) -> dict[str, str]:
+    """As agent_results, while the agent may still be creating the file and its tables."""
+    try:
+        return agent_results(db) if db.exists() else {}
+    except sqlite3.OperationalError:  # "no such table" until the agent's schema is committed
+        return {}
+
+
 def _spawn_agent(config: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "edge_agent.cli", "run", "--config", str(config)],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -276,7 +284,7 @@ def test_kill_minus_9_with_a_backlog_loses_nothing(tmp_path, mqtt_broker, camera
     agent = _spawn_agent(config)
     db = tmp_path / "state" / "outbox.sqlite"
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and len(agent_results(db) if db.exists() else {}) < 30:
+    while time.monotonic() < deadline and len(results_so_far(db)) < 30:
         time.sleep(0.2)
     agent.send_signal(signal.SIGKILL)
     agent.wait(10)
