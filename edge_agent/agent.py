@@ -17,7 +17,6 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import cv2
 import numpy as np
 
 from edge_agent.binding import FRAME_DROPPED, FrameWindow, SurgeGuard, bind_frame, too_late_to_read
@@ -33,7 +32,7 @@ from edge_agent.mqtt import MqttLink, MqttSettings, TlsSettings
 from edge_agent.outbox import Answer, Journaled, JournalOutcome, Outbox, OutboxError, OutgoingMessage
 from edge_agent.pipeline import FrameRead, PostcodeReader, postcode_read
 from edge_agent.reader import ReaderConfig
-from edge_agent.review import ReviewStore
+from edge_agent.review import ReviewStore, crops_strip_png
 from edge_agent.decoder import DecodePolicy
 from edge_agent.sortplan import SortPlanError, load_sort_plan
 from edge_agent.sdnotify import Notifier
@@ -582,7 +581,7 @@ class Agent:
         self.link.publish_event("read", {
             key: payload.get(key) for key in ("result_id", "item_id", "postcode", "accepted", "reason", "confidence",
                                                "digits", "decided_at", "latency_ms", "captured_at")
-        } | {"crops_png": crops_strip_png(read.located.digits)})
+        } | {"crops_png": crops_strip_base64(read.located.digits)})
 
     def record_stage(self, stage: str, seconds: float) -> None:
         """One item's time in one stage, for /metrics and the health event."""
@@ -893,13 +892,13 @@ def _safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)[:64] or "model"
 
 
-def crops_strip_png(digits: np.ndarray) -> str | None:
+def crops_strip_base64(digits: np.ndarray) -> str | None:
     """The digit crops side by side as one small base64 PNG (about 1 KB for five digits)."""
-    digits = np.asarray(digits)
-    if digits.ndim != 3 or len(digits) == 0:
+    try:
+        png = crops_strip_png(np.asarray(digits)[:12])
+    except OSError:
         return None
-    ok, png = cv2.imencode(".png", np.hstack(list(digits[:12])))
-    return base64.b64encode(png.tobytes()).decode("ascii") if ok else None
+    return base64.b64encode(png).decode("ascii") if png is not None else None
 
 
 def _percentiles_ms(samples: "deque[float]") -> dict[str, float | None]:

@@ -35,8 +35,26 @@ def _write_private_file(path: Path, data: bytes) -> None:
         handle.write(data)
 
 
+CROPS_FILE = "digits.png"  # the item's digit crops side by side, 28 px each, left to right
+READ_FILE = "read.json"
+
+
+def crops_strip_png(digits: np.ndarray) -> bytes | None:
+    """The digit crops side by side (28 x 28N, left to right) as PNG bytes; None when there are none."""
+    digits = np.asarray(digits)
+    if digits.ndim != 3 or len(digits) == 0:
+        return None
+    ok, png = cv2.imencode(".png", np.hstack(list(digits)))
+    if not ok:
+        raise OSError("the digit crops could not be encoded as PNG")
+    return png.tobytes()
+
+
 class ReviewStore:
-    """One folder per reviewed item: digit crops as PNG and the read as JSON; oldest removed first."""
+    """One folder per reviewed item: the digit crops as one PNG strip and the read as JSON;
+    oldest removed first. Two files, not one per digit: at 50 items/s a third of them reviewed,
+    the per-file work (create, mode, write; remove the oldest) was the agent's largest cost
+    after the reads."""
 
     def __init__(self, directory: Path, max_items: int):
         self.directory = Path(directory)
@@ -56,13 +74,10 @@ class ReviewStore:
         folder = self.directory / f"{int(read.captured_at * 1000):015d}-{read.result_id}"
         try:
             _make_private_folder(folder)
-            if located is not None:
-                for i, digit in enumerate(np.asarray(located.digits)):
-                    ok, png = cv2.imencode(".png", digit)
-                    if not ok:
-                        raise OSError(f"digit {i} could not be encoded as PNG")
-                    _write_private_file(folder / f"digit-{i}.png", png.tobytes())
-            _write_private_file(folder / "read.json", json.dumps(read.to_payload(), indent=1).encode())
+            strip = crops_strip_png(located.digits) if located is not None else None
+            if strip is not None:
+                _write_private_file(folder / CROPS_FILE, strip)
+            _write_private_file(folder / READ_FILE, json.dumps(read.to_payload(), indent=1).encode())
         except OSError as exc:
             log.error("could not keep review crops in %s: %s", folder, exc)
             return None

@@ -49,7 +49,7 @@ def test_review_folders_are_0700_and_files_0600_whatever_the_umask(tmp_path, uma
     assert mode(store.directory) == 0o700
     assert mode(folder) == 0o700
     files = sorted(p.name for p in folder.iterdir())
-    assert files == ["digit-0.png", "digit-1.png", "read.json"]
+    assert files == ["digits.png", "read.json"]
     assert {p.name: mode(p) for p in folder.iterdir()} == {name: 0o600 for name in files}
     assert json.loads((folder / "read.json").read_text())["item_id"] == "item-1"
 
@@ -66,8 +66,10 @@ def test_saved_crops_decode_to_the_digits(tmp_path):
     import cv2
 
     folder = ReviewStore(tmp_path / "review", max_items=10).save(review_read(1), two_digits())
-    crop = cv2.imread(str(folder / "digit-0.png"), cv2.IMREAD_GRAYSCALE)
-    np.testing.assert_array_equal(crop, two_digits().digits[0])
+    strip = cv2.imread(str(folder / "digits.png"), cv2.IMREAD_GRAYSCALE)
+    assert strip.shape == (28, 2 * 28)  # the crops side by side, left to right
+    for i, digit in enumerate(two_digits().digits):
+        np.testing.assert_array_equal(strip[:, 28 * i: 28 * (i + 1)], digit)
 
 
 def test_oldest_review_items_are_removed_past_max_items(tmp_path):
