@@ -283,11 +283,13 @@ def test_kill_minus_9_with_a_backlog_loses_nothing(tmp_path, mqtt_broker, camera
     config.write_text(_to_toml(table))
     agent = _spawn_agent(config)
     db = tmp_path / "state" / "outbox.sqlite"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and len(results_so_far(db)) < 30:
-        time.sleep(0.2)
-    agent.send_signal(signal.SIGKILL)
-    agent.wait(10)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(results_so_far(db)) < 30:
+            time.sleep(0.2)
+    finally:  # killed whatever happens: a failing test must not leave an agent running
+        agent.send_signal(signal.SIGKILL)
+        agent.wait(10)
     backlog = agent_results(db)
     assert len(backlog) >= 30 and set(backlog.values()) == {"pending"}
 
