@@ -104,7 +104,8 @@ def _pause_hook():
 def _jobs(args):
     """One job per line to sync: from --config (the agents' own TOML) or from the flags."""
     from sync.lines import Job, MqttTarget, line_jobs
-    from sync.mqtt_report import HealthCriteria, parse_hostport
+    from edge_agent.address import parse_host_port
+    from sync.mqtt_report import HealthCriteria
     from sync.pull import PullSettings
     from sync.signing import load_public_key
 
@@ -128,9 +129,9 @@ def _jobs(args):
         if not args.site or not args.line:
             raise SyncError("--mqtt needs --site and --line")
         try:
-            host, port = parse_hostport(args.mqtt)
-        except ValueError:
-            raise SyncError(f"--mqtt {args.mqtt!r}: expected HOST:PORT") from None
+            host, port = parse_host_port(args.mqtt)
+        except ValueError as exc:
+            raise SyncError(f"--mqtt: {exc}") from None
         mqtt = MqttTarget(host, port, args.site, args.line, prefix=args.topic_prefix)
     health = HealthCriteria(timeout_s=args.health_timeout, min_reads=args.min_reads,
                             max_review_pct=args.max_review_pct)

@@ -28,13 +28,6 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 log = logging.getLogger("sync.mqtt")
 
 
-def parse_hostport(text: str, default_port: int = 1883) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        return text, default_port
-    return host or "127.0.0.1", int(port)
-
-
 @dataclass(frozen=True)
 class HealthCriteria:
     timeout_s: float = 60.0

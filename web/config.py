@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_agent.address import parse_host_port
 from web.state import LINE_ID
 
 TOPIC_PART = re.compile(r"[A-Za-z0-9_.-]{1,64}(/[A-Za-z0-9_.-]{1,64}){0,3}\Z")
@@ -51,14 +52,10 @@ class WebConfig:
 
 def parse_broker_address(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (or ``HOST``, port 1883; ``[v6addr]:PORT``) into its parts."""
-    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d{1,5}))?|([A-Za-z0-9.\-]+)(?::(\d{1,5}))?", text.strip())
-    if not match:
-        raise WebConfigError(f"--broker: expected HOST:PORT, got {text!r}")
-    host = match.group(1) or match.group(3)
-    port = int(match.group(2) or match.group(4) or 1883)
-    if not 1 <= port <= 65535:
-        raise WebConfigError(f"--broker: port {port} is not between 1 and 65535")
-    return host, port
+    try:
+        return parse_host_port(text)
+    except ValueError as exc:
+        raise WebConfigError(f"--broker: {exc}") from None
 
 
 def check_names(site: str, topic_prefix: str) -> None:
