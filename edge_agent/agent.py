@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.binding import FRAME_DROPPED, FrameWindow, SurgeGuard, bind_frame, too_late_to_read
+from edge_agent.binding import (FRAME_DROPPED, FrameWindow, SurgeGuard, bind_frame, timeline_complete_until,
+                                too_late_to_read)
 from edge_agent.bundle import BundleError
 from edge_agent.config import AgentConfig, mqtt_password, security_warnings
 from edge_agent.endpoints import EndpointServer, make_app
@@ -277,12 +278,10 @@ class Agent:
         return bind_frame(history, self.grabber.timeline(), trigger.at, self.window, self._complete_until())
 
     def _complete_until(self) -> float:
-        """Up to when the grabber's timeline holds every frame taken. Past an item's window no
-        frame of its moment can still be awaited, so the window's length bounds the wait: a
-        stamping camera that stops sending leaves its items waiting at most ``frame_wait_ms``."""
+        """Up to when the grabber's timeline holds every frame taken (binding.timeline_complete_until)."""
         if self.grabber is None:
             return float("inf")
-        return max(self.grabber.complete_until(), self.clock.time() - self.window.wait_s)
+        return timeline_complete_until(self.grabber.complete_until(), self.grabber.caught_up_at(), self.window)
 
     # -- journal: durable before acknowledged -----------------------------------
 

@@ -77,6 +77,20 @@ def intended_seq(timeline: Sequence[tuple[int, float]], at: float, window: Frame
     return None
 
 
+def timeline_complete_until(newest_stamp: float, caught_up_at: float, window: FrameWindow) -> float:
+    """Up to when every frame a camera took is known to be in the grabber's timeline.
+
+    ``newest_stamp``: the grabber's own mark (+inf for frames stamped on arrival, else the newest
+    stamp: frames arrive in the order they were taken). Past that, a frame is only known to have
+    arrived once the grabber has found the camera with nothing waiting (``caught_up_at``) more
+    than a frame window (``window.wait_s``, taken as the longest a frame is in transit) after it
+    was taken: then a stamping camera that stops sending leaves its items waiting at most that
+    long. Never "now - wait_s": a grabber behind a backlog of frames has not read them yet, and
+    an item would be bound to the previous envelope's frame while its own waits in the queue.
+    """
+    return max(newest_stamp, caught_up_at - window.wait_s)
+
+
 def bind_frame(frames: Sequence[Frame], timeline: Sequence[tuple[int, float]] | None, at: float,
                window: FrameWindow, complete_until: float = float("inf")) -> Frame | FrameDropped | None:
     """The item's frame from the held ``frames`` (oldest first), FRAME_DROPPED if it has already

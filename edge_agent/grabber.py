@@ -101,6 +101,9 @@ class FrameGrabber:
         # (frames arrive in the order they were taken). Not up to a read that found nothing
         # waiting: a frame taken before that read may still be in transit (seen under load).
         self._complete_until = float("inf")
+        # Wall-clock start of the latest read that found nothing waiting: the grabber had then
+        # taken in everything the camera had delivered. A grabber behind a backlog never gets one.
+        self._caught_up_at = float("-inf")
 
     # -- public API -------------------------------------------------------
 
@@ -155,6 +158,11 @@ class FrameGrabber:
         frames stamped on arrival, else the newest stamp."""
         with self._cond:
             return self._complete_until
+
+    def caught_up_at(self) -> float:
+        """Wall-clock moment the grabber last found nothing waiting from the camera (-inf if never)."""
+        with self._cond:
+            return self._caught_up_at
 
     def history(self) -> list[Frame]:
         """The last few frames, oldest first (the newest is ``latest()``)."""
@@ -308,6 +316,7 @@ class FrameGrabber:
                 next_read_at = max(next_read_at + period, self.clock.monotonic())
             try:
                 self._in_call = ("read", self.clock.monotonic())
+                read_started_at = self.clock.time()
                 image = self.source.read()
             except SourceEnded:
                 return GrabberState.ENDED, got_frame
@@ -317,6 +326,8 @@ class FrameGrabber:
                 self._in_call = None
             now = self.clock.monotonic()
             if image is None:
+                with self._cond:
+                    self._caught_up_at = max(self._caught_up_at, read_started_at)
                 # A folder with nothing new is normal; a camera with no frames is not.
                 if self.live:
                     if self.stall_timeout_s is not None and now - last_frame_at > self.stall_timeout_s:

@@ -130,3 +130,25 @@ def test_an_incomplete_timeline_never_binds_a_frame_other_than_the_complete_ones
     early = bind_frame(prefix, timeline[:arrived], at, WINDOW,
                        complete_until=prefix[-1].captured_at if prefix else float("-inf"))
     assert early is None or early is final
+
+
+def test_a_grabber_behind_its_camera_never_declares_the_timeline_complete_by_the_clock_alone():
+    """Under a burst the grabber can be seconds behind a stamping camera: the item's own frame
+    (10.0) is still queued in the socket long after its window closed, and the timeline ends at
+    the previous envelope's (9.999). Only a read that found the camera empty lets the window's
+    length stand in for "every frame has arrived"."""
+    from edge_agent.binding import bind_frame, timeline_complete_until
+
+    captured = frames_at(9.998, 9.999)
+    timeline = [(f.seq, f.captured_at) for f in captured]
+    behind = timeline_complete_until(9.999, caught_up_at=float("-inf"), window=WINDOW)
+    assert behind == 9.999
+    assert bind_frame(captured, timeline, 10.0, WINDOW, complete_until=behind) is None
+    # Found empty at 9.9 (before the envelope): still not known complete past 10.0.
+    assert timeline_complete_until(9.999, 9.9, WINDOW) == 9.999
+    # Found empty at 10.6, a window after the trigger: the item's frame was never sent, so the
+    # newest frame taken before the trigger is its frame (a camera that stopped sending).
+    done = timeline_complete_until(9.999, 10.6, WINDOW)
+    assert done >= 10.0 and bind_frame(captured, timeline, 10.0, WINDOW, complete_until=done).seq == 2
+    # Frames stamped on arrival: complete whatever the grabber's state.
+    assert timeline_complete_until(float("inf"), float("-inf"), WINDOW) == float("inf")

@@ -415,6 +415,37 @@ def test_the_timeline_is_complete_up_to_a_stamping_cameras_newest_frame_only():
         assert grabber.complete_until() == 1240.0
 
 
+def test_a_grabber_is_caught_up_only_after_a_read_that_found_nothing_waiting():
+    """Binding may treat a stamping camera's timeline as complete by the clock only once the
+    grabber has found the camera empty (binding.timeline_complete_until): while every read
+    returns a frame at once (a backlog) it has not."""
+    from edge_agent.sources import EncodedImage
+
+    data = cv2.imencode(".jpg", np.full((8, 8, 3), 90, np.uint8))[1].tobytes()
+
+    class Backlog(ScriptedSource):
+        """Always a frame waiting, until the test lets the camera run dry."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.dry = False
+
+        def read(self):
+            self.reads += 1
+            return None if self.dry else EncodedImage(data, "cam", captured_at=1234.5 + self.reads / 1000)
+
+    source = Backlog()
+    with FrameGrabber(source, FixedWallClock(), FAST_BACKOFF, history_frames=4) as grabber:
+        assert grabber.wait_for_frame(50, WAIT) is not None  # 50 frames read back to back
+        assert grabber.caught_up_at() == float("-inf")
+        source.dry = True
+        reads = source.reads
+        deadline = time.monotonic() + WAIT
+        while source.reads < reads + 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert grabber.caught_up_at() == FixedWallClock().time()
+
+
 def test_frames_stamped_on_arrival_leave_no_gap_in_the_timeline():
     source = ScriptedSource()
     source.push(1)
