@@ -114,6 +114,7 @@ def run_child(config_path: str, camera_path: str, frame_hash: str | None) -> int
     """The agent process: the site's wiring, with the socket camera in place of the configured one."""
     from edge_agent.agent import build_agent, start_agent
     from edge_agent.config import parse_config
+    from edge_agent.signals import StopSignal
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="agent %(levelname)s %(name)s: %(message)s")
@@ -122,10 +123,10 @@ def run_child(config_path: str, camera_path: str, frame_hash: str | None) -> int
     if frame_hash:
         agent.reader.frame_hash = frame_hash
     agent.grabber.source = SocketCamera(camera_path)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = StopSignal((signal.SIGTERM,))  # never Event.set() in a handler: it can deadlock
     start_agent(agent)
-    stop.wait()
+    while not stop.wait(1.0):
+        pass
     agent.stop(drain_s=10)
     return 0
 

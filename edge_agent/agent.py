@@ -34,6 +34,7 @@ from edge_agent.outbox import Answer, Journaled, JournalOutcome, Outbox, OutboxE
 from edge_agent.pipeline import FrameRead, PostcodeReader, postcode_read
 from edge_agent.reader import ReaderConfig
 from edge_agent.review import ReviewStore, crops_strip_png
+from edge_agent.signals import StopSignal
 from edge_agent.decoder import DecodePolicy
 from edge_agent.sortplan import SortPlanError, load_sort_plan
 from edge_agent.sdnotify import Notifier
@@ -1021,7 +1022,7 @@ def start_agent(agent: Agent) -> None:
     agent.link.start()
 
 
-def run_agent(config: AgentConfig, stop: threading.Event, clock: Clock | None = None, *,
+def run_agent(config: AgentConfig, stop: threading.Event | StopSignal, clock: Clock | None = None, *,
               start_fresh: bool = False, notifier: Notifier | None = None) -> Agent:
     """Start everything, serve until ``stop`` is set, then answer what was taken in and shut down.
 
@@ -1041,7 +1042,7 @@ def run_agent(config: AgentConfig, stop: threading.Event, clock: Clock | None = 
     return agent
 
 
-def watch_liveness(liveness, notifier: Notifier, stop: threading.Event) -> None:
+def watch_liveness(liveness, notifier: Notifier, stop: threading.Event | StopSignal) -> None:
     """Until ``stop``: ping the watchdog while every check passes; say why in STATUS= when not."""
     period_s = min(notifier.watchdog_period_s or 2.0, 2.0)
     healthy = True

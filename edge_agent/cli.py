@@ -6,12 +6,12 @@ Thin: parse arguments, load config, build adapters, run. The work is in the modu
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 
 import cv2
@@ -22,6 +22,7 @@ from edge_agent.config import (DEFAULT_BUNDLE, AgentConfig, ConfigError, error_k
                                security_warnings, state_path_errors)
 from edge_agent.decoder import DecodePolicy
 from edge_agent.logs import setup_logging
+from edge_agent.signals import StopSignal
 from edge_agent.sortplan import SortPlanError, load_sort_plan
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
@@ -86,17 +87,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     from edge_agent.outbox import OutboxError
     from edge_agent.sources import FrameError
 
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        run_agent(config, stop, start_fresh=args.start_fresh)
-    except (BundleError, OutboxError, MqttConfigError, FrameError, OSError) as exc:
-        # What an operator can fix (model, outbox, folders, settings, background image): one
-        # line, no traceback. Anything else is a bug and keeps its traceback.
-        log.error("cannot start: %s", exc)
-        return 2
+    _dump_stacks_on_sigusr1()
+    with StopSignal() as stop:  # SIGTERM and SIGINT
+        try:
+            run_agent(config, stop, start_fresh=args.start_fresh)
+        except (BundleError, OutboxError, MqttConfigError, FrameError, OSError) as exc:
+            # What an operator can fix (model, outbox, folders, settings, background image): one
+            # line, no traceback. Anything else is a bug and keeps its traceback.
+            log.error("cannot start: %s", exc)
+            return 2
     return 0
+
+
+def _dump_stacks_on_sigusr1() -> None:
+    """`kill -USR1 <pid>`: every thread's stack on stderr (the journal), for an agent that hangs."""
+    try:
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    except (AttributeError, ValueError, OSError):  # stderr is not a file (run in process by a test)
+        log.debug("no stack dump on SIGUSR1: stderr has no file descriptor")
 
 
 def _image_paths(inputs: list[str]) -> list[Path]:

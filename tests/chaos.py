@@ -779,6 +779,8 @@ class ChaosSite:
         try:
             code: int | None = self.agent.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
+            self.agent.proc.send_signal(signal.SIGUSR1)  # the agent writes every thread's stack to stderr
+            time.sleep(1.0)
             self.agent.proc.kill()
             self.agent.proc.wait(10)
             code = None
@@ -952,7 +954,8 @@ def scenario_sigterm(site: ChaosSite, *, rate: float = 100.0, term_at_s: float =
     report.require("agent exited 0", code == 0,
                    "did not exit within %.0f s (killed)" % exit_timeout_s if code is None else f"exit code {code}")
     if code != 0:
-        report.notes.append("agent stderr tail: " + stderr[-1500:].replace("\n", " | "))
+        # A hung agent was sent SIGUSR1 first: its threads' stacks end its stderr.
+        report.notes.append("agent stderr tail: " + stderr[-(8000 if code is None else 1500):].replace("\n", " | "))
     if restart_check and report.missing:
         missing = list(report.missing)
         site.start_agent()

@@ -314,6 +314,32 @@ def test_kill_minus_9_with_a_backlog_loses_nothing(tmp_path, mqtt_broker, camera
     assert set(agent_results(db).values()) == {"delivered"}
 
 
+def test_sigusr1_writes_every_threads_stack_and_sigterm_still_stops_cleanly(tmp_path, mqtt_broker, camera_frames):
+    """For an agent that seems hung: `kill -USR1` puts its threads' stacks in the journal."""
+    folder, _ = camera_frames
+    config = tmp_path / "agent.toml"
+    config.write_text(_to_toml(agent_table(tmp_path, mqtt_broker.port, folder, logging={"level": "INFO"})))
+    agent = _spawn_agent(config)
+    try:
+        plc = plc_for(mqtt_broker.port)
+        try:
+            assert plc.wait_online(30)
+        finally:
+            plc.stop()
+        agent.send_signal(signal.SIGUSR1)
+        time.sleep(0.5)
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(20) == 0
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(10)
+    stderr = agent.stderr.read().decode(errors="replace")
+    assert "Current thread" in stderr and "watch_liveness" in stderr  # the main thread, waiting
+    assert "_read_loop" in stderr and "_journal_loop" in stderr  # and every stage's thread
+    assert "agent stopping" in stderr
+
+
 def _to_toml(table: dict) -> str:
     lines = []
     for section, values in table.items():

@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import threading
 from pathlib import Path
 
 from edge_agent.logs import setup_logging  # tiny shared utilities: JSON lines like the agent's,
 from edge_agent.sdnotify import Notifier  # and systemd's notify protocol
+from edge_agent.signals import StopSignal  # and a stop request a signal cannot deadlock
 from web.config import (BrokerSettings, WebConfig, WebConfigError, check_names, parse_broker_address,
                         read_password)
 
@@ -54,7 +54,7 @@ def config_from_args(args: argparse.Namespace) -> WebConfig:
     return WebConfig(broker=broker, host=args.host, port=args.port, log_level=args.log_level)
 
 
-def serve(config: WebConfig, stop: threading.Event) -> None:
+def serve(config: WebConfig, stop: threading.Event | StopSignal) -> None:
     """Subscribe, serve the page until ``stop`` is set, then close both."""
     from web.app import create_app
     from web.mqtt_source import MqttSource
@@ -95,14 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.log_level, json_lines=not args.plain_logs)
     # waitress logs each queue warning at WARNING; its INFO lines ("Serving on ...") repeat ours.
     logging.getLogger("waitress").setLevel(logging.WARNING)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        serve(config, stop)
-    except OSError as exc:  # the port is taken, or the address is not this machine's
-        log.error("cannot serve on %s:%d: %s", config.host, config.port, exc.strerror or exc)
-        return 2
+    with StopSignal() as stop:  # SIGTERM and SIGINT
+        try:
+            serve(config, stop)
+        except OSError as exc:  # the port is taken, or the address is not this machine's
+            log.error("cannot serve on %s:%d: %s", config.host, config.port, exc.strerror or exc)
+            return 2
     return 0
 
 
