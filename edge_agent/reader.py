@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -816,6 +816,11 @@ def _band_row(ink: np.ndarray, threshold: int, min_h: float, max_h: float, band:
     return seg, band_ink, inverse, angle
 
 
+def _too_few(seg: _Segmentation, config: ReaderConfig) -> bool:
+    """Fewer marks than the shortest postcode: the band did not hold the whole row."""
+    return len(_drop_slivers(_merge_overlapping(seg.marks))) < min(config.expected_lengths)
+
+
 def locate_digits(image: np.ndarray, config: ReaderConfig = ReaderConfig()) -> LocatedDigits:
     """Find the postcode's digits in a frame, left to right, as MNIST-style 28x28 crops.
 
@@ -850,7 +855,13 @@ def locate_digits(image: np.ndarray, config: ReaderConfig = ReaderConfig()) -> L
     if band is not None:
         seg, work, inverse, angle = _band_row(ink, threshold, min_h, max_h, band, config)
         offset = (band.x0, band.y0)
-        if len(_drop_slivers(_merge_overlapping(seg.marks))) < min(config.expected_lengths):
+        if _too_few(seg, config) and (band.x0 > 0 or band.x1 < ink.shape[1]):
+            # Mostly a digit beyond the band's ends (a wide gap at half size): the band's rows
+            # across the whole width first, a third of the full-frame search's cost.
+            band = replace(band, x0=0, x1=ink.shape[1])
+            seg, work, inverse, angle = _band_row(ink, threshold, min_h, max_h, band, config)
+            offset = (band.x0, band.y0)
+        if _too_few(seg, config):
             seg = None  # the band missed part of the postcode: look at the whole frame
     if seg is None:
         seg, work, inverse, angle = _full_frame_row(ink, threshold, min_h, max_h, config)
