@@ -1,8 +1,24 @@
 """One distribution for the postcode-reading edge appliance. The base install is what a site needs."""
 
+import importlib.util
 from glob import glob
+from pathlib import Path
 
 from setuptools import find_packages, setup
+
+
+def _build_shipped_selftest() -> None:
+    """The shipped bundle's self-test (sites refuse a bundle without one) is not committed: it
+    is the demo digits again, rebuilt here byte for byte (sync/selftest_file.py, standard
+    library only: this runs before the install's own dependencies exist)."""
+    here = Path(__file__).resolve().parent
+    spec = importlib.util.spec_from_file_location("selftest_file", here / "sync" / "selftest_file.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.build_shipped_selftest(here / "models" / "mnist-int8", here / "edge_agent" / "assets" / "demo_digits.npz")
+
+
+_build_shipped_selftest()  # before the glob below, which puts it in the wheel
 
 setup(
     name="postcode-edge",

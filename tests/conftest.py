@@ -53,6 +53,16 @@ def mqtt_address(mqtt_broker: MosquittoBroker) -> tuple[str, int]:
     return mqtt_broker.address
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shipped_selftest() -> None:
+    """The shipped bundle's self-test, as the install builds it (it is not committed): also for a
+    checkout whose tests run without installing it again."""
+    from sync.selftest_file import build_shipped_selftest
+
+    if (SHIPPED_BUNDLE / "manifest.json").exists():
+        build_shipped_selftest(SHIPPED_BUNDLE, SHIPPED_BUNDLE.parent.parent / "edge_agent" / "assets" / "demo_digits.npz")
+
+
 @pytest.fixture(scope="module")
 def model():
     """The shipped bundle, loaded once per test module (skips where the bundle is absent)."""

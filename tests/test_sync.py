@@ -195,6 +195,18 @@ def base_bundle(tmp_path_factory) -> Path:
     return bundle
 
 
+def test_a_self_test_written_twice_is_the_same_file_as_the_shipped_one(tmp_path: Path) -> None:
+    """The shipped self-test is rebuilt at install, not committed: only bytes that depend on the
+    digits alone can match the sha256 its manifest names."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(SHIPPED_BUNDLE, bundle)
+    shipped = json.loads((SHIPPED_BUNDLE / "manifest.json").read_text())["selftest"]
+    first = add_selftest(bundle, DEMO_DIGITS)
+    second = add_selftest(bundle, DEMO_DIGITS)
+    assert first == second == shipped
+    assert (bundle / "selftest.npz").read_bytes() == (SHIPPED_BUNDLE / "selftest.npz").read_bytes()
+
+
 def test_the_model_card_names_the_self_test_digits_and_their_licence(tmp_path: Path, base_bundle: Path) -> None:
     bundle = tmp_path / "bundle"
     shutil.copytree(base_bundle, bundle)
