@@ -99,7 +99,9 @@ class FrameGrabber:
         # here on arrival leave no gap (one still on its way will be stamped later), so +inf;
         # a camera that stamps its own frames is known complete only up to its newest stamp
         # (frames arrive in the order they were taken). Not up to a read that found nothing
-        # waiting: a frame taken before that read may still be in transit (seen under load).
+        # waiting: a frame taken before that read may still be in transit (seen under load);
+        # such a read counts only a frame window later (_caught_up_at below, used by
+        # binding.timeline_complete_until).
         self._complete_until = float("inf")
         # Wall-clock start of the latest read that found nothing waiting: the grabber had then
         # taken in everything the camera had delivered. A grabber behind a backlog never gets one.
