@@ -13,7 +13,7 @@ import pytest
 
 from edge_agent.logs import PAHO_LOGGERS
 from tests.broker import MosquittoBroker, find_mosquitto
-from tests.paths import SHIPPED_BUNDLE
+from tests.paths import DEMO_DIGITS, SHIPPED_BUNDLE
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +60,7 @@ def shipped_selftest() -> None:
     from sync.selftest_file import build_shipped_selftest
 
     if (SHIPPED_BUNDLE / "manifest.json").exists():
-        build_shipped_selftest(SHIPPED_BUNDLE, SHIPPED_BUNDLE.parent.parent / "edge_agent" / "assets" / "demo_digits.npz")
+        build_shipped_selftest(SHIPPED_BUNDLE, DEMO_DIGITS)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from edge_agent.mnist import load_split, locate_data_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_BUNDLE = ROOT / "models" / "mnist-int8"
+DEMO_DIGITS = ROOT / "edge_agent" / "assets" / "demo_digits.npz"  # 300 MNIST training digits, committed once
 
 
 def mnist_dir() -> Path:

@@ -29,9 +29,8 @@ from sync.pull import PullSettings, pull, status
 from sync.registry import parse_index, publish, read_registry_index, write_index
 from sync.selftest import add_selftest
 from sync.signing import generate_keypair, load_private_key, load_public_key, sign, verify
-from tests.paths import ROOT, SHIPPED_BUNDLE
+from tests.paths import DEMO_DIGITS, ROOT, SHIPPED_BUNDLE
 
-DEMO_DIGITS = ROOT / "edge_agent" / "assets" / "demo_digits.npz"
 import hashlib
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
