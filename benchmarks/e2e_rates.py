@@ -16,8 +16,9 @@ costs the agent's core more than the reads.)
 
 Phases: cold start (process start to the first answer), idle (camera at 30 fps, no trigger: the
 agent's CPU), steady rates (frames and triggers at each rate: trigger-to-answer p50/p99/max, kept
-up or not), then a burst of distinct envelopes to a second agent with ``reader.workers = 2`` on
-both cores (time until the last is answered), and the agents' resident memory. Prints JSON.
+up or not), then a burst of distinct envelopes dealt to five line agents (each its own camera,
+as a site runs one ``edge-agent@`` per line) on both cores (time until the last is answered),
+and the agents' resident memory. Prints JSON.
 """
 
 from __future__ import annotations
@@ -321,25 +322,43 @@ def idle(agent: AgentProcess, seconds: float, fps: float = 30.0) -> dict:
             "agent_cpu_share_of_a_core": round(cpu / (time.time() - t0), 4)}
 
 
-def burst(agent: AgentProcess, frames: list[tuple[bytes, set[str]]], gap_s: float) -> dict:
-    """Distinct envelopes one right after another (frame + stamped trigger each); time to the last answer."""
-    items: dict[str, set[str]] = {}
+def burst(agents: list[AgentProcess], frames: list[tuple[bytes, set[str]]], gap_s: float) -> dict:
+    """Distinct envelopes one right after another, dealt in turn to the lines' cameras (frame +
+    stamped trigger each, as when several trucks unload onto every line at once); time from the
+    first trigger to the last answer, over all lines."""
+    per_line: list[dict[str, set[str]]] = [{} for _ in agents]
     started = time.time()
     for i, (jpeg, hashes) in enumerate(frames):
+        line = i % len(agents)
         item = f"burst-{i:05d}"
-        items[item] = hashes
-        agent.envelope(item, jpeg)  # each stamped the moment its frame is sent
+        per_line[line][item] = hashes
+        agents[line].envelope(item, jpeg)  # each stamped the moment its frame is sent
         if gap_s:
             time.sleep(gap_s)
     sent_s = time.time() - started
-    out = check(agent, items, 60)
-    last = max((agent.plc._results[i][1] for i in items if i in agent.plc._results), default=None)  # noqa: SLF001
-    plc_sent = agent.plc._sent  # noqa: SLF001
-    first_sent = min(plc_sent[i] for i in items)
-    finished = [plc_sent[i] + agent.plc._results[i][1] / 1000 for i in items if i in agent.plc._results]  # noqa: SLF001
+    lines = [check(agent, items, 60) for agent, items in zip(agents, per_line)]
+    out: dict = {"lines": len(agents), "sent": len(frames)}
+    for key in ("answered", "about_own_frame", "wrong_frame"):
+        out[key] = sum(line[key] for line in lines)
+    reasons: dict[str, int] = {}
+    for line in lines:
+        for reason, n in line["reasons"].items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    out["reasons"] = reasons
+    finished, latencies, first_sent = [], [], None
+    for agent, items in zip(agents, per_line):
+        plc = agent.plc
+        sent = plc._sent  # noqa: SLF001 - the PLC's own book
+        first = min(sent[i] for i in items)
+        first_sent = first if first_sent is None else min(first_sent, first)
+        for item in items:
+            if item in plc._results:  # noqa: SLF001
+                latencies.append(plc._results[item][1])  # noqa: SLF001
+                finished.append(sent[item] + plc._results[item][1] / 1000)  # noqa: SLF001
     out |= {"sending_s": round(sent_s, 3),
             "first_trigger_to_last_answer_s": round(max(finished) - first_sent, 3) if finished else None,
-            "max_latency_ms": last}
+            "max_latency_ms": round(max(latencies), 1) if latencies else None,
+            "per_line_about_own_frame": [line["about_own_frame"] for line in lines]}
     return out
 
 
@@ -351,6 +370,10 @@ def main() -> int:
     parser.add_argument("--burst", type=int, default=500)
     parser.add_argument("--burst-gap-ms", type=float, default=0.4,
                         help="between the burst's envelopes (one camera sees one envelope at a time)")
+    parser.add_argument("--burst-lines", type=int, default=5,
+                        help="line agents sharing the burst, each with its own camera (the deployed shape: "
+                             "one agent per line); 1 = one agent with --burst-workers reader threads")
+    parser.add_argument("--burst-workers", type=int, default=2, help="reader threads of a lone burst agent")
     parser.add_argument("--core", default="0", help="core(s) for the steady-rate agent (taskset -c)")
     parser.add_argument("--frame-hash", choices=("pixels", "encoded"), help="override the reader's audit hash")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -365,13 +388,15 @@ def main() -> int:
     burst_n = min(args.burst, 100) if args.quick else args.burst
     counts = {r: max(10, int(r * seconds)) for r in rates}
     workdir = Path(tempfile.mkdtemp(prefix="e2e-rates-"))
-    frames = envelope_frames(sum(counts.values()) + burst_n + 40, seed=5)
+    frames = envelope_frames(sum(counts.values()) + burst_n + 40 + 10 * max(1, args.burst_lines), seed=5)
     blank = cv2.imencode(".jpg", np.full((480, 640, 3), 235, np.uint8))[1].tobytes()
     port = free_port()
     broker, _name, _protocol = start_broker(workdir, port, "mosquitto")
     report: dict = {"setup": {"frame_hash": args.frame_hash or "as built (pixels)", "steady_agent_cores": args.core,
-                              "burst_agent": "reader.workers = 2, both cores", "cpus": os.cpu_count()}}
-    steady_agent = burst_agent = None
+                              "burst_agents": (f"{args.burst_lines} line agents, one reader each" if args.burst_lines > 1
+                                               else f"one agent, reader.workers = {args.burst_workers}") + ", both cores", "cpus": os.cpu_count()}}
+    steady_agent = None
+    burst_agents: list[AgentProcess] = []
     try:
         steady_agent = AgentProcess(workdir, port, "line-steady", 1, args.core, args.frame_hash, blank)
         jpeg, hashes = frames.pop()
@@ -392,15 +417,21 @@ def main() -> int:
         steady_agent.stop()
         steady_agent = None
 
-        burst_agent = AgentProcess(workdir, port, "line-burst", 2, None, args.frame_hash, blank)
-        steady(burst_agent, 20.0, [frames.pop() for _ in range(15)], "warm")
-        report["burst"] = burst(burst_agent, [frames.pop() for _ in range(burst_n)], args.burst_gap_ms / 1000)
+        # Both cores, no pinning. The deployed shape is one agent per line (systemd's edge-agent@):
+        # five lines' agents share the box; --burst-lines 1 is one agent with reader threads.
+        lone = args.burst_lines <= 1
+        for n in range(max(1, args.burst_lines)):
+            burst_agents.append(AgentProcess(workdir, port, f"line-burst-{n + 1}", args.burst_workers if lone else 1,
+                                             None, args.frame_hash, blank))
+        for agent in burst_agents:
+            steady(agent, 20.0, [frames.pop() for _ in range(10)], f"warm-{agent.line}")
+        report["burst"] = burst(burst_agents, [frames.pop() for _ in range(burst_n)], args.burst_gap_ms / 1000)
         report["burst"]["under_1_s"] = bool(report["burst"]["first_trigger_to_last_answer_s"] is not None
                                             and report["burst"]["first_trigger_to_last_answer_s"] < 1.0
                                             and report["burst"]["about_own_frame"] == burst_n)
-        report["burst_agent_rss_mb"] = round(burst_agent.rss_mb(), 1)
+        report["burst_agent_rss_mb"] = [round(agent.rss_mb(), 1) for agent in burst_agents]
     finally:
-        for agent in (steady_agent, burst_agent):
+        for agent in [steady_agent] + burst_agents:
             if agent is not None:
                 agent.stop()
         broker.terminate()
