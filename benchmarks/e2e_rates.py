@@ -217,13 +217,13 @@ class AgentProcess:
     """One agent child with its camera and PLC."""
 
     def __init__(self, workdir: Path, port: int, line: str, workers: int, cores: str | None,
-                 frame_hash: str | None, blank: bytes) -> None:
+                 frame_hash: str | None, blank: bytes, fps: float = 200.0) -> None:
         from edge_agent.simulated_plc import PlcClient
 
         self.line = line
         config = workdir / f"{line}.json"
         config.write_text(json.dumps(agent_table(workdir, port, line, workers)))
-        self.camera = Camera(workdir / f"{line}.sock", blank)
+        self.camera = Camera(workdir / f"{line}.sock", blank, fps)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(config), str(workdir / f"{line}.sock")]
         if frame_hash:
             cmd += ["--frame-hash", frame_hash]
@@ -374,6 +374,9 @@ def main() -> int:
                         help="line agents sharing the burst, each with its own camera (the deployed shape: "
                              "one agent per line); 1 = one agent with --burst-workers reader threads")
     parser.add_argument("--burst-workers", type=int, default=2, help="reader threads of a lone burst agent")
+    parser.add_argument("--burst-fps", type=float, default=60.0,
+                        help="the burst lines' cameras between envelopes (a line camera's rate; the steady "
+                             "agent's 200 fps only bounds its binding wait for the latency figures)")
     parser.add_argument("--core", default="0", help="core(s) for the steady-rate agent (taskset -c)")
     parser.add_argument("--frame-hash", choices=("pixels", "encoded"), help="override the reader's audit hash")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -392,9 +395,10 @@ def main() -> int:
     blank = cv2.imencode(".jpg", np.full((480, 640, 3), 235, np.uint8))[1].tobytes()
     port = free_port()
     broker, _name, _protocol = start_broker(workdir, port, "mosquitto")
-    report: dict = {"setup": {"frame_hash": args.frame_hash or "as built (pixels)", "steady_agent_cores": args.core,
+    report: dict = {"setup": {"frame_hash": args.frame_hash or "the config default (encoded)", "steady_agent_cores": args.core,
                               "burst_agents": (f"{args.burst_lines} line agents, one reader each" if args.burst_lines > 1
-                                               else f"one agent, reader.workers = {args.burst_workers}") + ", both cores", "cpus": os.cpu_count()}}
+                                               else f"one agent, reader.workers = {args.burst_workers}")
+                              + f", both cores, cameras at {args.burst_fps:g} fps", "cpus": os.cpu_count()}}
     steady_agent = None
     burst_agents: list[AgentProcess] = []
     try:
@@ -422,7 +426,7 @@ def main() -> int:
         lone = args.burst_lines <= 1
         for n in range(max(1, args.burst_lines)):
             burst_agents.append(AgentProcess(workdir, port, f"line-burst-{n + 1}", args.burst_workers if lone else 1,
-                                             None, args.frame_hash, blank))
+                                             None, args.frame_hash, blank, args.burst_fps))
         for agent in burst_agents:
             steady(agent, 20.0, [frames.pop() for _ in range(10)], f"warm-{agent.line}")
         report["burst"] = burst(burst_agents, [frames.pop() for _ in range(burst_n)], args.burst_gap_ms / 1000)
