@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from edge_agent.decision import decide  # noqa: E402
+from edge_agent.decision import decide, with_fragment_doubt  # noqa: E402
 from edge_agent.loader import load_bundle  # noqa: E402
 from edge_agent.mnist import load_split, locate_data_dir  # noqa: E402
 from edge_agent.reader import ReaderConfig, locate_digits  # noqa: E402
@@ -127,7 +127,8 @@ def run(frames: int, seed: int, model_dir: Path, data_dir: Path, split: str, len
         cls = model.classifier.classify(located.digits)
         t2 = time.perf_counter()
         reader_s, classifier_s = reader_s + (t1 - t0), classifier_s + (t2 - t1)
-        decision = decide(cls.labels, cls.probabilities, config.expected_lengths, threshold)
+        decision = decide(cls.labels, with_fragment_doubt(cls.probabilities, located.boxes),
+                          config.expected_lengths, threshold)
         exact = decision.postcode == sample.postcode
         count_right = len(located.digits) == len(sample.postcode)
         total.add(exact, decision.accepted, count_right)

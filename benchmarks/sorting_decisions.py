@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_agent.decision import decide, decide_with_plan  # noqa: E402
+from edge_agent.decision import decide, decide_with_plan, with_fragment_doubt  # noqa: E402
 from edge_agent.decoder import DecodePolicy  # noqa: E402
 from edge_agent.types import Reason  # noqa: E402
 from edge_agent.evaluation import CostModel, score  # noqa: E402
@@ -83,7 +83,7 @@ def read_all(frames: list[np.ndarray], bundle: Path):
     for frame in frames:
         located = locate_digits(frame, config)
         result = model.classifier.classify(located.digits)
-        reads.append((result.labels, result.probabilities))
+        reads.append((result.labels, with_fragment_doubt(result.probabilities, located.boxes)))
     return model, reads
 
 

@@ -37,6 +37,35 @@ class Decision:
                 "sort_plan": self.plan}
 
 
+# A mark under this share of its row's median height is as often a piece of a digit (the stem
+# of a 7 whose bar broke off, half of a 4) as a small digit: on 4,000 validation envelopes, 10
+# of the 22 such marks were read wrong, most as a "1" at full confidence, against 1.7% of all
+# marks. The classifier cannot know where its crop came from; the row can.
+FRAGMENT_HEIGHT = 0.55
+# Such a mark's probabilities are mixed this much with "any digit": its top digit falls to at
+# most 0.55, about how often such marks were read right, so the read goes to review unless the
+# directory leaves no doubt.
+FRAGMENT_DOUBT = 0.5
+
+
+def with_fragment_doubt(probabilities: np.ndarray, boxes: tuple[tuple[int, int, int, int], ...]) -> np.ndarray:
+    """The digit probabilities with the doubt the row's geometry adds (``boxes``: (x, y, w, h) per digit).
+
+    Rows of fewer than three marks have no height to compare with and are left as they are. The
+    top digit of a doubted mark stays the top digit: only its confidence changes.
+    """
+    p = np.asarray(probabilities)
+    if len(boxes) < 3 or len(boxes) != len(p):
+        return p
+    heights = np.array([box[3] for box in boxes], np.float64)
+    short = np.flatnonzero(heights < FRAGMENT_HEIGHT * float(np.median(heights)))
+    if not len(short):
+        return p
+    p = p.copy()
+    p[short] = (1.0 - FRAGMENT_DOUBT) * p[short] + FRAGMENT_DOUBT / p.shape[1]
+    return p
+
+
 def decide(
     labels: np.ndarray,
     probabilities: np.ndarray,

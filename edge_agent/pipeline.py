@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_agent.decision import Decision, decide, decide_with_plan
+from edge_agent.decision import Decision, decide, decide_with_plan, with_fragment_doubt
 from edge_agent.decoder import DecodePolicy
 from edge_agent.loader import LoadedModel
 from edge_agent.observability import InputQuality, input_quality
@@ -124,11 +124,11 @@ class PostcodeReader:
         located_at = time.perf_counter()
         result = model.classifier.classify(located.digits)
         classified_at = time.perf_counter()
+        probabilities = with_fragment_doubt(result.probabilities, located.boxes)
         if plan is None:
-            decision = decide(result.labels, result.probabilities, self.reader_config.expected_lengths,
-                              self.threshold)
+            decision = decide(result.labels, probabilities, self.reader_config.expected_lengths, self.threshold)
         else:
-            decision = decide_with_plan(result.labels, result.probabilities, self.reader_config.expected_lengths,
+            decision = decide_with_plan(result.labels, probabilities, self.reader_config.expected_lengths,
                                         plan, self.policy)
         seconds = (located_at - started, classified_at - located_at, time.perf_counter() - classified_at)
         return FrameRead(located, decision, model.version, sha, seconds=seconds,

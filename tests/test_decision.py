@@ -2,7 +2,9 @@
 
 import numpy as np
 
-from edge_agent.decision import decide
+from edge_agent.decision import FRAGMENT_DOUBT, FRAGMENT_HEIGHT, decide, decide_with_plan, with_fragment_doubt
+from edge_agent.decoder import DecodePolicy
+from edge_agent.sortplan import parse_sort_plan
 from edge_agent.types import Reason
 
 
@@ -37,3 +39,42 @@ def test_wrong_digit_count_is_review_even_if_confident():
 def test_nothing_found():
     d = decide(np.zeros(0, int), np.zeros((0, 10)), (5,), 0.9)
     assert d.reason is Reason.NO_POSTCODE and d.postcode == "" and d.confidence == 0.0
+
+
+# -- doubt from the row's geometry ------------------------------------------------------------
+
+ROW = ((10, 20, 30, 60), (50, 22, 30, 58), (90, 21, 28, 61), (130, 20, 30, 60), (170, 19, 31, 62))
+
+
+def test_a_mark_far_shorter_than_its_row_loses_its_certainty():
+    labels, p = probs((7, 0.999), (1, 0.99999), (9, 0.9999), (9, 0.9999), (7, 0.9999))
+    boxes = ((10, 20, 30, 60), (55, 45, 6, 29)) + ROW[2:]  # a stem, half as tall as the digits
+    doubted = with_fragment_doubt(p, boxes)
+    assert np.array_equal(doubted.argmax(axis=1), labels)  # the read stays the read
+    assert doubted[1].max() <= 1 - FRAGMENT_DOUBT + FRAGMENT_DOUBT / 10 + 1e-12
+    assert np.allclose(doubted[1].sum(), 1.0)
+    assert np.array_equal(np.delete(doubted, 1, axis=0), np.delete(p, 1, axis=0))  # the others untouched
+    assert decide(labels, p, (5,), 0.99).accepted
+    assert decide(labels, doubted, (5,), 0.99).reason is Reason.LOW_CONFIDENCE
+
+
+def test_rows_of_even_marks_and_short_rows_are_left_alone():
+    labels, p = probs((1, 0.9999), (2, 0.9999), (3, 0.9999), (4, 0.9999), (5, 0.9999))
+    assert with_fragment_doubt(p, ROW) is p
+    # The cut is a share of the median: a mark just above it keeps its confidence.
+    tall_enough = ROW[:1] + ((50, 22, 30, int(FRAGMENT_HEIGHT * 60) + 1),) + ROW[2:]
+    assert np.array_equal(with_fragment_doubt(p, tall_enough), p)
+    two = probs((1, 0.9999), (2, 0.9999))[1]
+    assert with_fragment_doubt(two, ((0, 0, 10, 60), (20, 0, 5, 10))) is two  # no row to compare with
+
+
+def test_a_fragment_read_with_a_plan_goes_to_review_not_to_a_neighbours_chute():
+    """The case behind this rule (validation): a 7 whose bar broke off, its stem read as a 1 at full
+    confidence, and 10997 a valid code in another chute than the written 70997."""
+    plan = parse_sort_plan(b"postcode,chute\n10997,A\n70997,B\n")
+    labels, p = probs((1, 0.99999), (0, 0.9999), (9, 0.9999), (9, 0.9999), (7, 0.9999))
+    policy = DecodePolicy(target_misdirect_rate=1e-3, invalid_prior=0.01)
+    assert decide_with_plan(labels, p, (5,), plan, policy).accepted  # the stem alone fools it
+    stem = ((12, 40, 5, 28),) + ROW[1:]
+    decision = decide_with_plan(labels, with_fragment_doubt(p, stem), (5,), plan, policy)
+    assert not decision.accepted and decision.reason is Reason.AMBIGUOUS
