@@ -10,6 +10,8 @@
 #              added (training.reader_crops); a candidate, not shipped (docs/MODELS.md)
 #   bn_cnn     one batch-norm CNN (seed 101, 12 cosine epochs)
 #   bn_cnn_x3  three of them (seeds 101/102/103, 12/8/8 epochs) averaged in one int8 graph
+#   bn_cnn_crops one batch-norm CNN (seed 101, 20 cosine epochs) with 3 reader crops of every
+#              training digit added; a candidate, not shipped (docs/MODELS.md, section 7)
 # BUNDLE_OUT and BUNDLE_VERSION override the bundle folder and its version (default: the next
 # minor of the bundle being replaced); FIGURES the folder of the reliability diagrams (docs/img).
 source "$(dirname "$0")/venv.sh"
@@ -23,10 +25,10 @@ RECIPE="${RECIPE:-reference}"
 SPLIT_SEED=1234
 
 case "$RECIPE" in
-  reference|reference_crops) MEMBERS=() ;;
+  reference|reference_crops|bn_cnn_crops) MEMBERS=() ;;
   bn_cnn) MEMBERS=("101:12") ;;
   bn_cnn_x3) MEMBERS=("101:12" "102:8" "103:8") ;;  # seed:epochs
-  *) echo "error: RECIPE must be reference_crops, reference, bn_cnn or bn_cnn_x3, not $RECIPE" >&2; exit 2 ;;
+  *) echo "error: RECIPE must be reference, reference_crops, bn_cnn, bn_cnn_x3 or bn_cnn_crops, not $RECIPE" >&2; exit 2 ;;
 esac
 
 train_dirs=()
@@ -37,6 +39,10 @@ if [ "$RECIPE" = reference ]; then
 elif [ "$RECIPE" = reference_crops ]; then
   nice -n 10 .venv-train/bin/edge-train --lr-schedule cosine --epochs 15 --reader-copies 3 \
     --seed 1234 --split-seed "$SPLIT_SEED" --out build/train "$@"
+  train_dirs+=(--train-dir build/train)
+elif [ "$RECIPE" = bn_cnn_crops ]; then
+  nice -n 10 .venv-train/bin/edge-train --architecture bn_cnn --lr-schedule cosine --epochs 20 --reader-copies 3 \
+    --seed 101 --split-seed "$SPLIT_SEED" --out build/train "$@"
   train_dirs+=(--train-dir build/train)
 else
   for member in "${MEMBERS[@]}"; do
