@@ -822,9 +822,9 @@ def _band_row(ink: np.ndarray, threshold: int, min_h: float, max_h: float, band:
     return seg, band_ink, inverse, angle
 
 
-def _too_few(seg: _Segmentation, config: ReaderConfig) -> bool:
-    """Fewer marks than the shortest postcode: the band did not hold the whole row."""
-    return len(_drop_slivers(_merge_overlapping(seg.marks))) < min(config.expected_lengths)
+def _row_marks(seg: _Segmentation) -> list[_Mark]:
+    """The row's marks with overlapping pieces merged and slivers dropped: what the digits are cut from."""
+    return _drop_slivers(_merge_overlapping(seg.marks))
 
 
 def locate_digits(image: np.ndarray, config: ReaderConfig = ReaderConfig()) -> LocatedDigits:
@@ -856,26 +856,29 @@ def locate_digits(image: np.ndarray, config: ReaderConfig = ReaderConfig()) -> L
     threshold = _threshold(ink, config.min_contrast)
 
     band = _coarse_band(ink, threshold, min_h, max_h)
+    shortest = min(config.expected_lengths)  # fewer marks: the band did not hold the whole row
     offset = (0, 0)
     seg = None
     if band is not None:
         seg, work, inverse, angle = _band_row(ink, threshold, min_h, max_h, band, config)
         offset = (band.x0, band.y0)
-        if _too_few(seg, config) and (band.x0 > 0 or band.x1 < ink.shape[1]):
+        marks = _row_marks(seg)
+        if len(marks) < shortest and (band.x0 > 0 or band.x1 < ink.shape[1]):
             # Mostly a digit beyond the band's ends (a wide gap at half size): the band's rows
             # across the whole width first, a third of the full-frame search's cost.
             band = replace(band, x0=0, x1=ink.shape[1])
             seg, work, inverse, angle = _band_row(ink, threshold, min_h, max_h, band, config)
             offset = (band.x0, band.y0)
-        if _too_few(seg, config):
+            marks = _row_marks(seg)
+        if len(marks) < shortest:
             seg = None  # the band missed part of the postcode: look at the whole frame
     if seg is None:
         seg, work, inverse, angle = _full_frame_row(ink, threshold, min_h, max_h, config)
         offset = (0, 0)
+        marks = _row_marks(seg)
     if not seg.marks:
         return _empty("no row of digit-sized marks found", inverted)
 
-    marks = _drop_slivers(_merge_overlapping(seg.marks))
     marks = _merge_surplus(marks, config.expected_lengths)
     marks = _recover_small(marks, seg.stats, config.expected_lengths)
     marks = _split_wide(marks, seg.binary, config.expected_lengths)
