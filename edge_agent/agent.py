@@ -24,7 +24,7 @@ from edge_agent.binding import (FRAME_DROPPED, FrameWindow, SurgeGuard, bind_fra
 from edge_agent.bundle import BundleError
 from edge_agent.config import AgentConfig, mqtt_password, security_warnings
 from edge_agent.endpoints import EndpointServer, make_app
-from edge_agent.grabber import FrameGrabber
+from edge_agent.grabber import BindingView, FrameGrabber
 from edge_agent.liveness import Heartbeats, verdict
 from edge_agent.loader import load_bundle
 from edge_agent.metrics import STAGES, AgentMetrics, RateWindow, SnapshotCollector, SystemProbe
@@ -275,14 +275,12 @@ class Agent:
         """The item's frame, None while it is not captured yet, or FRAME_DROPPED if it was let go."""
         if self.grabber is None:
             return None
-        history = self.grabber.history()
-        return bind_frame(history, self.grabber.timeline(), trigger.at, self.window, self._complete_until())
+        view = self.grabber.binding_view()
+        return bind_frame(view.history, view.timeline, trigger.at, self.window, self._complete_until(view))
 
-    def _complete_until(self) -> float:
-        """Up to when the grabber's timeline holds every frame taken (binding.timeline_complete_until)."""
-        if self.grabber is None:
-            return float("inf")
-        return timeline_complete_until(self.grabber.complete_until(), self.grabber.caught_up_at(), self.window)
+    def _complete_until(self, view: BindingView) -> float:
+        """Up to when the view's timeline holds every frame taken (binding.timeline_complete_until)."""
+        return timeline_complete_until(view.newest_stamp, view.caught_up_at, self.window)
 
     # -- journal: durable before acknowledged -----------------------------------
 
@@ -367,9 +365,11 @@ class Agent:
                 self._items_waiting.clear()
             if not waiting:
                 continue
-            history = self.grabber.history() if self.grabber is not None else []
-            timeline = self.grabber.timeline() if self.grabber is not None else None
-            complete_until = self._complete_until()
+            if self.grabber is not None:
+                view = self.grabber.binding_view()
+                history, timeline, complete_until = view.history, view.timeline, self._complete_until(view)
+            else:
+                history, timeline, complete_until = [], None, float("inf")
             now = self.clock.time()
             still: list[_Item] = []
             for item in waiting:

@@ -13,6 +13,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,6 +38,22 @@ class GrabberState(str, enum.Enum):
     FAILED = "failed"  # `failed_after` failures in a row; still retrying at the longest backoff
     ENDED = "ended"  # a finite source (video file without loop) delivered its last frame
     STOPPED = "stopped"  # stop() was called
+
+
+@dataclass(frozen=True)
+class BindingView:
+    """One consistent look at the grabber, for binding an item to its frame (``binding.bind_frame``).
+
+    Taken under one lock: ``newest_stamp`` and ``caught_up_at`` describe exactly this
+    ``timeline``. Read one by one, a frame could arrive between the timeline's copy and the
+    marks, which would then vouch for a frame the copy lacks, and the item would be bound to
+    the frame before it: the previous envelope's.
+    """
+
+    history: list[Frame]  # the frames still held, oldest first
+    timeline: list[tuple[int, float]]  # (seq, captured_at) of recent frames, held or not
+    newest_stamp: float  # complete_until(): +inf for frames stamped on arrival, else the newest stamp
+    caught_up_at: float  # caught_up_at(): the last read that found nothing waiting (-inf if never)
 
 
 class FrameGrabber:
@@ -165,6 +182,11 @@ class FrameGrabber:
         """Wall-clock moment the grabber last found nothing waiting from the camera (-inf if never)."""
         with self._cond:
             return self._caught_up_at
+
+    def binding_view(self) -> BindingView:
+        """History, timeline and both completeness marks, all from one moment."""
+        with self._cond:
+            return BindingView(list(self._history), list(self._timeline), self._complete_until, self._caught_up_at)
 
     def history(self) -> list[Frame]:
         """The last few frames, oldest first (the newest is ``latest()``)."""

@@ -446,6 +446,39 @@ def test_a_grabber_is_caught_up_only_after_a_read_that_found_nothing_waiting():
         assert grabber.caught_up_at() == FixedWallClock().time()
 
 
+def test_a_binding_view_never_vouches_for_a_frame_its_timeline_lacks():
+    """The agent binds an item from one view of the grabber (agent._frame_in_window). Its marks of
+    completeness must describe the very timeline it holds: were they read after the timeline's
+    copy, a frame arriving in between would be vouched for but missing, and an item triggered at
+    that frame would be bound to the one before it (the previous envelope). Frames stream in
+    from a stamping camera while the views are taken."""
+    from edge_agent.sources import EncodedImage
+
+    data = cv2.imencode(".jpg", np.full((8, 8, 3), 90, np.uint8))[1].tobytes()
+
+    class Streaming(ScriptedSource):
+        """A stamping camera with a frame always waiting, now and then none (caught up)."""
+
+        def read(self):
+            self.reads += 1
+            if self.reads % 7 == 0:
+                return None
+            return EncodedImage(data, "cam", captured_at=1000.0 + self.reads / 1000)
+
+    views = 0
+    with FrameGrabber(Streaming(), FixedWallClock(), FAST_BACKOFF, history_frames=4) as grabber:
+        assert grabber.wait_for_frame(0, WAIT) is not None
+        deadline = time.monotonic() + 2.0
+        while views < 20_000 and time.monotonic() < deadline:
+            view = grabber.binding_view()
+            views += 1
+            newest_held = view.timeline[-1][1]
+            assert view.newest_stamp == newest_held  # never a newer stamp than the copy holds
+            assert {f.seq for f in view.history} <= {seq for seq, _ in view.timeline}
+            assert view.history[-1].captured_at == newest_held
+    assert views > 100
+
+
 def test_frames_stamped_on_arrival_leave_no_gap_in_the_timeline():
     source = ScriptedSource()
     source.push(1)
