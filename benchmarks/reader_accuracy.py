@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import sys
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +23,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from edge_agent.decision import decide, with_fragment_doubt  # noqa: E402
+from edge_agent.decision import decide  # noqa: E402
 from edge_agent.loader import load_bundle  # noqa: E402
 from edge_agent.mnist import load_split, locate_data_dir  # noqa: E402
-from edge_agent.reader import ReaderConfig, locate_digits  # noqa: E402
+from edge_agent.pipeline import digit_evidence  # noqa: E402
+from edge_agent.reader import ReaderConfig  # noqa: E402
 from edge_agent.mnist import DigitSet  # noqa: E402
 from edge_agent.render import FrameConditions, render_postcode_samples  # noqa: E402
 
@@ -121,14 +121,10 @@ def run(frames: int, seed: int, model_dir: Path, data_dir: Path, split: str, len
     total, oracle, by_tag = Tally(), Tally(), defaultdict(Tally)
     reader_s, classifier_s, reasons = 0.0, 0.0, defaultdict(int)
     for sample in samples:
-        t0 = time.perf_counter()
-        located = locate_digits(sample.frame, config)
-        t1 = time.perf_counter()
-        cls = model.classifier.classify(located.digits)
-        t2 = time.perf_counter()
-        reader_s, classifier_s = reader_s + (t1 - t0), classifier_s + (t2 - t1)
-        decision = decide(cls.labels, with_fragment_doubt(cls.probabilities, located.boxes),
-                          config.expected_lengths, threshold)
+        evidence = digit_evidence(sample.frame, model.classifier, config)
+        located = evidence.located
+        reader_s, classifier_s = reader_s + evidence.seconds[0], classifier_s + evidence.seconds[1]
+        decision = decide(evidence.labels, evidence.probabilities, config.expected_lengths, threshold)
         exact = decision.postcode == sample.postcode
         count_right = len(located.digits) == len(sample.postcode)
         total.add(exact, decision.accepted, count_right)

@@ -28,13 +28,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_agent.decision import decide, decide_with_plan, with_fragment_doubt  # noqa: E402
+from edge_agent.decision import decide, decide_with_plan  # noqa: E402
 from edge_agent.decoder import DecodePolicy  # noqa: E402
 from edge_agent.types import Reason  # noqa: E402
 from edge_agent.evaluation import CostModel, score  # noqa: E402
 from edge_agent.loader import load_bundle  # noqa: E402
 from edge_agent.mnist import load_split, locate_data_dir  # noqa: E402
-from edge_agent.reader import ReaderConfig, locate_digits  # noqa: E402
+from edge_agent.pipeline import digit_evidence  # noqa: E402
+from edge_agent.reader import ReaderConfig  # noqa: E402
 from edge_agent.render import fit_digit_height, random_conditions, render_postcode_frame  # noqa: E402
 from edge_agent.sortplan import parse_sort_plan  # noqa: E402
 
@@ -81,9 +82,8 @@ def read_all(frames: list[np.ndarray], bundle: Path):
     config = ReaderConfig(expected_lengths=(LENGTH,))
     reads = []
     for frame in frames:
-        located = locate_digits(frame, config)
-        result = model.classifier.classify(located.digits)
-        reads.append((result.labels, with_fragment_doubt(result.probabilities, located.boxes)))
+        evidence = digit_evidence(frame, model.classifier, config)
+        reads.append((evidence.labels, evidence.probabilities))
     return model, reads
 
 

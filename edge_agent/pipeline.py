@@ -17,7 +17,7 @@ import numpy as np
 
 from edge_agent.decision import Decision, decide, decide_with_plan, with_fragment_doubt
 from edge_agent.decoder import DecodePolicy
-from edge_agent.loader import LoadedModel
+from edge_agent.loader import Int8Classifier, LoadedModel
 from edge_agent.observability import InputQuality, input_quality
 from edge_agent.reader import ReaderConfig, locate_digits
 from edge_agent.sortplan import SortPlan
@@ -35,6 +35,31 @@ class FrameRead:
     error: str = ""
     seconds: tuple[float, float, float] = (0.0, 0.0, 0.0)  # locate, classify, decide (for the metrics)
     quality: InputQuality | None = None  # brightness, contrast, sharpness of the frame (for drift)
+
+
+@dataclass(frozen=True)
+class DigitEvidence:
+    """What the decision weighs: the row's marks, the classifier's labels and their probabilities
+    after the row's own doubt (a fragment far shorter than its row is not trusted as a digit)."""
+
+    located: LocatedDigits
+    labels: np.ndarray
+    probabilities: np.ndarray
+    seconds: tuple[float, float]  # locate, classify
+
+
+def digit_evidence(image: np.ndarray, classifier: Int8Classifier, reader_config: ReaderConfig) -> DigitEvidence:
+    """Locate the row's digits, classify them in one batch and weigh the row's geometry.
+
+    The one place this sequence lives: the agent, ``predict``, ``evaluate`` and the accuracy and
+    sorting benchmarks all read through it, so a benchmark measures what a site runs.
+    """
+    started = time.perf_counter()
+    located = locate_digits(image, reader_config)
+    located_at = time.perf_counter()
+    result = classifier.classify(located.digits)
+    seconds = (located_at - started, time.perf_counter() - located_at)
+    return DigitEvidence(located, result.labels, with_fragment_doubt(result.probabilities, located.boxes), seconds)
 
 
 def image_sha256(image: np.ndarray | bytes) -> str:
@@ -118,19 +143,17 @@ class PostcodeReader:
     def read_image(self, image: np.ndarray, sha256: str | None = None) -> FrameRead:
         """Locate, classify (one batch) and decide on one image (``sha256``: its audit hash, if known)."""
         model, plan = self._model, self._plan  # one of each for the whole read, even across a swap
-        started = time.perf_counter()
         sha = sha256 if sha256 is not None else image_sha256(image)
-        located = locate_digits(image, self.reader_config)
-        located_at = time.perf_counter()
-        result = model.classifier.classify(located.digits)
-        classified_at = time.perf_counter()
-        probabilities = with_fragment_doubt(result.probabilities, located.boxes)
+        evidence = digit_evidence(image, model.classifier, self.reader_config)
+        decided_from = time.perf_counter()
         if plan is None:
-            decision = decide(result.labels, probabilities, self.reader_config.expected_lengths, self.threshold)
+            decision = decide(evidence.labels, evidence.probabilities, self.reader_config.expected_lengths,
+                              self.threshold)
         else:
-            decision = decide_with_plan(result.labels, probabilities, self.reader_config.expected_lengths,
+            decision = decide_with_plan(evidence.labels, evidence.probabilities, self.reader_config.expected_lengths,
                                         plan, self.policy)
-        seconds = (located_at - started, classified_at - located_at, time.perf_counter() - classified_at)
+        located = evidence.located
+        seconds = (*evidence.seconds, time.perf_counter() - decided_from)
         return FrameRead(located, decision, model.version, sha, seconds=seconds,
                          quality=input_quality(image, located.inverted))
 
