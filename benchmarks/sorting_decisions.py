@@ -1,6 +1,6 @@
 """What a sorting office gets from each decision rule: auto-sort rate, misdirects, reviews, cost.
 
-    python benchmarks/sorting_decisions.py [--frames 2000] [--bundle LABEL=PATH ...] [--json out.json]
+    python benchmarks/sorting_decisions.py [--frames 2000] [--bundle LABEL=PATH[+PATH] ...] [--json out.json]
 
 Frames are rendered from MNIST t10k digits (the held-out test set: evaluation only, nothing
 here is tuned on it). Each envelope is addressed to a postcode drawn from a directory of valid
@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_agent.decision import decide, decide_with_plan  # noqa: E402
+from edge_agent.decision import decide, decide_with_plan, with_fragment_doubt  # noqa: E402
 from edge_agent.decoder import DecodePolicy  # noqa: E402
 from edge_agent.types import Reason  # noqa: E402
 from edge_agent.evaluation import CostModel, score  # noqa: E402
@@ -77,14 +77,26 @@ def render(truths: list[str], digits, rng: np.random.Generator) -> list[np.ndarr
     return frames
 
 
-def read_all(frames: list[np.ndarray], bundle: Path):
-    model = load_bundle(bundle)
+def read_all(frames: list[np.ndarray], bundle: str, combine: str = "geometric"):
+    """Each frame's digit labels and probabilities from one bundle, or from several ("A+B": the
+    members' calibrated probabilities combined per digit, as one merged graph would)."""
+    models = [load_bundle(Path(p)) for p in bundle.split("+")]
     config = ReaderConfig(expected_lengths=(LENGTH,))
     reads = []
     for frame in frames:
-        evidence = digit_evidence(frame, model.classifier, config)
-        reads.append((evidence.labels, evidence.probabilities))
-    return model, reads
+        evidence = digit_evidence(frame, models[0].classifier, config)
+        if len(models) == 1 or not len(evidence.labels):
+            reads.append((evidence.labels, evidence.probabilities))
+            continue
+        members = [m.classifier.classify(evidence.located.digits).probabilities for m in models]
+        if combine == "geometric":  # softmax of the averaged temperature-scaled logits
+            log_p = np.mean([np.log(np.clip(p, 1e-12, 1.0)) for p in members], axis=0)
+            combined = np.exp(log_p - log_p.max(axis=1, keepdims=True))
+            combined /= combined.sum(axis=1, keepdims=True)
+        else:
+            combined = np.mean(members, axis=0)
+        reads.append((combined.argmax(axis=1), with_fragment_doubt(combined, evidence.located.boxes)))
+    return models[0], reads
 
 
 def run(args) -> dict:
@@ -119,7 +131,7 @@ def run(args) -> dict:
         by_region = parse_sort_plan(plan_text(codes, per_code=False))
         per_code = parse_sort_plan(plan_text(codes, per_code=True))
         for label, path in bundles:
-            model, reads = read_all(frames, Path(path))  # read once; every rule and target decodes the same reads
+            model, reads = read_all(frames, path, args.combine)  # read once; every rule and target decodes the same reads
             threshold = model.manifest.acceptance_threshold
             rules = [("digits", None, [decide(lab, prob, (LENGTH,), threshold) for lab, prob in reads], [])]
             for policy in policies:
@@ -217,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=11)
-    parser.add_argument("--bundle", action="append", default=[], help="LABEL=PATH (repeat to compare)")
+    parser.add_argument("--bundle", action="append", default=[],
+                        help="LABEL=PATH (repeat to compare); LABEL=PATH+PATH combines bundles per digit")
+    parser.add_argument("--combine", choices=("geometric", "arithmetic"), default="geometric",
+                        help="how a combined bundle's members' probabilities are merged")
     parser.add_argument("--directories", type=lambda s: [int(x) for x in s.split(",")], default=[8000, 30000])
     parser.add_argument("--digits", choices=("test", "validation"), default="test",
                         help="render from t10k (report) or from the held-out validation digits (choose)")
