@@ -109,14 +109,16 @@ def load_digits(data_dir: Path, split: str) -> DigitSet:
     return train.subset(val_idx)
 
 
-def run(frames: int, seed: int, model_dir: Path, data_dir: Path, split: str, length: int) -> dict:
+def run(frames: int, seed: int, model_dir: Path, data_dir: Path, split: str, length: int,
+        digit_height: float | None = None) -> dict:
     """Render, read, classify and decide every frame; return the summary."""
     digits = load_digits(data_dir, split)
     model = load_bundle(model_dir)
     threshold = model.manifest.acceptance_threshold
     config = ReaderConfig(expected_lengths=(length,))
     rng = np.random.default_rng(seed)
-    samples = render_postcode_samples(digits, frames, rng, length=length)
+    pinned = {} if digit_height is None else {"digit_height": digit_height}  # else 40-90 px, drawn per frame
+    samples = render_postcode_samples(digits, frames, rng, length=length, **pinned)
 
     total, oracle, by_tag = Tally(), Tally(), defaultdict(Tally)
     reader_s, classifier_s, reasons = 0.0, 0.0, defaultdict(int)
@@ -141,6 +143,7 @@ def run(frames: int, seed: int, model_dir: Path, data_dir: Path, split: str, len
         "frames": frames,
         "seed": seed,
         "postcode_length": length,
+        "digit_height_px": digit_height,
         "model": str(model_dir),
         "model_version": model.version,
         "acceptance_threshold": threshold,
@@ -182,12 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=("test", "val", "train"), default="test",
                         help="digits: test = t10k (report), val = model's held-out training digits (tuning)")
     parser.add_argument("--length", type=int, default=5, help="digits per postcode")
+    parser.add_argument("--digit-height", type=float,
+                        help="render every digit this many px tall (a camera further away; default 40-90 px)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
     data_dir = locate_data_dir(args.data)
     if data_dir is None:
         raise SystemExit("no MNIST data: pass --data DIR or set $MNIST_DIR")
-    summary = run(args.frames, args.seed, find_model(args.model), data_dir, args.split, args.length)
+    summary = run(args.frames, args.seed, find_model(args.model), data_dir, args.split, args.length, args.digit_height)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_agent.decision import decide, decide_with_plan, with_fragment_doubt  # noqa: E402
+from edge_agent.decision import decide, decide_with_plan, with_row_doubt  # noqa: E402
 from edge_agent.decoder import DecodePolicy  # noqa: E402
 from edge_agent.types import Reason  # noqa: E402
 from edge_agent.evaluation import CostModel, score  # noqa: E402
@@ -95,7 +95,7 @@ def read_all(frames: list[np.ndarray], bundle: str, combine: str = "geometric"):
             combined /= combined.sum(axis=1, keepdims=True)
         else:
             combined = np.mean(members, axis=0)
-        reads.append((combined.argmax(axis=1), with_fragment_doubt(combined, evidence.located.boxes)))
+        reads.append((combined.argmax(axis=1), with_row_doubt(combined, evidence.located.boxes, evidence.located.repairs)))
     return models[0], reads
 
 

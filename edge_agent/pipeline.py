@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_agent.decision import Decision, decide, decide_with_plan, with_fragment_doubt
+from edge_agent.decision import Decision, decide, decide_with_plan, with_row_doubt
 from edge_agent.decoder import DecodePolicy
 from edge_agent.loader import Int8Classifier, LoadedModel
 from edge_agent.observability import InputQuality, input_quality
@@ -40,7 +40,8 @@ class FrameRead:
 @dataclass(frozen=True)
 class DigitEvidence:
     """What the decision weighs: the row's marks, the classifier's labels and their probabilities
-    after the row's own doubt (a fragment far shorter than its row is not trusted as a digit)."""
+    after the row's own doubt (a fragment far shorter than its row, or a mark the reader made to
+    fill the row, is not trusted as a digit)."""
 
     located: LocatedDigits
     labels: np.ndarray
@@ -59,7 +60,8 @@ def digit_evidence(image: np.ndarray, classifier: Int8Classifier, reader_config:
     located_at = time.perf_counter()
     result = classifier.classify(located.digits)
     seconds = (located_at - started, time.perf_counter() - located_at)
-    return DigitEvidence(located, result.labels, with_fragment_doubt(result.probabilities, located.boxes), seconds)
+    probabilities = with_row_doubt(result.probabilities, located.boxes, located.repairs)
+    return DigitEvidence(located, result.labels, probabilities, seconds)
 
 
 def image_sha256(image: np.ndarray | bytes) -> str:

@@ -62,6 +62,7 @@ class _Mark:
     labels: tuple[int, ...]  # component labels that make up this mark
     area: int
     x_cut: tuple[int, int] | None = None  # column range kept when a wide mark was split
+    repair: str = ""  # how the row was mended to make this mark: "split", "split_to_count", "recovered", "merged"
 
     @property
     def x1(self) -> int:
@@ -463,7 +464,7 @@ def _merge_overlapping(marks: list[_Mark]) -> list[_Mark]:
     return merged
 
 
-def _split_at_minima(mark: _Mark, pieces: int, binary: np.ndarray) -> list[_Mark]:
+def _split_at_minima(mark: _Mark, pieces: int, binary: np.ndarray, repair: str = "split") -> list[_Mark]:
     """Cut a wide mark into ``pieces`` at the thinnest columns near the even cut positions."""
     x_from, x_to = mark.x_cut if mark.x_cut else (mark.x, mark.x1)
     profile = binary[mark.y: mark.y1, x_from:x_to].sum(axis=0).astype(np.float32)
@@ -481,7 +482,7 @@ def _split_at_minima(mark: _Mark, pieces: int, binary: np.ndarray) -> list[_Mark
         if b - a < 2:
             continue
         out.append(_Mark(x_from + a, mark.y, b - a, mark.h, mark.labels, mark.area,
-                         (x_from + a, x_from + b)))
+                         (x_from + a, x_from + b), repair))
     return out
 
 
@@ -508,7 +509,7 @@ def _split_wide(marks: list[_Mark], binary: np.ndarray, expected: tuple[int, ...
         widest = max(range(len(out)), key=lambda i: out[i].w / max(out[i].h, row_h))
         if out[widest].w < 0.75 * max(out[widest].h, row_h):
             break
-        out[widest: widest + 1] = _split_at_minima(out[widest], 2, binary)
+        out[widest: widest + 1] = _split_at_minima(out[widest], 2, binary, "split_to_count")
     return out
 
 
@@ -531,7 +532,7 @@ def _merge_surplus(marks: list[_Mark], expected: tuple[int, ...]) -> list[_Mark]
                 best, best_cost = i, cost
         if best is None:
             break
-        marks[best: best + 2] = [_union(marks[best], marks[best + 1])]
+        marks[best: best + 2] = [replace(_union(marks[best], marks[best + 1]), repair="merged")]
     return marks
 
 
@@ -563,7 +564,8 @@ def _recover_small(marks: list[_Mark], stats: np.ndarray, expected: tuple[int, .
         else:
             groups.append(p)
     # Big enough to be a digit, not a speck or a stray fibre; the biggest first.
-    found = [g for g in groups if g.h >= 0.3 * row_h and g.w >= 0.2 * row_h and g.area >= 0.03 * row_h ** 2]
+    found = [replace(g, repair="recovered") for g in groups
+             if g.h >= 0.3 * row_h and g.w >= 0.2 * row_h and g.area >= 0.03 * row_h ** 2]
     found.sort(key=lambda g: -g.area)
     return sorted(marks + found[: target - len(marks)], key=lambda m: m.x)
 
@@ -890,4 +892,4 @@ def locate_digits(image: np.ndarray, config: ReaderConfig = ReaderConfig()) -> L
     digits = np.stack([mnist_normalise(_digit_crop(m, seg, work, threshold)) for m in marks])
     boxes = tuple(_frame_box(m, inverse, origin, scale, offset) for m in marks)
     log.debug("located %d digits (inverted=%s, angle=%.1f)", len(marks), inverted, angle)
-    return LocatedDigits(digits, boxes, inverted, "")
+    return LocatedDigits(digits, boxes, inverted, "", tuple(m.repair for m in marks))

@@ -73,6 +73,9 @@ class LocatedDigits:
     boxes: tuple[tuple[int, int, int, int], ...]  # (x, y, w, h) in frame pixels, per digit
     inverted: bool = False  # True when the frame was light ink on a dark background
     note: str = ""  # why nothing was found, for the review reason's detail
+    # Per digit, how the reader mended the row to make it ("" = a mark as found; "split",
+    # "split_to_count", "recovered", "merged"): evidence the decision weighs.
+    repairs: tuple[str, ...] = ()
 
 
 class Reason(str, enum.Enum):

@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from edge_agent.decision import FRAGMENT_DOUBT, FRAGMENT_HEIGHT, decide, decide_with_plan, with_fragment_doubt
+from edge_agent.decision import (DOUBTED_REPAIRS, FRAGMENT_DOUBT, FRAGMENT_HEIGHT, decide, decide_with_plan,
+                                 with_row_doubt)
 from edge_agent.decoder import DecodePolicy
 from edge_agent.sortplan import parse_sort_plan
 from edge_agent.types import Reason
@@ -49,7 +50,7 @@ ROW = ((10, 20, 30, 60), (50, 22, 30, 58), (90, 21, 28, 61), (130, 20, 30, 60), 
 def test_a_mark_far_shorter_than_its_row_loses_its_certainty():
     labels, p = probs((7, 0.999), (1, 0.99999), (9, 0.9999), (9, 0.9999), (7, 0.9999))
     boxes = ((10, 20, 30, 60), (55, 45, 6, 29)) + ROW[2:]  # a stem, half as tall as the digits
-    doubted = with_fragment_doubt(p, boxes)
+    doubted = with_row_doubt(p, boxes)
     assert np.array_equal(doubted.argmax(axis=1), labels)  # the read stays the read
     assert doubted[1].max() <= 1 - FRAGMENT_DOUBT + FRAGMENT_DOUBT / 10 + 1e-12
     assert np.allclose(doubted[1].sum(), 1.0)
@@ -60,12 +61,12 @@ def test_a_mark_far_shorter_than_its_row_loses_its_certainty():
 
 def test_rows_of_even_marks_and_short_rows_are_left_alone():
     labels, p = probs((1, 0.9999), (2, 0.9999), (3, 0.9999), (4, 0.9999), (5, 0.9999))
-    assert with_fragment_doubt(p, ROW) is p
+    assert with_row_doubt(p, ROW) is p
     # The cut is a share of the median: a mark just above it keeps its confidence.
     tall_enough = ROW[:1] + ((50, 22, 30, int(FRAGMENT_HEIGHT * 60) + 1),) + ROW[2:]
-    assert np.array_equal(with_fragment_doubt(p, tall_enough), p)
+    assert np.array_equal(with_row_doubt(p, tall_enough), p)
     two = probs((1, 0.9999), (2, 0.9999))[1]
-    assert with_fragment_doubt(two, ((0, 0, 10, 60), (20, 0, 5, 10))) is two  # no row to compare with
+    assert with_row_doubt(two, ((0, 0, 10, 60), (20, 0, 5, 10))) is two  # no row to compare with
 
 
 def test_a_fragment_read_with_a_plan_goes_to_review_not_to_a_neighbours_chute():
@@ -76,5 +77,24 @@ def test_a_fragment_read_with_a_plan_goes_to_review_not_to_a_neighbours_chute():
     policy = DecodePolicy(target_misdirect_rate=1e-3, invalid_prior=0.01)
     assert decide_with_plan(labels, p, (5,), plan, policy).accepted  # the stem alone fools it
     stem = ((12, 40, 5, 28),) + ROW[1:]
-    decision = decide_with_plan(labels, with_fragment_doubt(p, stem), (5,), plan, policy)
+    decision = decide_with_plan(labels, with_row_doubt(p, stem), (5,), plan, policy)
     assert not decision.accepted and decision.reason is Reason.AMBIGUOUS
+
+
+def test_a_mark_the_reader_made_to_fill_the_row_loses_its_certainty_once():
+    """Recovered and split-to-count marks are doubted like a fragment; a plain split of a wide
+    mark (touching digits), two pieces merged into one digit and marks as found are not. A short mark that was also mended is
+    doubted once, not twice."""
+    labels, p = probs((2, 0.9999), (5, 0.9999), (7, 0.9999), (2, 0.9999), (9, 0.9999))
+    assert with_row_doubt(p, ROW, ("", "split", "merged", "", "")) is p
+    for repair in sorted(DOUBTED_REPAIRS):
+        doubted = with_row_doubt(p, ROW, ("", "", "", repair, ""))
+        assert np.array_equal(doubted.argmax(axis=1), labels)
+        assert np.isclose(doubted[3].max(), (1 - FRAGMENT_DOUBT) * 0.9999 + FRAGMENT_DOUBT / 10)
+        assert np.array_equal(np.delete(doubted, 3, axis=0), np.delete(p, 3, axis=0))
+        assert decide(labels, doubted, (5,), 0.99).reason is Reason.LOW_CONFIDENCE
+    short_and_mended = ROW[:3] + ((130, 40, 30, 20),) + ROW[4:]
+    once = with_row_doubt(p, short_and_mended, ("", "", "", "recovered", ""))
+    assert np.isclose(once[3].max(), (1 - FRAGMENT_DOUBT) * 0.9999 + FRAGMENT_DOUBT / 10)
+    # Repairs that do not match the digits (an older reader's result) are ignored, not misapplied.
+    assert with_row_doubt(p, ROW, ("recovered",)) is p

@@ -160,6 +160,31 @@ def test_a_small_digit_between_big_ones_is_its_own_digit(demo):
     assert found >= 9
 
 
+def test_the_reader_says_which_marks_it_made_to_fill_the_row(demo):
+    """Marks found whole carry no repair; cut from touching digits, "split" (or "split_to_count"
+    when only the postcode's length asked for the cut); taken back from the row's gaps,
+    "recovered". The decision doubts the made ones (decision.DOUBTED_REPAIRS)."""
+    import cv2
+
+    rng = np.random.default_rng(9)
+    for _ in range(3):
+        located = locate_digits(render_postcode_frame(list(demo.images[rng.integers(0, len(demo), 5)]), rng,
+                                                      digit_height=60.0))
+        assert located.repairs == ("",) * 5
+    rng = np.random.default_rng(5)
+    touching = [locate_digits(render_postcode_frame(list(demo.images[rng.integers(0, len(demo), 5)]), rng,
+                                                    gap=(-0.12, -0.05), stroke=1)) for _ in range(4)]
+    assert all(len(t.repairs) == len(t.digits) for t in touching)
+    assert all({"split", "split_to_count"} & set(t.repairs) for t in touching)
+    rng = np.random.default_rng(7)
+    images = [image.copy() for image in demo.images[rng.integers(0, len(demo), 5)]]
+    small = np.zeros((28, 28), np.uint8)
+    small[8:20, 8:20] = cv2.resize(images[2], (12, 12), interpolation=cv2.INTER_AREA)
+    images[2] = small
+    located = locate_digits(render_postcode_frame(images, rng, digit_height=60.0, scale_jitter=0.0))
+    assert located.repairs == ("", "", "recovered", "", "")
+
+
 def test_a_thick_pen_is_thinned_towards_mnist_strokes(demo):
     """The same digits in a felt-tip carry about as much ink after normalising as in an ordinary pen."""
     for seed in range(3):
