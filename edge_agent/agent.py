@@ -529,7 +529,8 @@ class Agent:
 
     def _observe(self, result: PostcodeRead, read: FrameRead | None, now: float) -> None:
         """Feed the drift monitor; keep the site's reference once it is complete."""
-        observed = ObservedRead.from_postcode_read(result, read.quality if read is not None else None)
+        heights = [box[3] * read.located.scale for box in read.located.boxes] if read is not None else []
+        observed = ObservedRead.from_postcode_read(result, read.quality if read is not None else None, heights)
         with self._drift_lock:
             was_complete = self.drift.reference.complete
             self.drift.observe(observed, now)

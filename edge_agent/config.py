@@ -170,6 +170,9 @@ class ObservabilityConfig:
     min_reads: int = 100  # fewer reads in the window: drift is not judged yet
     psi_alarm: float = 0.25  # population stability index at or above this raises the alarm
     blur_alarm: float = 0.5  # mean sharpness below this share of the reference's: "blurred frames"
+    # Digits shorter than this on average over the window (frame pixels): "small_digits", the
+    # camera is too far from the postcode field (docs/OPERATIONS.md). 0 turns the alarm off.
+    min_digit_height_px: float = 40.0
     health_period_s: float = 2.0  # events/health every this often (the site dashboard's pulse)
     read_events_per_s: float = 5.0  # events/read (one read with its digit crops) at most this often
 
@@ -291,6 +294,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "observability.min_reads": (1, None),
     "observability.psi_alarm": (0.01, 10),
     "observability.blur_alarm": (0.01, 1),
+    "observability.min_digit_height_px": (0, 1000),
     "observability.health_period_s": (0.2, 3600),
     "observability.read_events_per_s": (0, 100),
     "sort_plan.target_misdirect_rate": (1e-9, 0.5),

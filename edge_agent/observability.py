@@ -145,6 +145,10 @@ class ObservedRead:
     accepted: bool
     reason: str | None  # why it went to review (a Reason value); None when accepted
     quality: InputQuality | None  # None when there was no frame
+    # Median height of the read's digits in the pixels the reader worked on (None without
+    # digits): a camera too far from the envelopes shows small digits, which are read far less
+    # surely (docs/OPERATIONS.md).
+    digit_height_px: float | None = None
 
     def __post_init__(self) -> None:
         if len(self.digits) != len(self.confidences):
@@ -158,13 +162,16 @@ class ObservedRead:
         return self.quality is not None or bool(self.digits)
 
     @classmethod
-    def from_postcode_read(cls, read: PostcodeRead, quality: InputQuality | None) -> ObservedRead:
-        """The observability view of a decided read."""
+    def from_postcode_read(cls, read: PostcodeRead, quality: InputQuality | None,
+                           digit_heights_px: Sequence[float] = ()) -> ObservedRead:
+        """The observability view of a decided read (``digit_heights_px``: its digits' heights as
+        the reader saw them)."""
         return cls(digits=tuple(d.digit for d in read.digits),
                    confidences=tuple(d.confidence for d in read.digits),
                    accepted=read.accepted,
                    reason=read.reason.value if read.reason is not None else None,
-                   quality=quality)
+                   quality=quality,
+                   digit_height_px=float(np.median(digit_heights_px)) if len(digit_heights_px) else None)
 
 
 def confidence_bin(confidence: float) -> int:
@@ -192,6 +199,8 @@ class ReadAggregates:
         self.contrast_sum = 0.0
         self.sharpness_sum = 0.0
         self.inverted = 0
+        self.sized = 0  # reads with a digit height
+        self.digit_height_sum = 0.0
 
     def add(self, read: ObservedRead) -> None:
         """Count one read in."""
@@ -228,6 +237,11 @@ class ReadAggregates:
             self.inverted += sign * int(q.inverted)
             if self.measured == 0:  # subtracting floats leaves crumbs; an empty set has none
                 self.brightness_sum = self.contrast_sum = self.sharpness_sum = 0.0
+        if read.digit_height_px is not None:
+            self.sized += sign
+            self.digit_height_sum += sign * read.digit_height_px
+            if self.sized == 0:
+                self.digit_height_sum = 0.0
 
     @property
     def review_rate(self) -> float | None:
@@ -240,6 +254,11 @@ class ReadAggregates:
     def position_distributions(self) -> list[np.ndarray | None]:
         """Proportions of the predicted digits at each position 0..4, None where there were none."""
         return [_proportions(row) for row in self.position_counts]
+
+    @property
+    def mean_digit_height(self) -> float | None:
+        """Mean over reads of their digits' median height in frame pixels, or None without digits."""
+        return self.digit_height_sum / self.sized if self.sized > 0 else None
 
     def mean_quality(self) -> dict[str, float | None]:
         """Mean brightness, contrast and sharpness and the inverted share over measured frames."""
@@ -268,6 +287,7 @@ class ReadAggregates:
                                  "mean": _num(self.digits_total / self.frames if self.frames else None)},
             "quality": {"measured": self.measured,
                         **{key: _num(value) for key, value in self.mean_quality().items()}},
+            "digit_height_px": _num(self.mean_digit_height),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -280,7 +300,8 @@ class ReadAggregates:
                 "digits_per_frame": self.digits_per_frame.tolist(),
                 "digits_total": self.digits_total, "measured": self.measured,
                 "brightness_sum": self.brightness_sum, "contrast_sum": self.contrast_sum,
-                "sharpness_sum": self.sharpness_sum, "inverted": self.inverted}
+                "sharpness_sum": self.sharpness_sum, "inverted": self.inverted,
+                "sized": self.sized, "digit_height_sum": self.digit_height_sum}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ReadAggregates:
@@ -291,6 +312,8 @@ class ReadAggregates:
                 setattr(a, name, int(data[name]))
             for name in ("brightness_sum", "contrast_sum", "sharpness_sum"):
                 setattr(a, name, float(data[name]))
+            # References saved before digit heights were kept have none: they start at zero.
+            a.sized, a.digit_height_sum = int(data.get("sized", 0)), float(data.get("digit_height_sum", 0.0))
             a.reviews_by_reason = Counter({str(k): int(v) for k, v in data["reviews_by_reason"].items()})
             for name, shape in (("digit_counts", (CLASSES,)), ("position_counts", (POSITIONS, CLASSES)),
                                 ("confidence_counts", (CONFIDENCE_BINS,)),
@@ -463,7 +486,7 @@ def _confidence_counts(raw: Any) -> tuple[int, ...] | None:
 class Alarm:
     """A drift alarm raised now: which figure crossed which level, and what to do about it."""
 
-    kind: str  # prediction_drift, confidence_drift, blurred_frames, inverted_frames
+    kind: str  # prediction_drift, confidence_drift, blurred_frames, inverted_frames, small_digits
     figure: str  # the name of the figure in DriftReport.figures
     value: float
     level: float
@@ -538,8 +561,11 @@ class DriftMonitor:
 
     def levels(self) -> dict[str, float]:
         """The alarm level of each figure that can raise an alarm."""
-        return {"prediction_psi": self.config.psi_alarm, "confidence_psi": self.config.psi_alarm,
-                "sharpness_ratio": self.config.blur_alarm, "inverted_share_change": INVERTED_RISE_ALARM}
+        levels = {"prediction_psi": self.config.psi_alarm, "confidence_psi": self.config.psi_alarm,
+                  "sharpness_ratio": self.config.blur_alarm, "inverted_share_change": INVERTED_RISE_ALARM}
+        if self.config.min_digit_height_px > 0:
+            levels["digit_height_px"] = self.config.min_digit_height_px
+        return levels
 
     def assess(self, now: float) -> DriftReport:
         """Drift figures and alarms at ``now`` (prunes the window; remembers alarms for hysteresis)."""
@@ -549,8 +575,26 @@ class DriftMonitor:
         judged = enough and self.reference.complete
         figures = _reference_figures(win, self.reference.aggregates if judged else None)
         figures |= _training_figures(win if enough else None, self.training)
-        self._active = self._alarms(figures) if judged else {}
+        # The digits' size is judged against a fixed level, not the reference: a camera set up
+        # too far away from the first day has a reference of small digits too.
+        figures["digit_height_px"] = win.mean_digit_height if enough else None
+        active = self._alarms(figures) if judged else {}
+        small = self._small_digits(figures["digit_height_px"])
+        self._active = active | ({small.kind: small} if small is not None else {})
         return DriftReport(judged, self.alarms, figures, self.levels())
+
+    def _small_digits(self, height: float | None) -> Alarm | None:
+        level = self.config.min_digit_height_px
+        if height is None or level <= 0:
+            return None
+        # Clears only once the digits are a margin above the level (level / CLEAR_FACTOR).
+        raised = height < (level / CLEAR_FACTOR if "small_digits" in self._active else level)
+        if not raised:
+            return None
+        return Alarm("small_digits", "digit_height_px", height, level,
+                     f"digits are {height:.0f} px tall on average (alarm below {level:.0f} px): small digits "
+                     "are read far less surely; frame the camera closer to the postcode field "
+                     "(docs/OPERATIONS.md, framing the camera)")
 
     def _alarms(self, figures: Mapping[str, float | None]) -> dict[str, Alarm]:
         psi, blur = self.config.psi_alarm, self.config.blur_alarm

@@ -892,4 +892,4 @@ def locate_digits(image: np.ndarray, config: ReaderConfig = ReaderConfig()) -> L
     digits = np.stack([mnist_normalise(_digit_crop(m, seg, work, threshold)) for m in marks])
     boxes = tuple(_frame_box(m, inverse, origin, scale, offset) for m in marks)
     log.debug("located %d digits (inverted=%s, angle=%.1f)", len(marks), inverted, angle)
-    return LocatedDigits(digits, boxes, inverted, "", tuple(m.repair for m in marks))
+    return LocatedDigits(digits, boxes, inverted, "", tuple(m.repair for m in marks), scale)

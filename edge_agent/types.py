@@ -76,6 +76,7 @@ class LocatedDigits:
     # Per digit, how the reader mended the row to make it ("" = a mark as found; "split",
     # "split_to_count", "recovered", "merged"): evidence the decision weighs.
     repairs: tuple[str, ...] = ()
+    scale: float = 1.0  # working pixels per frame pixel (frames beyond reader.max_side are shrunk first)
 
 
 class Reason(str, enum.Enum):

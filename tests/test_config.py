@@ -170,6 +170,7 @@ def test_a_wrong_typed_value_is_not_blamed_again_through_its_default():
     ("trigger", "settle_ms", -5, "trigger.settle_ms: must not be negative, got -5"),
     ("reader", "workers", 0, "reader.workers: must be between 1 and 16, got 0"),
     ("reader", "workers", 17, "reader.workers: must be between 1 and 16, got 17"),
+    ("observability", "min_digit_height_px", -1.0, "observability.min_digit_height_px: must be between 0 and 1000, got -1"),
     ("model", "num_threads", 65, "model.num_threads: must be between 1 and 64, got 65"),
     ("outbox", "retention_days", -0.5, "outbox.retention_days: must not be negative, got -0.5"),
     ("outbox", "max_pending", 0, "outbox.max_pending: must be positive, got 0"),

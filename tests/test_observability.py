@@ -18,6 +18,7 @@ from edge_agent.observability import (
     DriftMonitor,
     InputQuality,
     ObservedRead,
+    ReadAggregates,
     ReadWindow,
     Reference,
     TrainingBaseline,
@@ -33,9 +34,10 @@ NORMAL = InputQuality(brightness=150.0, contrast=40.0, sharpness=1000.0, inverte
 SMALL = ObservabilityConfig(window_reads=200, reference_reads=200, min_reads=100)
 
 
-def read(digits, confidence=0.999, accepted=True, reason=None, quality=NORMAL) -> ObservedRead:
+def read(digits, confidence=0.999, accepted=True, reason=None, quality=NORMAL, height=60.0) -> ObservedRead:
     digits = tuple(digits)
-    return ObservedRead(digits, (confidence,) * len(digits), accepted, reason, quality)
+    return ObservedRead(digits, (confidence,) * len(digits), accepted, reason, quality,
+                        height if digits else None)
 
 
 def uniform_read(i: int, **kwargs) -> ObservedRead:
@@ -406,6 +408,51 @@ def test_inverted_frames_raise_when_their_share_rises_by_more_than_0_3():
         report = monitor.assess(now + k)
         assert (report.kinds == ("inverted_frames",)) == (k == 61), k  # 60 / 200 = 0.3 is not above 0.3
     assert report.figures["inverted_share_change"] == pytest.approx(0.305)
+
+
+def test_small_digits_raise_an_alarm_of_their_own_before_any_reference_and_clear_with_a_margin():
+    """The digits' size is judged against a fixed level (observability.min_digit_height_px, 40),
+    not against the site's reference: a camera framed too far away from day one fills the
+    reference with small digits too."""
+    monitor = DriftMonitor(SMALL, model_version="1.0.0")
+    for k in range(1, SMALL.min_reads + 1):
+        monitor.observe(uniform_read(k, height=30.0), float(k))
+        report = monitor.assess(float(k))
+        assert (report.kinds == ("small_digits",)) == (k == SMALL.min_reads), k  # judged from min_reads on
+    assert not monitor.reference.complete and not report.judged
+    assert report.figures["digit_height_px"] == pytest.approx(30.0)
+    assert report.levels["digit_height_px"] == 40.0
+    assert report.alarms[0].message.startswith("digits are 30 px tall on average (alarm below 40 px)")
+    # Bigger digits come back: the alarm holds while the window's mean is under 40 / 0.8 = 50 px,
+    # though it passed 40 long before, and clears from there on.
+    now, held_above_level = float(SMALL.min_reads), 0
+    for k in range(1, SMALL.window_reads + 1):
+        monitor.observe(uniform_read(k, height=60.0), now + k)
+        mean = monitor.window.aggregates.mean_digit_height
+        assert ("small_digits" in monitor.assess(now + k).kinds) == (mean < 50.0), (k, mean)
+        held_above_level += 40.0 <= mean < 50.0
+    assert held_above_level > 10
+
+
+def test_the_small_digits_alarm_can_be_turned_off_and_ignores_reads_without_digits():
+    off = DriftMonitor(replace(SMALL, min_digit_height_px=0), model_version="1.0.0")
+    on = DriftMonitor(SMALL, model_version="1.0.0")
+    for k in range(SMALL.min_reads):
+        off.observe(uniform_read(k, height=10.0), float(k))
+        on.observe(read((), accepted=False, reason="no_postcode"), float(k))  # nothing found: no height
+    assert off.assess(200.0).alarms == () and "digit_height_px" not in off.levels()
+    assert on.assess(200.0).figures["digit_height_px"] is None and on.alarms == ()
+
+
+def test_a_reference_saved_before_digit_heights_were_kept_still_loads():
+    aggregates = ReadAggregates()
+    aggregates.add(uniform_read(1, height=44.0))
+    saved = aggregates.to_dict()
+    assert ReadAggregates.from_dict(saved).mean_digit_height == pytest.approx(44.0)
+    old = {k: v for k, v in saved.items() if k not in ("sized", "digit_height_sum")}
+    assert ReadAggregates.from_dict(old).mean_digit_height is None
+    aggregates.remove(uniform_read(1, height=44.0))
+    assert aggregates.mean_digit_height is None and aggregates.digit_height_sum == 0.0
 
 
 def test_a_shift_in_confidence_raises_confidence_drift():

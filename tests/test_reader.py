@@ -201,7 +201,14 @@ def test_huge_frame_is_downscaled_and_read(demo):
     import cv2
 
     big = cv2.resize(frame, (3200, 2400), interpolation=cv2.INTER_LINEAR)
-    assert len(locate_digits(big).digits) == len(postcode)
+    located = locate_digits(big)
+    assert len(located.digits) == len(postcode)
+    # Boxes are in the frame's pixels; the scale says how big the reader saw them (1280 / 3200).
+    assert located.scale == pytest.approx(0.4)
+    assert locate_digits(frame).scale == 1.0
+    # 5 times the frame, read at 0.4: the reader saw digits twice as tall as in the original.
+    seen = np.median([h for _, _, _, h in located.boxes]) * located.scale
+    assert seen == pytest.approx(2 * np.median([h for _, _, _, h in locate_digits(frame).boxes]), rel=0.15)
 
 
 # --- bad input ------------------------------------------------------------------------------

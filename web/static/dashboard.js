@@ -392,7 +392,8 @@
   }
 
   var DRIFT_FIGURES = { prediction_psi: 'prediction PSI', confidence_psi: 'confidence PSI',
-    sharpness_ratio: 'sharpness ratio', inverted_share_change: 'inverted share Δ' };
+    sharpness_ratio: 'sharpness ratio', inverted_share_change: 'inverted share Δ',
+    digit_height_px: 'digit height (px)' };
   function renderModelHealth(table, line) {
     var obs = line.observability || {};
     var w = obs.window || {}, q = w.input_quality || {}, ref = obs.reference || {};
