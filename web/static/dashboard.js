@@ -406,7 +406,8 @@
     ];
     Object.keys(DRIFT_FIGURES).forEach(function (k) {
       if (!(k in figures) && !(k in levels)) return;
-      pairs.push([DRIFT_FIGURES[k], fmt(figures[k], 3) + (num(levels[k]) === null ? '' : ' / ' + fmt(levels[k], 2))]);
+      var decimals = k === 'digit_height_px' ? 0 : 3;  // pixels, not a ratio
+      pairs.push([DRIFT_FIGURES[k], fmt(figures[k], decimals) + (num(levels[k]) === null ? '' : ' / ' + fmt(levels[k], Math.min(decimals, 2)))]);
     });
     pairs.push(['brightness · contrast', fmt(q.brightness, 0) + ' · ' + fmt(q.contrast, 0)]);
     pairs.push(['sharpness', fmt(q.sharpness, 0)]);
