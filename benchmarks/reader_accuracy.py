@@ -126,7 +126,7 @@ def run(frames: int, seed: int, model_dir: Path, data_dir: Path, split: str, len
         evidence = digit_evidence(sample.frame, model.classifier, config)
         located = evidence.located
         reader_s, classifier_s = reader_s + evidence.seconds[0], classifier_s + evidence.seconds[1]
-        decision = decide(evidence.labels, evidence.probabilities, config.expected_lengths, threshold)
+        decision = decide(evidence.labels, evidence.probabilities(with_plan=False), config.expected_lengths, threshold)
         exact = decision.postcode == sample.postcode
         count_right = len(located.digits) == len(sample.postcode)
         total.add(exact, decision.accepted, count_right)

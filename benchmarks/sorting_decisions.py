@@ -18,6 +18,7 @@ with the prior for invalid codes set to the stream's share of them (--invalid-sh
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import json
 import sys
 import time
@@ -28,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_agent.decision import decide, decide_with_plan, with_row_doubt  # noqa: E402
+from edge_agent.decision import decide, decide_with_plan  # noqa: E402
 from edge_agent.decoder import DecodePolicy  # noqa: E402
 from edge_agent.types import Reason  # noqa: E402
 from edge_agent.evaluation import CostModel, score  # noqa: E402
@@ -78,24 +79,24 @@ def render(truths: list[str], digits, rng: np.random.Generator) -> list[np.ndarr
 
 
 def read_all(frames: list[np.ndarray], bundle: str, combine: str = "geometric"):
-    """Each frame's digit labels and probabilities from one bundle, or from several ("A+B": the
-    members' calibrated probabilities combined per digit, as one merged graph would)."""
+    """Each frame's digit labels and its probabilities for the plan's rules and for the digit rule,
+    from one bundle or from several ("A+B": the members' calibrated probabilities combined per
+    digit, as one merged graph would)."""
     models = [load_bundle(Path(p)) for p in bundle.split("+")]
     config = ReaderConfig(expected_lengths=(LENGTH,))
     reads = []
     for frame in frames:
         evidence = digit_evidence(frame, models[0].classifier, config)
-        if len(models) == 1 or not len(evidence.labels):
-            reads.append((evidence.labels, evidence.probabilities))
-            continue
-        members = [m.classifier.classify(evidence.located.digits).probabilities for m in models]
-        if combine == "geometric":  # softmax of the averaged temperature-scaled logits
-            log_p = np.mean([np.log(np.clip(p, 1e-12, 1.0)) for p in members], axis=0)
-            combined = np.exp(log_p - log_p.max(axis=1, keepdims=True))
-            combined /= combined.sum(axis=1, keepdims=True)
-        else:
-            combined = np.mean(members, axis=0)
-        reads.append((combined.argmax(axis=1), with_row_doubt(combined, evidence.located.boxes, evidence.located.repairs)))
+        if len(models) > 1 and len(evidence.labels):
+            members = [m.classifier.classify(evidence.located.digits).probabilities for m in models]
+            if combine == "geometric":  # softmax of the averaged temperature-scaled logits
+                log_p = np.mean([np.log(np.clip(p, 1e-12, 1.0)) for p in members], axis=0)
+                combined = np.exp(log_p - log_p.max(axis=1, keepdims=True))
+                combined /= combined.sum(axis=1, keepdims=True)
+            else:
+                combined = np.mean(members, axis=0)
+            evidence = replace(evidence, labels=combined.argmax(axis=1), classified=combined)
+        reads.append((evidence.labels, evidence.probabilities(with_plan=True), evidence.probabilities(with_plan=False)))
     return models[0], reads
 
 
@@ -133,13 +134,13 @@ def run(args) -> dict:
         for label, path in bundles:
             model, reads = read_all(frames, path, args.combine)  # read once; every rule and target decodes the same reads
             threshold = model.manifest.acceptance_threshold
-            rules = [("digits", None, [decide(lab, prob, (LENGTH,), threshold) for lab, prob in reads], [])]
+            rules = [("digits", None, [decide(lab, alone, (LENGTH,), threshold) for lab, _, alone in reads], [])]
             for policy in policies:
                 rules.append(("directory", policy.target_misdirect_rate,
-                              [decide_with_plan(lab, prob, (LENGTH,), per_code, policy) for lab, prob in reads], []))
+                              [decide_with_plan(lab, prob, (LENGTH,), per_code, policy) for lab, prob, _ in reads], []))
                 decode_ms = []
                 chute = []
-                for lab, prob in reads:
+                for lab, prob, _ in reads:
                     t0 = time.perf_counter()
                     chute.append(decide_with_plan(lab, prob, (LENGTH,), by_region, policy))
                     decode_ms.append((time.perf_counter() - t0) * 1000)
@@ -150,7 +151,7 @@ def run(args) -> dict:
                         and d.chute is not None]
                 spent = _SpentPolicy(policy, rate_threshold(sure, policy.target_misdirect_rate, args.floor))
                 rules.append(("chute_rate", policy.target_misdirect_rate,
-                              [decide_with_plan(lab, prob, (LENGTH,), by_region, spent) for lab, prob in reads],
+                              [decide_with_plan(lab, prob, (LENGTH,), by_region, spent) for lab, prob, _ in reads],
                               []))
                 report.setdefault("chute_rate_thresholds", []).append(
                     {"directory": size, "bundle": label, "target": policy.target_misdirect_rate,
@@ -205,8 +206,6 @@ class _SpentPolicy(DecodePolicy):
 
 def _as_chutes(decisions, plan):
     """A postcode decision as the sorting machine applies it: the plan's chute for that postcode."""
-    from dataclasses import replace
-
     out = []
     for d in decisions:
         chute = plan.chute_for(d.postcode) if d.accepted else None

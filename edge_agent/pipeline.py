@@ -39,18 +39,26 @@ class FrameRead:
 
 @dataclass(frozen=True)
 class DigitEvidence:
-    """What the decision weighs: the row's marks, the classifier's labels and their probabilities
-    after the row's own doubt (a fragment far shorter than its row, or a mark the reader made to
-    fill the row, is not trusted as a digit)."""
+    """What the decision weighs: the row's marks, the classifier's labels and probabilities, and
+    the doubt the row adds to them (``probabilities``)."""
 
     located: LocatedDigits
     labels: np.ndarray
-    probabilities: np.ndarray
+    classified: np.ndarray  # the classifier's own probabilities, one row per digit
     seconds: tuple[float, float]  # locate, classify
+
+    def probabilities(self, with_plan: bool) -> np.ndarray:
+        """The digit probabilities the decision uses. A fragment far shorter than its row and a
+        mark the reader made to fill the row are always doubted. Ink left beside a mark (the
+        rest of a digit cut short) is doubted only without a sort plan: with one, the directory
+        is the second opinion, and on validation envelopes doubting it there cost 1-4 points of
+        sorted mail for no misdirect saved (docs/MODELS.md section 6)."""
+        left_behind = () if with_plan else self.located.left_behind
+        return with_row_doubt(self.classified, self.located.boxes, self.located.repairs, left_behind)
 
 
 def digit_evidence(image: np.ndarray, classifier: Int8Classifier, reader_config: ReaderConfig) -> DigitEvidence:
-    """Locate the row's digits, classify them in one batch and weigh the row's geometry.
+    """Locate the row's digits and classify them in one batch.
 
     The one place this sequence lives: the agent, ``predict``, ``evaluate`` and the accuracy and
     sorting benchmarks all read through it, so a benchmark measures what a site runs.
@@ -60,8 +68,7 @@ def digit_evidence(image: np.ndarray, classifier: Int8Classifier, reader_config:
     located_at = time.perf_counter()
     result = classifier.classify(located.digits)
     seconds = (located_at - started, time.perf_counter() - located_at)
-    probabilities = with_row_doubt(result.probabilities, located.boxes, located.repairs)
-    return DigitEvidence(located, result.labels, probabilities, seconds)
+    return DigitEvidence(located, result.labels, result.probabilities, seconds)
 
 
 def image_sha256(image: np.ndarray | bytes) -> str:
@@ -148,11 +155,11 @@ class PostcodeReader:
         sha = sha256 if sha256 is not None else image_sha256(image)
         evidence = digit_evidence(image, model.classifier, self.reader_config)
         decided_from = time.perf_counter()
+        probabilities = evidence.probabilities(with_plan=plan is not None)
         if plan is None:
-            decision = decide(evidence.labels, evidence.probabilities, self.reader_config.expected_lengths,
-                              self.threshold)
+            decision = decide(evidence.labels, probabilities, self.reader_config.expected_lengths, self.threshold)
         else:
-            decision = decide_with_plan(evidence.labels, evidence.probabilities, self.reader_config.expected_lengths,
+            decision = decide_with_plan(evidence.labels, probabilities, self.reader_config.expected_lengths,
                                         plan, self.policy)
         located = evidence.located
         seconds = (*evidence.seconds, time.perf_counter() - decided_from)

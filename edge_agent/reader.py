@@ -892,4 +892,22 @@ def locate_digits(image: np.ndarray, config: ReaderConfig = ReaderConfig()) -> L
     digits = np.stack([mnist_normalise(_digit_crop(m, seg, work, threshold)) for m in marks])
     boxes = tuple(_frame_box(m, inverse, origin, scale, offset) for m in marks)
     log.debug("located %d digits (inverted=%s, angle=%.1f)", len(marks), inverted, angle)
-    return LocatedDigits(digits, boxes, inverted, "", tuple(m.repair for m in marks), scale)
+    return LocatedDigits(digits, boxes, inverted, "", tuple(m.repair for m in marks), scale,
+                         _left_behind(marks, seg))
+
+
+def _left_behind(marks: list[_Mark], seg: _Segmentation) -> tuple[float, ...]:
+    """Per mark, the ink beside it that no mark took (pixels, as a share of the mark's own)."""
+    row_h = _row_height(marks)
+    top, bottom = min(m.y for m in marks), max(m.y1 for m in marks)
+    taken = np.zeros(len(seg.stats), bool)
+    for m in marks:
+        taken[list(m.labels)] = True
+    out = []
+    h, w = seg.binary.shape
+    for m in marks:
+        x0, x1 = max(0, int(m.x - 0.6 * row_h)), min(w, int(m.x1 + 0.6 * row_h))
+        region = seg.labels[top:bottom, x0:x1]
+        stray = (seg.binary[top:bottom, x0:x1] > 0) & ~taken[region]
+        out.append(float(np.count_nonzero(stray)) / max(1, m.area))
+    return tuple(out)

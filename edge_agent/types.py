@@ -77,6 +77,7 @@ class LocatedDigits:
     # "split_to_count", "recovered", "merged"): evidence the decision weighs.
     repairs: tuple[str, ...] = ()
     scale: float = 1.0  # working pixels per frame pixel (frames beyond reader.max_side are shrunk first)
+    left_behind: tuple[float, ...] = ()  # per digit: ink beside it that no mark took, as a share of its own
 
 
 class Reason(str, enum.Enum):

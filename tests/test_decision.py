@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from edge_agent.decision import (DOUBTED_REPAIRS, FRAGMENT_DOUBT, FRAGMENT_HEIGHT, decide, decide_with_plan,
-                                 with_row_doubt)
+from edge_agent.decision import (DOUBTED_REPAIRS, FRAGMENT_DOUBT, FRAGMENT_HEIGHT, LEFT_BEHIND_DOUBT, decide,
+                                 decide_with_plan, with_row_doubt)
 from edge_agent.decoder import DecodePolicy
 from edge_agent.sortplan import parse_sort_plan
 from edge_agent.types import Reason
@@ -98,3 +98,30 @@ def test_a_mark_the_reader_made_to_fill_the_row_loses_its_certainty_once():
     assert np.isclose(once[3].max(), (1 - FRAGMENT_DOUBT) * 0.9999 + FRAGMENT_DOUBT / 10)
     # Repairs that do not match the digits (an older reader's result) are ignored, not misapplied.
     assert with_row_doubt(p, ROW, ("recovered",)) is p
+
+
+def test_a_mark_with_ink_left_beside_it_loses_its_certainty():
+    """The rest of a digit cut short lies beside the mark: at LEFT_BEHIND_DOUBT of the mark's own
+    ink or more the mark is doubted; less (specks, anti-aliasing) leaves it alone."""
+    labels, p = probs((2, 0.9999), (1, 0.9999), (7, 0.9999), (0, 0.9999), (9, 0.9999))
+    below = (0.0, LEFT_BEHIND_DOUBT * 0.99, 0.0, 0.0, 0.0)
+    assert with_row_doubt(p, ROW, left_behind=below) is p
+    doubted = with_row_doubt(p, ROW, left_behind=(0.0, LEFT_BEHIND_DOUBT, 0.0, 0.0, 0.0))
+    assert np.array_equal(doubted.argmax(axis=1), labels)
+    assert np.isclose(doubted[1].max(), (1 - FRAGMENT_DOUBT) * 0.9999 + FRAGMENT_DOUBT / 10)
+    assert decide(labels, doubted, (5,), 0.99).reason is Reason.LOW_CONFIDENCE
+    assert with_row_doubt(p, ROW, left_behind=(1.0,)) is p  # not one value per digit: ignored
+
+
+def test_ink_left_beside_a_mark_is_weighed_only_without_a_sort_plan():
+    """With a plan the directory is the second opinion on a digit; without one the reader's own
+    evidence of a digit cut short sends the read to review."""
+    from edge_agent.pipeline import DigitEvidence
+    from edge_agent.types import LocatedDigits
+
+    labels, p = probs((2, 0.9999), (1, 0.9999), (7, 0.9999), (0, 0.9999), (9, 0.9999))
+    located = LocatedDigits(np.zeros((5, 28, 28), np.uint8), ROW, left_behind=(0.0, 0.4, 0.0, 0.0, 0.0))
+    evidence = DigitEvidence(located, labels, p, (0.0, 0.0))
+    assert np.array_equal(evidence.probabilities(with_plan=True), p)
+    alone = evidence.probabilities(with_plan=False)
+    assert alone[1].max() < 0.6 and np.array_equal(np.delete(alone, 1, axis=0), np.delete(p, 1, axis=0))

@@ -185,6 +185,27 @@ def test_the_reader_says_which_marks_it_made_to_fill_the_row(demo):
     assert located.repairs == ("", "", "recovered", "", "")
 
 
+def test_ink_beside_a_mark_that_no_mark_took_is_reported(demo):
+    """A clean row leaves nothing behind; a blot of ink in a gap that no digit claims counts
+    against both its neighbours (LocatedDigits.left_behind, a share of each mark's own ink),
+    not against the digits further away. It is how the rest of a digit cut short shows."""
+    import cv2
+
+    rng = np.random.default_rng(9)
+    frame = render_postcode_frame(list(demo.images[rng.integers(0, len(demo), 5)]), rng, digit_height=60.0,
+                                  paper="white", ink="black", rotation=0.0, field="none", specks=0, noise=0.0,
+                                  blur=0.0, jpeg_quality=0, illumination=0.0)
+    clean = locate_digits(frame)
+    assert len(clean.digits) == 5 and clean.left_behind == (0.0,) * 5
+    (x1, y1, w1, h1), (x2, _, _, _) = clean.boxes[1], clean.boxes[2]
+    blotted = frame.copy()
+    cv2.ellipse(blotted, ((x1 + w1 + x2) // 2, y1 + h1 // 2), (3, 9), 0, 0, 360, (20, 20, 20), -1)
+    located = locate_digits(blotted)
+    assert located.boxes == clean.boxes
+    assert located.left_behind[1] > 0.05 and located.left_behind[2] > 0.05
+    assert located.left_behind[0] == located.left_behind[3] == located.left_behind[4] == 0.0
+
+
 def test_a_thick_pen_is_thinned_towards_mnist_strokes(demo):
     """The same digits in a felt-tip carry about as much ink after normalising as in an ordinary pen."""
     for seed in range(3):
