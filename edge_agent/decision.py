@@ -70,8 +70,9 @@ LEFT_BEHIND_DOUBT = 0.05
 def with_row_doubt(probabilities: np.ndarray, boxes: tuple[tuple[int, int, int, int], ...],
                    repairs: tuple[str, ...] = (), left_behind: tuple[float, ...] = ()) -> np.ndarray:
     """The digit probabilities with the doubt the row adds: a mark far shorter than its row
-    (``boxes``: (x, y, w, h) per digit) or one the reader made to fill the row (``repairs``,
-    ``LocatedDigits.repairs``) is mixed with "any digit" by ``FRAGMENT_DOUBT``, once.
+    (``boxes``: (x, y, w, h) per digit), one the reader made to fill the row (``repairs``,
+    ``LocatedDigits.repairs``) or one with at least ``LEFT_BEHIND_DOUBT`` of its own ink left
+    beside it (``left_behind``) is mixed with "any digit" by ``FRAGMENT_DOUBT``, once.
 
     Rows of fewer than three marks have no height to compare with. The top digit of a doubted
     mark stays the top digit: only its confidence changes.

@@ -904,9 +904,9 @@ def _left_behind(marks: list[_Mark], seg: _Segmentation) -> tuple[float, ...]:
     for m in marks:
         taken[list(m.labels)] = True
     out = []
-    h, w = seg.binary.shape
+    width = seg.binary.shape[1]
     for m in marks:
-        x0, x1 = max(0, int(m.x - 0.6 * row_h)), min(w, int(m.x1 + 0.6 * row_h))
+        x0, x1 = max(0, int(m.x - 0.6 * row_h)), min(width, int(m.x1 + 0.6 * row_h))
         region = seg.labels[top:bottom, x0:x1]
         stray = (seg.binary[top:bottom, x0:x1] > 0) & ~taken[region]
         out.append(float(np.count_nonzero(stray)) / max(1, m.area))
