@@ -2,7 +2,7 @@
 
 A trigger must read the envelope that was under the camera when it fired, not one
 that sat in a buffer, so the grabber reads continuously and keeps only a short
-history of stamped frames (``history()``) for the agent to pick each item's frame from. When the source fails it is closed and reopened with
+history of stamped frames (``binding_view()``) for the agent to pick each item's frame from. When the source fails it is closed and reopened with
 exponential backoff; the agent keeps running and ``health()`` says why.
 """
 
@@ -52,8 +52,8 @@ class BindingView:
 
     history: list[Frame]  # the frames still held, oldest first
     timeline: list[tuple[int, float]]  # (seq, captured_at) of recent frames, held or not
-    newest_stamp: float  # complete_until(): +inf for frames stamped on arrival, else the newest stamp
-    caught_up_at: float  # caught_up_at(): the last read that found nothing waiting (-inf if never)
+    newest_stamp: float  # +inf for frames stamped on arrival, else the newest stamp (frames come in order)
+    caught_up_at: float  # wall clock of the last read that found nothing waiting (-inf if never)
 
 
 class FrameGrabber:
@@ -167,31 +167,10 @@ class FrameGrabber:
             age = self.clock.monotonic() - self._frame_times[-1]
             return frame if age <= max_age_s else None
 
-    def timeline(self) -> list[tuple[int, float]]:
-        """(seq, captured_at) of the last 1,024 frames, oldest first, pixels held or not."""
-        with self._cond:
-            return list(self._timeline)
-
-    def complete_until(self) -> float:
-        """Wall-clock moment up to which every frame the camera took is in ``timeline()``: +inf for
-        frames stamped on arrival, else the newest stamp."""
-        with self._cond:
-            return self._complete_until
-
-    def caught_up_at(self) -> float:
-        """Wall-clock moment the grabber last found nothing waiting from the camera (-inf if never)."""
-        with self._cond:
-            return self._caught_up_at
-
     def binding_view(self) -> BindingView:
         """History, timeline and both completeness marks, all from one moment."""
         with self._cond:
             return BindingView(list(self._history), list(self._timeline), self._complete_until, self._caught_up_at)
-
-    def history(self) -> list[Frame]:
-        """The last few frames, oldest first (the newest is ``latest()``)."""
-        with self._cond:
-            return list(self._history)
 
     def wait_for_new(self, after_seq: int, timeout: float) -> int:
         """Wait up to ``timeout`` for a frame with seq > after_seq (or stop); returns the newest seq."""
