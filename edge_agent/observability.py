@@ -257,7 +257,7 @@ class ReadAggregates:
 
     @property
     def mean_digit_height(self) -> float | None:
-        """Mean over reads of their digits' median height in frame pixels, or None without digits."""
+        """Mean over reads of their digits' median height as the reader saw them, or None without digits."""
         return self.digit_height_sum / self.sized if self.sized > 0 else None
 
     def mean_quality(self) -> dict[str, float | None]:
@@ -587,9 +587,8 @@ class DriftMonitor:
         level = self.config.min_digit_height_px
         if height is None or level <= 0:
             return None
-        # Clears only once the digits are a margin above the level (level / CLEAR_FACTOR).
-        raised = height < (level / CLEAR_FACTOR if "small_digits" in self._active else level)
-        if not raised:
+        if not _raised(height, level, above=False, strict=False, was_raised="small_digits" in self._active,
+                       clear_cap=None):
             return None
         return Alarm("small_digits", "digit_height_px", height, level,
                      f"digits are {height:.0f} px tall on average (alarm below {level:.0f} px): small digits "
@@ -630,14 +629,19 @@ class DriftMonitor:
                 "drift": report.to_json()}
 
 
-def _raised(value: float, level: float, above: bool, strict: bool, was_raised: bool) -> bool:
-    """Whether an alarm stands: crossing ``level`` raises it, coming back past the clear level ends it."""
+def _raised(value: float, level: float, above: bool, strict: bool, was_raised: bool,
+            clear_cap: float | None = 1.0) -> bool:
+    """Whether an alarm stands: crossing ``level`` raises it, coming back past the clear level ends it.
+
+    ``clear_cap`` bounds a low alarm's clear level (a ratio never needs to pass 1); None for a
+    figure with no such bound (a height in pixels)."""
     if above:
         if was_raised:
             return value > level * CLEAR_FACTOR if strict else value >= level * CLEAR_FACTOR
         return value > level if strict else value >= level
     if was_raised:
-        return value < min(1.0, level / CLEAR_FACTOR)
+        clear = level / CLEAR_FACTOR
+        return value < (clear if clear_cap is None else min(clear_cap, clear))
     return value < level
 
 
