@@ -170,7 +170,7 @@ class ObservabilityConfig:
     min_reads: int = 100  # fewer reads in the window: drift is not judged yet
     psi_alarm: float = 0.25  # population stability index at or above this raises the alarm
     blur_alarm: float = 0.5  # mean sharpness below this share of the reference's: "blurred frames"
-    # Digits shorter than this on average over the window (frame pixels): "small_digits", the
+    # Digits shorter than this on average over the window (as the reader saw them): "small_digits", the
     # camera is too far from the postcode field (docs/OPERATIONS.md). 0 turns the alarm off.
     min_digit_height_px: float = 40.0
     health_period_s: float = 2.0  # events/health every this often (the site dashboard's pulse)
