@@ -22,7 +22,7 @@ from edge_agent.config import (DEFAULT_BUNDLE, AgentConfig, ConfigError, error_k
                                security_warnings, state_path_errors)
 from edge_agent.decoder import DecodePolicy
 from edge_agent.logs import setup_logging
-from edge_agent.signals import StopSignal
+from edge_agent.signals import StopSignal, dump_stacks_on
 from edge_agent.sortplan import SortPlanError, load_sort_plan
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
@@ -87,7 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from edge_agent.outbox import OutboxError
     from edge_agent.sources import FrameError
 
-    _dump_stacks_on_sigusr1()
+    _dump_stacks_on_crash_and_sigusr1()
     with StopSignal() as stop:  # SIGTERM and SIGINT
         try:
             run_agent(config, stop, start_fresh=args.start_fresh)
@@ -99,12 +99,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dump_stacks_on_sigusr1() -> None:
-    """`kill -USR1 <pid>`: every thread's stack on stderr (the journal), for an agent that hangs."""
+def _dump_stacks_on_crash_and_sigusr1() -> None:
+    """Every thread's stack on stderr (the journal): on `kill -USR1 <pid>`, for an agent that
+    hangs, and when native code crashes (SIGSEGV, SIGABRT, ...), so a restart by systemd leaves
+    a trace of where it happened instead of a bare exit status."""
+    dump_stacks_on(signal.SIGUSR1)
     try:
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        faulthandler.enable(all_threads=True)
     except (AttributeError, ValueError, OSError):  # stderr is not a file (run in process by a test)
-        log.debug("no stack dump on SIGUSR1: stderr has no file descriptor")
+        log.debug("no stack dump on a crash: stderr has no file descriptor")
 
 
 def _image_paths(inputs: list[str]) -> list[Path]:

@@ -71,3 +71,69 @@ def test_set_from_another_thread_wakes_the_waiter():
         assert time.monotonic() - started < 5.0
     """)
     assert done.returncode == 0, done.stderr
+
+
+DUMP_CHILD = """
+    import faulthandler, signal, sys, threading, time
+    from edge_agent.signals import StopSignal, dump_stacks_on
+    if sys.argv[1] == "faulthandler":  # what the agent did before: dump from the C handler
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    else:
+        dump_stacks_on(signal.SIGUSR1)
+    stop = StopSignal()
+    def churn(depth=0):  # pushes and pops frames all the time, as paho's thread does
+        if depth < 30:
+            churn(depth + 1)
+    def busy():
+        while not stop.is_set():
+            churn()
+    def come_and_go():  # threads that start and end all the time, as an agent's do at start
+        while not stop.is_set():
+            worker = threading.Thread(target=churn)
+            worker.start()
+            worker.join()
+    for _ in range(4):
+        threading.Thread(target=busy, daemon=True).start()
+    threading.Thread(target=come_and_go, daemon=True).start()
+    print("ready", flush=True)
+    while not stop.wait(0.01):
+        pass
+"""
+
+
+def dump_storm(mode: str, dumps: int, tmp_path) -> tuple[int, str]:
+    """SIGUSR1 from outside, ``dumps`` times, while four threads run Python code; then SIGTERM."""
+    import signal
+    import time
+
+    err = tmp_path / f"stderr-{mode}.txt"
+    with open(err, "w") as stderr:
+        child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(DUMP_CHILD), mode], cwd=ROOT,
+                                 stdout=subprocess.PIPE, stderr=stderr, text=True)
+        try:
+            assert child.stdout.readline().strip() == "ready"
+            for _ in range(dumps):
+                child.send_signal(signal.SIGUSR1)
+                time.sleep(0.01)
+            time.sleep(0.5)
+            child.send_signal(signal.SIGTERM)
+            returncode = child.wait(30)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait(10)
+    return returncode, err.read_text(errors="replace")
+
+
+def test_a_storm_of_sigusr1_dumps_whole_stacks_and_the_process_lives_on(tmp_path):
+    """dump_stacks_on dumps on the main thread under the GIL. (faulthandler.register dumped from
+    inside the C signal handler, reading the frames of threads that were running: the agent died
+    with SIGSEGV in 3 of 20 dumps under load, in tests/test_agent.py's SIGUSR1 test. This storm
+    does not crash that variant reliably, so it checks what the new handler promises: every dump
+    whole, signals that arrive while one is pending folded into one dump, the process unharmed.)"""
+    returncode, stderr = dump_storm("python", 100, tmp_path)
+    assert returncode == 0, stderr[-5000:]
+    dumps = stderr.count("Current thread")
+    assert 1 <= dumps <= 100
+    assert stderr.count("in busy") >= 4 * dumps  # every busy thread, in every dump
+    assert "cannot dump" not in stderr
