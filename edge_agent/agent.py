@@ -22,7 +22,7 @@ import numpy as np
 from edge_agent.binding import (FRAME_DROPPED, FrameWindow, SurgeGuard, bind_frame, timeline_complete_until,
                                 too_late_to_read)
 from edge_agent.bundle import BundleError
-from edge_agent.config import AgentConfig, mqtt_password, security_warnings
+from edge_agent.config import AgentConfig, SortPlanConfig, mqtt_password, security_warnings
 from edge_agent.endpoints import EndpointServer, make_app
 from edge_agent.grabber import BindingView, FrameGrabber
 from edge_agent.liveness import Heartbeats, verdict
@@ -35,7 +35,7 @@ from edge_agent.pipeline import FrameRead, PostcodeReader, postcode_read
 from edge_agent.reader import ReaderConfig
 from edge_agent.review import ReviewStore, crops_strip_png
 from edge_agent.signals import StopSignal
-from edge_agent.decoder import DecodePolicy
+from edge_agent.decoder import DecodePolicy, MisdirectBudget
 from edge_agent.sortplan import SortPlanError, load_sort_plan
 from edge_agent.sdnotify import Notifier
 from edge_agent.sources import SourceError, decode_image, open_source, redact_url
@@ -697,6 +697,17 @@ class Agent:
             self.endpoint.stop()
         self.outbox.close()
 
+    def _chute_threshold(self) -> dict[str, Any]:
+        """The bar a chute posterior must reach now, and what it rests on (None without a plan)."""
+        reader = self.reader
+        if reader.plan is None:
+            return {"threshold": None}
+        budget = reader.budget
+        if budget is None:
+            return {"threshold": reader.policy.strict_threshold, "acceptance": "per_item"}
+        return {"threshold": budget.threshold(), "acceptance": "spent", "strict": budget.strict,
+                "reads": budget.reads(), "min_reads": budget.min_reads}
+
     def health(self) -> dict[str, Any]:
         """A snapshot for the health event, the site dashboard and /metrics."""
         cfg = self.config
@@ -712,6 +723,7 @@ class Agent:
             "model_version": self.reader.model.version,
             "sort_plan": self.reader.plan.summary() if self.reader.plan is not None else None,
             "sort_plan_errors": self._plan_errors[:5],
+            "chute_threshold": self._chute_threshold(),
             "metrics_url": f"{self.endpoint.url}/metrics" if self.endpoint is not None else None,
             "health_period_s": cfg.observability.health_period_s,
             "counters": counters,
@@ -987,7 +999,8 @@ def build_agent(config: AgentConfig, clock: Clock | None = None, *, start_fresh:
                                                 expected_lengths=config.reader.postcode_lengths),
                             threshold_override=config.model.acceptance_threshold, frame_hash=config.reader.frame_hash,
                             policy=DecodePolicy(target_misdirect_rate=config.sort_plan.target_misdirect_rate,
-                                                invalid_prior=config.sort_plan.invalid_prior))
+                                                invalid_prior=config.sort_plan.invalid_prior),
+                            budget=misdirect_budget(config.sort_plan))
     config.outbox.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     outbox = Outbox(config.outbox.path, clock=clock, max_pending=config.outbox.max_pending,
                     retention_s=config.outbox.retention_days * 86_400, start_fresh=start_fresh)
@@ -1021,6 +1034,13 @@ def start_agent(agent: Agent) -> None:
     agent.recover()
     agent.start()
     agent.link.start()
+
+
+def misdirect_budget(plan_config: SortPlanConfig) -> MisdirectBudget | None:
+    """The spent chute bar the sort plan's settings ask for (None: every item held to the strict one)."""
+    if plan_config.acceptance != "spent":
+        return None
+    return MisdirectBudget(plan_config.target_misdirect_rate, window=plan_config.spent_window)
 
 
 def run_agent(config: AgentConfig, stop: threading.Event | StopSignal, clock: Clock | None = None, *,

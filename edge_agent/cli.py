@@ -158,7 +158,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 print(f"edge-agent predict: {line}", file=sys.stderr)
             return 2
     reader = PostcodeReader(model, ReaderConfig(roi=roi, expected_lengths=lengths), plan=plan,
-                            policy=DecodePolicy(target_misdirect_rate=args.target_misdirect_rate))
+                            policy=DecodePolicy(target_misdirect_rate=args.target_misdirect_rate),
+                            budget=_budget(args))
     failures = 0
     for path in _image_paths(args.images):
         try:
@@ -207,7 +208,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 2
     reader = PostcodeReader(model, ReaderConfig(expected_lengths=lengths), plan=plan,
                             policy=DecodePolicy(target_misdirect_rate=args.target_misdirect_rate,
-                                                invalid_prior=args.invalid_prior))
+                                                invalid_prior=args.invalid_prior),
+                            budget=_budget(args))
     decisions, truths, missing = [], [], []
     for name, postcode in sorted(truth.items()):
         path = args.frames / name
@@ -226,7 +228,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                      misdirect_cost=args.misdirect_cost)
     report = score(decisions, truths, plan, cost) | {
         "model_version": model.version, "decided_by": "sort_plan" if plan else "digit_threshold",
-        "sort_plan": plan.summary() if plan else None}
+        "sort_plan": plan.summary() if plan else None,
+        "acceptance": args.acceptance if plan else None,
+        "chute_threshold_last": reader.budget.threshold() if plan and reader.budget else None}
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -239,9 +243,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"mail to postcodes not in the plan: {report['invalid_envelopes']}, "
                   f"sorted automatically: {report['invalid_accepted']}; "
                   f"mail to valid postcodes sorted automatically: {report['auto_sort_rate_valid_mail']:.1%}")
+        if plan and reader.budget is not None:
+            print(f"chute bar spent over the reads: {reader.budget.threshold():.4f} at the end "
+                  f"(strict {reader.budget.strict:.4f} for the first {reader.budget.min_reads} reads)")
         print(f"cost per 1,000 envelopes: {report['cost_per_1000']:.2f} "
               f"(keying {args.keying_seconds} s at {args.labour_per_hour}/h, misdirect {args.misdirect_cost})")
     return 0
+
+
+def _acceptance_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--acceptance", choices=("spent", "per_item"), default="spent",
+                        help="with --sort-plan, as the agent's sort_plan.acceptance: 'spent' sets the chute bar "
+                             "from the reads so far (strict until a quarter of --spent-window are known), "
+                             "'per_item' holds every item to 1 - target (default %(default)s)")
+    parser.add_argument("--spent-window", type=int, default=2000)
+
+
+def _budget(args: argparse.Namespace):
+    from edge_agent.agent import misdirect_budget
+    from edge_agent.config import SortPlanConfig
+
+    return misdirect_budget(SortPlanConfig(target_misdirect_rate=args.target_misdirect_rate,
+                                           acceptance=args.acceptance, spent_window=args.spent_window))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -297,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--sort-plan", type=Path, help="CSV postcode,chute: decide on the chute posterior "
                                                          "over the site's valid postcodes")
     predict.add_argument("--target-misdirect-rate", type=float, default=1e-3,
-                         help="with --sort-plan: sort a chute only at posterior >= 1 - this (default %(default)s)")
+                         help="with --sort-plan: at most this share of the sorted mail to a wrong chute "
+                              "(default %(default)s)")
+    _acceptance_arguments(predict)
     predict.set_defaults(func=cmd_predict)
 
     evaluate = sub.add_parser("evaluate", help="auto-sort rate, misdirects and cost of decisions on labelled frames")
@@ -309,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threads", type=int, default=1)
     evaluate.add_argument("--target-misdirect-rate", type=float, default=1e-3)
     evaluate.add_argument("--invalid-prior", type=float, default=0.01)
+    _acceptance_arguments(evaluate)
     evaluate.add_argument("--keying-seconds", type=float, default=2.25, help="manual keying per review (s)")
     evaluate.add_argument("--labour-per-hour", type=float, default=30.0, help="keying cost per hour")
     evaluate.add_argument("--misdirect-cost", type=float, default=1.50, help="cost of one misdirected envelope")

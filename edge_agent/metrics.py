@@ -103,6 +103,10 @@ class SnapshotCollector(Collector):
         for name, value in queue.items():
             q.add_metric([name], value)
         yield q
+        bar = h.get("chute_threshold") or {}
+        if bar.get("threshold") is not None:  # only with a sort plan
+            yield _gauge("postcode_chute_threshold", "The chute posterior an item needs to be sorted now",
+                         bar["threshold"])
         system = h.get("system") or {}
         for key, name, doc in (("cpu_pct", "postcode_system_cpu_percent", "CPU use of the whole box"),
                                ("mem_rss_mb", "postcode_agent_memory_rss_megabytes", "The agent's resident memory"),

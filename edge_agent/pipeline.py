@@ -11,12 +11,12 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from edge_agent.decision import Decision, decide, decide_with_plan, with_row_doubt
-from edge_agent.decoder import DecodePolicy
+from edge_agent.decision import Decision, decide, decide_with_plan, stem_left_behind, with_row_doubt
+from edge_agent.decoder import DecodePolicy, MisdirectBudget
 from edge_agent.loader import Int8Classifier, LoadedModel
 from edge_agent.observability import InputQuality, input_quality
 from edge_agent.reader import ReaderConfig, locate_digits
@@ -50,10 +50,13 @@ class DigitEvidence:
     def probabilities(self, with_plan: bool) -> np.ndarray:
         """The digit probabilities the decision uses. A fragment far shorter than its row and a
         mark the reader made to fill the row are always doubted. Ink left beside a mark (the
-        rest of a digit cut short) is doubted only without a sort plan: with one, the directory
-        is the second opinion, and on validation envelopes doubting it there cost 1-4 points of
-        sorted mail for no misdirect saved (docs/MODELS.md section 6)."""
-        left_behind = () if with_plan else self.located.left_behind
+        rest of a digit cut short) is doubted without a sort plan; with one, the directory is
+        the second opinion, and only a "1" with half its own ink or more left beside it (the
+        stem of a wider digit) is doubted: doubting every such mark there cost 4 points of
+        sorted mail on validation envelopes (docs/MODELS.md sections 6 and 8)."""
+        left_behind = self.located.left_behind
+        if with_plan:
+            left_behind = stem_left_behind(self.classified, left_behind)
         return with_row_doubt(self.classified, self.located.boxes, self.located.repairs, left_behind)
 
 
@@ -101,11 +104,14 @@ class PostcodeReader:
 
     def __init__(self, model: LoadedModel, reader_config: ReaderConfig,
                  threshold_override: float | None = None, plan: SortPlan | None = None,
-                 policy: DecodePolicy = DecodePolicy(), frame_hash: str = "pixels"):
+                 policy: DecodePolicy = DecodePolicy(), frame_hash: str = "pixels",
+                 budget: MisdirectBudget | None = None):
         """``frame_hash``: what a frame's ``image_sha256`` is the hash of. "pixels" (the default):
         its decoded BGR pixels, as ``image_sha256(cv2.imread(path))``. "encoded": the bytes a frame
         came as (``sha256sum`` of the file), where it came encoded; the frame is then decoded
-        straight to grey and never to colour. Frames that came as pixels hash their pixels."""
+        straight to grey and never to colour. Frames that came as pixels hash their pixels.
+        ``budget``: with a plan, the chute bar is spent over the recent reads (MisdirectBudget)
+        instead of ``policy``'s strict one; it is reset when the model or the plan changes."""
         if frame_hash not in FRAME_HASHES:
             raise ValueError(f"frame_hash must be one of {FRAME_HASHES}, not {frame_hash!r}")
         self.frame_hash = frame_hash
@@ -114,6 +120,7 @@ class PostcodeReader:
         self.threshold_override = threshold_override
         self._plan = plan
         self.policy = policy
+        self.budget = budget
         self._cache_lock = threading.Lock()
         # A few recent frames' reads: under a burst, items bound to the same frame share one read.
         self._cache: OrderedDict[tuple[str, int], FrameRead] = OrderedDict()
@@ -126,8 +133,14 @@ class PostcodeReader:
     def swap_model(self, model: LoadedModel) -> None:
         """Atomic reference swap: reads in progress finish on the old interpreter."""
         self._model = model
+        self._forget_reads()
+
+    def _forget_reads(self) -> None:
+        """A new model or plan: cached reads and the posteriors the spent bar rests on are stale."""
         with self._cache_lock:
             self._cache.clear()
+        if self.budget is not None:
+            self.budget.reset()
 
     @property
     def plan(self) -> SortPlan | None:
@@ -136,8 +149,7 @@ class PostcodeReader:
     def swap_plan(self, plan: SortPlan | None) -> None:
         """Atomic reference swap: a read in progress is decided by the plan it started with."""
         self._plan = plan
-        with self._cache_lock:
-            self._cache.clear()
+        self._forget_reads()
 
     @property
     def threshold(self) -> float:
@@ -159,8 +171,12 @@ class PostcodeReader:
         if plan is None:
             decision = decide(evidence.labels, probabilities, self.reader_config.expected_lengths, self.threshold)
         else:
+            budget = self.budget
+            policy = self.policy if budget is None else replace(self.policy, spent_threshold=budget.threshold())
             decision = decide_with_plan(evidence.labels, probabilities, self.reader_config.expected_lengths,
-                                        plan, self.policy)
+                                        plan, policy)
+            if budget is not None and decision.chute is not None:
+                budget.observe(decision.chute_confidence)
         located = evidence.located
         seconds = (*evidence.seconds, time.perf_counter() - decided_from)
         return FrameRead(located, decision, model.version, sha, seconds=seconds,

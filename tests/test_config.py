@@ -282,3 +282,11 @@ def test_authenticated_tls_broker_on_the_network_does_not_warn():
     assert security_warnings(plain) == [
         "mqtt.tls: false, so triggers, results and the password cross the network to 10.0.0.5 in plain text: "
         "set mqtt.tls = true (and mqtt.ca_file for the site's own CA)"]
+
+
+def test_sort_plan_acceptance_and_spent_window_are_checked():
+    assert parse_config({}).sort_plan.acceptance == "spent"
+    assert parse_config({"sort_plan": {"acceptance": "per_item"}}).sort_plan.acceptance == "per_item"
+    errors = config_errors({"sort_plan": {"acceptance": "loose", "spent_window": 10}})
+    assert any(e.startswith("sort_plan.acceptance:") and "spent" in e for e in errors), errors
+    assert any(e.startswith("sort_plan.spent_window:") for e in errors), errors

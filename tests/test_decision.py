@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from edge_agent.decision import (DOUBTED_REPAIRS, FRAGMENT_DOUBT, FRAGMENT_HEIGHT, LEFT_BEHIND_DOUBT, decide,
-                                 decide_with_plan, with_row_doubt)
+from edge_agent.decision import (DOUBTED_REPAIRS, FRAGMENT_DOUBT, FRAGMENT_HEIGHT, LEFT_BEHIND_DOUBT,
+                                 STEM_LEFT_BEHIND, decide, decide_with_plan, stem_left_behind, with_row_doubt)
 from edge_agent.decoder import DecodePolicy
 from edge_agent.sortplan import parse_sort_plan
 from edge_agent.types import Reason
@@ -113,15 +113,31 @@ def test_a_mark_with_ink_left_beside_it_loses_its_certainty():
     assert with_row_doubt(p, ROW, left_behind=(1.0,)) is p  # not one value per digit: ignored
 
 
-def test_ink_left_beside_a_mark_is_weighed_only_without_a_sort_plan():
+def test_ink_left_beside_a_mark_is_weighed_without_a_sort_plan_and_beside_a_one_with_one():
     """With a plan the directory is the second opinion on a digit; without one the reader's own
-    evidence of a digit cut short sends the read to review."""
+    evidence of a digit cut short sends the read to review. With a plan a "1" with half its own
+    ink or more beside it is still doubted: that is the stem of a wider digit."""
     from edge_agent.pipeline import DigitEvidence
     from edge_agent.types import LocatedDigits
 
     labels, p = probs((2, 0.9999), (1, 0.9999), (7, 0.9999), (0, 0.9999), (9, 0.9999))
-    located = LocatedDigits(np.zeros((5, 28, 28), np.uint8), ROW, left_behind=(0.0, 0.4, 0.0, 0.0, 0.0))
-    evidence = DigitEvidence(located, labels, p, (0.0, 0.0))
-    assert np.array_equal(evidence.probabilities(with_plan=True), p)
-    alone = evidence.probabilities(with_plan=False)
+
+    def evidence(left_behind):
+        located = LocatedDigits(np.zeros((5, 28, 28), np.uint8), ROW, left_behind=left_behind)
+        return DigitEvidence(located, labels, p, (0.0, 0.0))
+
+    some_ink = evidence((0.0, 0.4, 0.0, 0.0, 0.0))
+    assert np.array_equal(some_ink.probabilities(with_plan=True), p)
+    alone = some_ink.probabilities(with_plan=False)
     assert alone[1].max() < 0.6 and np.array_equal(np.delete(alone, 1, axis=0), np.delete(p, 1, axis=0))
+    stem = evidence((0.0, STEM_LEFT_BEHIND, 0.0, 0.0, 0.0)).probabilities(with_plan=True)
+    assert stem[1].max() < 0.6 and np.array_equal(np.delete(stem, 1, axis=0), np.delete(p, 1, axis=0))
+    # The same ink beside a 2 (not one stroke) leaves it to the directory.
+    beside_a_two = evidence((0.9, 0.0, 0.0, 0.0, 0.0)).probabilities(with_plan=True)
+    assert np.array_equal(beside_a_two, p)
+
+
+def test_stem_left_behind_keeps_only_ones_with_half_their_ink_beside_them():
+    _, p = probs((1, 0.99), (1, 0.99), (7, 0.99))
+    assert stem_left_behind(p, (0.6, 0.49, 0.9)) == (0.6, 0.0, 0.0)
+    assert stem_left_behind(p, (0.6,)) == ()  # not one value per digit: ignored

@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from edge_agent.decision import decide_with_plan
-from edge_agent.decoder import PROBABILITY_FLOOR, DecodePolicy, decode, floored, posterior
+from edge_agent.decoder import (PROBABILITY_FLOOR, DecodePolicy, MisdirectBudget, decode, floored, posterior,
+                                spent_threshold)
 from edge_agent.sortplan import SortPlanError, parse_sort_plan
 from edge_agent.types import Reason
 
@@ -225,3 +226,86 @@ def test_code_likelihoods_are_the_row_products_to_the_last_bit(case):
     index = plan.by_length[3]
     p = floored(p)
     assert np.array_equal(_code_likelihoods(p, index), np.prod(p[np.arange(3), index.codes], axis=1))
+
+
+# The target spent over the mail (MisdirectBudget, sort_plan.acceptance = "spent").
+
+def test_spent_threshold_by_hand():
+    # Sorted posteriors 1.0, 0.999, 0.998, 0.99, 0.9: running mean doubt 0, 0.0005, 0.001,
+    # 0.00325, 0.0226. Within 0.0015: the first three, so the bar is 0.998.
+    posteriors = [0.9, 0.998, 1.0, 0.99, 0.999]
+    assert spent_threshold(posteriors, 1.5e-3, floor=0.95, strict=0.9999) == pytest.approx(0.998)
+    # Never below the floor, never above the strict bar, strict when nothing is known.
+    assert spent_threshold(posteriors, 0.05, floor=0.99, strict=0.9999) == 0.99
+    assert spent_threshold([1.0, 1.0], 1e-3, floor=0.99, strict=0.999) == 0.999
+    assert spent_threshold([], 1e-3, floor=0.99, strict=0.999) == 0.999
+    assert spent_threshold([0.5, 0.6], 1e-3, floor=0.99, strict=0.999) == 0.999
+    # A bar accepts every read equal to it: two at 0.95 together break a budget one alone keeps.
+    assert spent_threshold([1.0, 0.95, 0.95], 0.03, floor=0.0, strict=1.0) == 1.0
+
+
+@given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=200), st.floats(1e-6, 0.1), st.floats(1e-6, 0.1))
+def test_a_larger_budget_never_raises_the_spent_bar(posteriors, a, b):
+    low, high = sorted((a, b))
+    loose = spent_threshold(posteriors, high, floor=0.9, strict=0.999)
+    tight = spent_threshold(posteriors, low, floor=0.9, strict=0.999)
+    assert 0.9 <= loose <= tight <= 0.999
+
+
+@given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=300), st.floats(1e-5, 0.05))
+def test_the_reads_over_the_spent_bar_keep_the_budget(posteriors, budget):
+    bar = spent_threshold(posteriors, budget, floor=0.0, strict=1.0)
+    above = [p for p in posteriors if p >= bar]
+    assume(bar < 1.0 and above)
+    assert np.mean([1.0 - p for p in above]) <= budget + 1e-12
+
+
+def sure_mail(budget: MisdirectBudget, n: int) -> None:
+    """n reads, 24 in 25 at 0.99999 and 1 in 25 at 0.995: a quarter of 1 in 1,000 spent over
+    them allows down to 0.995 (mean doubt 0.00021)."""
+    for i in range(n):
+        budget.observe(0.995 if i % 25 == 24 else 0.99999)
+
+
+def test_the_budget_holds_the_strict_bar_until_enough_reads_are_known():
+    budget = MisdirectBudget(1e-3, window=400, refresh_every=1)
+    assert budget.min_reads == 100 and budget.threshold() == pytest.approx(0.999)
+    sure_mail(budget, 99)
+    assert budget.threshold() == pytest.approx(0.999)
+    sure_mail(budget, 1)
+    assert budget.threshold() == pytest.approx(0.995)
+
+
+def test_the_spent_bar_tightens_by_itself_when_the_mail_gets_harder_and_resets_to_strict():
+    budget = MisdirectBudget(1e-3, window=400, refresh_every=1)
+    sure_mail(budget, 400)
+    assert budget.threshold() == pytest.approx(0.995)
+    for _ in range(100):  # a quarter of the window now reads at 0.995: no longer all spendable
+        budget.observe(0.995)
+    assert budget.threshold() == pytest.approx(0.999)
+    budget.reset()
+    assert budget.reads() == 0 and budget.threshold() == pytest.approx(0.999)
+
+
+def test_the_spent_bar_never_goes_below_its_floor():
+    budget = MisdirectBudget(0.009, window=500, refresh_every=1)  # strict bar 0.991
+    for _ in range(400):
+        budget.observe(1.0)
+    for _ in range(20):  # spendable (mean doubt 0.0007 of 0.00225), but below the floor
+        budget.observe(0.985)
+    assert budget.threshold() == pytest.approx(0.99)
+
+
+def test_a_spent_bar_never_loosens_the_policy_beyond_its_strict_bar():
+    assert DecodePolicy(1e-3, spent_threshold=0.9999).threshold == pytest.approx(0.999)
+    assert DecodePolicy(1e-3, spent_threshold=0.995).threshold == pytest.approx(0.995)
+    assert DecodePolicy(1e-3).threshold == DecodePolicy(1e-3).strict_threshold
+
+
+def test_a_decision_says_which_bar_it_was_held_to():
+    plan = plan_of("12,A\n13,A\n45,B\n")
+    read = probs({1: 0.999}, {2: 0.5, 3: 0.497})
+    strict = decide_with_plan(np.array([1, 2]), read, (2,), plan, DecodePolicy(1e-3))
+    spent = decide_with_plan(np.array([1, 2]), read, (2,), plan, DecodePolicy(1e-3, spent_threshold=0.99))
+    assert strict.plan_fields()["chute_threshold"] == pytest.approx(0.999)
+    assert spent.plan_fields()["chute_threshold"] == pytest.approx(0.99)

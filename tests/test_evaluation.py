@@ -88,3 +88,38 @@ def test_evaluate_command_on_rendered_frames(tmp_path):
     text = subprocess.run([sys.executable, "-m", "edge_agent.cli", "evaluate", str(frames), "--truth",
                            str(tmp_path / "truth.csv")], capture_output=True, text=True, timeout=120, env=env)
     assert text.returncode == 0 and "auto-sorted" in text.stdout and "cost per 1,000" in text.stdout
+
+
+def test_the_reader_spends_the_target_over_its_reads_and_starts_strict_again_on_a_new_plan_or_model():
+    """PostcodeReader with a MisdirectBudget: each decision carries the bar it was held to (strict
+    until enough reads are known), every read with a chute feeds the bar, and a new plan or
+    model empties it: a posterior under another plan or model means something else."""
+    from edge_agent.decoder import DecodePolicy, MisdirectBudget
+    from edge_agent.loader import load_bundle
+    from edge_agent.pipeline import PostcodeReader
+    from edge_agent.reader import ReaderConfig
+    from tests.paths import SHIPPED_BUNDLE
+
+    digits = load_demo_digits()
+    rng = np.random.default_rng(8)
+    frames, codes = [], []
+    for _ in range(4):
+        picks = rng.integers(0, len(digits), 5)
+        codes.append("".join(str(int(d)) for d in digits.labels[picks]))
+        frames.append(render_postcode_frame(list(digits.images[picks]), rng))
+    plan = parse_sort_plan(("postcode,chute\n" + "".join(f"{c},{c[:2]}\n" for c in codes)).encode())
+    budget = MisdirectBudget(1e-3, window=100, min_reads=2, refresh_every=1)
+    model = load_bundle(SHIPPED_BUNDLE)
+    reader = PostcodeReader(model, ReaderConfig(), plan=plan, policy=DecodePolicy(1e-3), budget=budget)
+    first = reader.read_image(frames[0]).decision
+    assert first.plan_fields()["chute_threshold"] == pytest.approx(0.999)  # nothing known yet: strict
+    for frame in frames[1:]:
+        reader.read_image(frame)
+    with_chute = sum(1 for f in frames if reader.read_image(f).decision.chute is not None)
+    assert with_chute >= 3 and budget.reads() == 2 * with_chute  # each frame read twice
+    assert 0.99 <= budget.threshold() <= 0.999
+    reader.swap_plan(plan)
+    assert budget.reads() == 0 and budget.threshold() == pytest.approx(0.999)
+    reader.read_image(frames[0])
+    reader.swap_model(model)
+    assert budget.reads() == 0

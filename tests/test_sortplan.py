@@ -125,6 +125,7 @@ def test_hot_reload_while_triggers_flow(tmp_path, mqtt_broker, camera):
             if result["chute"] is not None:
                 assert result["chute"] == sha[plan_sha], result
             assert len(result["alternatives"]) <= 3
+            assert 0.99 <= result["chute_threshold"] <= 0.999  # the bar it was held to (spent, default)
         assert seen == {"A", "B"}
         assert plc.wait_for(lambda c: any(t.endswith("/events/error") and b"sort_plan_invalid" in p
                                           for t, p in c.messages), 10)
@@ -134,6 +135,11 @@ def test_hot_reload_while_triggers_flow(tmp_path, mqtt_broker, camera):
         body = json.loads(refused.value.read())
         assert "sort_plan" in body["failing"] and "plan.csv:2" in body["checks"]["sort_plan"]["detail"]
         assert running.agent.reader.plan.sha256[:16] in sha and sha[running.agent.reader.plan.sha256[:16]] == "B"
+        bar = running.agent.health()["chute_threshold"]
+        assert bar["acceptance"] == "spent" and bar["threshold"] == pytest.approx(0.999)  # 2,000-read window
+        assert 0 < bar["reads"] < bar["min_reads"] == 500  # and the new plan started it afresh
+        assert "postcode_chute_threshold 0.999" in urllib.request.urlopen(
+            f"{running.agent.endpoint.url}/metrics", timeout=5).read().decode()
     finally:
         plc.stop()
         running.stop()
