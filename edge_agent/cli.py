@@ -252,7 +252,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _acceptance_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--acceptance", choices=("spent", "per_item"), default="spent",
+    parser.add_argument("--acceptance", choices=("per_item", "spent"), default="per_item",
                         help="with --sort-plan, as the agent's sort_plan.acceptance: 'spent' sets the chute bar "
                              "from the reads so far (strict until a quarter of --spent-window are known), "
                              "'per_item' holds every item to 1 - target (default %(default)s)")

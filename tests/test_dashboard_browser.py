@@ -82,7 +82,12 @@ def site(tmp_path, mqtt_broker, camera, browser_tools):
     in_process = build_agent(parse_config(agent_table(tmp_path / "line-1", mqtt_broker.port, camera, "line-1")))
     start_agent(in_process)
     config = tmp_path / "line-2.toml"
-    config.write_text(toml(agent_table(tmp_path / "line-2", mqtt_broker.port, camera, "line-2")))
+    # line-2 sorts by a plan (a region per first digit), so its card shows the chute bar.
+    plan = tmp_path / "plan.csv"
+    plan.write_text("postcode,chute\n" + "".join(f"{d}*,R{d}\n" for d in range(10)))
+    line_2 = agent_table(tmp_path / "line-2", mqtt_broker.port, camera, "line-2")
+    line_2["sort_plan"] = {"path": str(plan), "acceptance": "spent"}
+    config.write_text(toml(line_2))
     agent_log = open(tmp_path / "line-2.log", "wb")
     agent = subprocess.Popen([sys.executable, "-m", "edge_agent.cli", "run", "--config", str(config)], cwd=ROOT,
                              stdout=agent_log, stderr=subprocess.STDOUT)
@@ -169,6 +174,7 @@ return {status: text('status'), reads_per_min: text('reads_per_min'), p99: text(
         previous: text('model_previous'), channel: text('channel'), last_sync: text('last_sync'),
         last_sync_age: text('last_sync_age'), last_sync_reason: text('last_sync_reason'),
         sync_alert: alert.hidden ? null : alert.textContent, sync_events: text('sync_events'),
+        model_health: text('model_health'),
         canary: !card.querySelector('[data-k="canary"]').hidden, tile_version: tileText('tile_version'),
         tile_canary: !tile.querySelector('[data-k="canary"]').hidden, tile_sync: tileText('sync_short')};
 """
@@ -236,6 +242,9 @@ def test_dashboard_in_a_real_browser(site, chrome, mqtt_broker):
     assert first["reads_per_min"] not in ("", "–") and first["p99"].endswith("ms")
     assert first["thumbnails"] > 0  # the digit crops decoded as PNG images
     assert first["last_sync"] == "not reported" and first["tile_version"] == f"{SHIPPED}"
+    assert "chute bar" not in first["model_health"]  # no sort plan on line-1
+    second = chrome.execute_script(LINE_TEXT, "line-2")
+    assert "chute bar0.9990 · strict until 500 reads" in second["model_health"], second["model_health"]
 
     # edge-sync reports its pulls: the page shows active and previous version, channel and result.
     publish_sync(mqtt_broker.port)

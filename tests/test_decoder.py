@@ -252,12 +252,15 @@ def test_a_larger_budget_never_raises_the_spent_bar(posteriors, a, b):
     assert 0.9 <= loose <= tight <= 0.999
 
 
-@given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=300), st.floats(1e-5, 0.05))
+MOSTLY_SURE = st.lists(st.one_of(st.just(1.0), st.floats(0.98, 1.0), st.floats(0.0, 1.0)), min_size=1, max_size=300)
+
+
+@given(MOSTLY_SURE, st.floats(1e-5, 0.05))
 def test_the_reads_over_the_spent_bar_keep_the_budget(posteriors, budget):
     bar = spent_threshold(posteriors, budget, floor=0.0, strict=1.0)
     above = [p for p in posteriors if p >= bar]
-    assume(bar < 1.0 and above)
-    assert np.mean([1.0 - p for p in above]) <= budget + 1e-12
+    if above:  # at the strict bar (1.0) there may be none
+        assert np.mean([1.0 - p for p in above]) <= budget + 1e-12
 
 
 def sure_mail(budget: MisdirectBudget, n: int) -> None:

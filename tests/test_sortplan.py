@@ -97,7 +97,7 @@ def test_hot_reload_while_triggers_flow(tmp_path, mqtt_broker, camera):
     plan_b = "postcode,chute\n" + "".join(f"{c},B\n" for c in codes)
     _write_atomically(plan_path, plan_a)
     sha = {parse_sort_plan(text.encode()).sha256[:16]: chute for text, chute in ((plan_a, "A"), (plan_b, "B"))}
-    table = agent_table(tmp_path, mqtt_broker.port, folder, sort_plan={"path": str(plan_path)},
+    table = agent_table(tmp_path, mqtt_broker.port, folder, sort_plan={"path": str(plan_path), "acceptance": "spent"},
                         camera={"source": str(folder), "loop": True, "fps": 20.0, "max_frame_age_ms": 2000})
     running = RunningAgent(table)
     plc = plc_for(mqtt_broker.port, watch=(f"{BASE}/events/#",))
@@ -125,7 +125,7 @@ def test_hot_reload_while_triggers_flow(tmp_path, mqtt_broker, camera):
             if result["chute"] is not None:
                 assert result["chute"] == sha[plan_sha], result
             assert len(result["alternatives"]) <= 3
-            assert 0.99 <= result["chute_threshold"] <= 0.999  # the bar it was held to (spent, default)
+            assert 0.99 <= result["chute_threshold"] <= 0.999  # the bar it was held to
         assert seen == {"A", "B"}
         assert plc.wait_for(lambda c: any(t.endswith("/events/error") and b"sort_plan_invalid" in p
                                           for t, p in c.messages), 10)

@@ -409,6 +409,13 @@
       var decimals = k === 'digit_height_px' ? 0 : 3;  // pixels, not a ratio
       pairs.push([DRIFT_FIGURES[k], fmt(figures[k], decimals) + (num(levels[k]) === null ? '' : ' / ' + fmt(levels[k], Math.min(decimals, 2)))]);
     });
+    var bar = line.chute_threshold || {};
+    if (num(bar.threshold) !== null) {  // only with a sort plan: the chute posterior an item needs now
+      var how = bar.acceptance !== 'spent' ? ' · per item'
+        : num(bar.reads) !== null && bar.reads < bar.min_reads ? ' · strict until ' + fmt(bar.min_reads, 0) + ' reads (' + fmt(bar.reads, 0) + ')'
+        : ' · spent over ' + fmt(bar.reads, 0) + ' reads';
+      pairs.push(['chute bar', fmt(bar.threshold, 4) + how]);
+    }
     pairs.push(['brightness · contrast', fmt(q.brightness, 0) + ' · ' + fmt(q.contrast, 0)]);
     pairs.push(['sharpness', fmt(q.sharpness, 0)]);
     pairs.push(['inverted frames', num(q.inverted_share) === null ? DASH : fmt(100 * q.inverted_share, 1, ' %')]);
