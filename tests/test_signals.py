@@ -74,12 +74,9 @@ def test_set_from_another_thread_wakes_the_waiter():
 
 
 DUMP_CHILD = """
-    import faulthandler, signal, sys, threading, time
+    import signal, threading
     from edge_agent.signals import StopSignal, dump_stacks_on
-    if sys.argv[1] == "faulthandler":  # what the agent did before: dump from the C handler
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
-    else:
-        dump_stacks_on(signal.SIGUSR1)
+    dump_stacks_on(signal.SIGUSR1)
     stop = StopSignal()
     def churn(depth=0):  # pushes and pops frames all the time, as paho's thread does
         if depth < 30:
@@ -101,14 +98,14 @@ DUMP_CHILD = """
 """
 
 
-def dump_storm(mode: str, dumps: int, tmp_path) -> tuple[int, str]:
+def dump_storm(dumps: int, tmp_path) -> tuple[int, str]:
     """SIGUSR1 from outside, ``dumps`` times, while four threads run Python code; then SIGTERM."""
     import signal
     import time
 
-    err = tmp_path / f"stderr-{mode}.txt"
+    err = tmp_path / "stderr.txt"
     with open(err, "w") as stderr:
-        child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(DUMP_CHILD), mode], cwd=ROOT,
+        child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(DUMP_CHILD)], cwd=ROOT,
                                  stdout=subprocess.PIPE, stderr=stderr, text=True)
         try:
             assert child.stdout.readline().strip() == "ready"
@@ -131,7 +128,7 @@ def test_a_storm_of_sigusr1_dumps_whole_stacks_and_the_process_lives_on(tmp_path
     with SIGSEGV in 3 of 20 dumps under load, in tests/test_agent.py's SIGUSR1 test. This storm
     does not crash that variant reliably, so it checks what the new handler promises: every dump
     whole, signals that arrive while one is pending folded into one dump, the process unharmed.)"""
-    returncode, stderr = dump_storm("python", 100, tmp_path)
+    returncode, stderr = dump_storm(100, tmp_path)
     assert returncode == 0, stderr[-5000:]
     dumps = stderr.count("Current thread")
     assert 1 <= dumps <= 100
