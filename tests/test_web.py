@@ -199,6 +199,20 @@ def test_a_line_view_carries_what_the_page_shows():
     assert obs["training"]["digit_distribution"] == [0.1] * 10
     assert obs["window"]["confidence_histogram"]["counts"][-1] == 400
     assert view["drift"] == {"state": "ok", "alarms": [], "at": None, "judged": True}
+    assert view["chute_threshold"] is None  # no sort plan on this line
+
+
+def test_the_chute_bar_of_a_line_with_a_sort_plan_keeps_its_decimals():
+    state = fed_state()
+    body = json.loads(health(T0 + 50))
+    body["chute_threshold"] = {"threshold": 0.99364, "acceptance": "spent", "strict": 0.999, "reads": 2000,
+                               "min_reads": 500}
+    state.handle("line-1", MessageKind.HEALTH, json.dumps(body).encode(), now=T0 + 50)
+    assert state.line("line-1", now=T0 + 50)["chute_threshold"] == {
+        "threshold": 0.99364, "strict": 0.999, "acceptance": "spent", "reads": 2000.0, "min_reads": 500.0}
+    body["chute_threshold"] = {"threshold": "high", "acceptance": "<script>"}
+    state.handle("line-1", MessageKind.HEALTH, json.dumps(body).encode(), now=T0 + 51)
+    assert state.line("line-1", now=T0 + 51)["chute_threshold"] is None
 
 
 def test_rates_come_from_counters_when_an_older_agent_sends_none():

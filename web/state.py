@@ -282,6 +282,17 @@ def _sample(section: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _chute_threshold(value: Any) -> dict[str, Any] | None:
+    """The chute bar of a line with a sort plan (None without one), to four and more decimals."""
+    value = _dict(value)
+    if _num(value.get("threshold")) is None:
+        return None
+    acceptance = value.get("acceptance")
+    return {"threshold": _round(value.get("threshold"), 6), "strict": _round(value.get("strict"), 6),
+            "acceptance": acceptance if acceptance in ("spent", "per_item") else None,
+            "reads": _num(value.get("reads")), "min_reads": _num(value.get("min_reads"))}
+
+
 def _observability(value: Any) -> dict[str, Any] | None:
     """The model-health part of a health report, in a shape the page can rely on."""
     value = _dict(value)
@@ -652,6 +663,7 @@ class SiteState:
             "mqtt": _flat(health.get("mqtt")) or None,
             "system": _flat(health.get("system")) or None,
             "observability": observability,
+            "chute_threshold": _chute_threshold(health.get("chute_threshold")),
             "drift": drift,
             "model": self._model_view(line, status, now, majority),
             "sync": self._sync_view(line, now),
