@@ -190,9 +190,9 @@ class SortPlanConfig:
     # "per_item": every sorted item at least 1 - target sure. "spent": the target is a rate over
     # the sorted mail and the bar is set from the recent reads' chute posteriors
     # (decoder.MisdirectBudget: 0.99 <= bar <= 1 - target, strict until a quarter of the window is
-    # known). On validation envelopes "spent" sorted 6 points more at 99.94-100% precision; on
-    # t10k envelopes also at 8,000 codes (86.9% against 80.8%, no misdirect), but at 30,000 codes
-    # it misdirected 4 of 1,480 (99.73%) against 1 of 1,367: opt-in (docs/MODELS.md, section 8).
+    # known). "spent" sorts about 6 points more. At 8,000 codes it held 99.94-100% precision on
+    # validation and t10k envelopes (86.9% sorted against 80.8%); at 30,000 codes two validation
+    # seeds fell to 99.87% and t10k to 99.73% (4 of 1,480): opt-in (docs/MODELS.md, section 8).
     acceptance: str = "per_item"
     spent_window: int = 2000  # recent reads the spent bar is set from
 
