@@ -22,7 +22,7 @@ import numpy as np
 from edge_agent.binding import (FRAME_DROPPED, FrameWindow, SurgeGuard, bind_frame, timeline_complete_until,
                                 too_late_to_read)
 from edge_agent.bundle import BundleError
-from edge_agent.config import AgentConfig, SortPlanConfig, mqtt_password, security_warnings
+from edge_agent.config import AgentConfig, mqtt_password, security_warnings
 from edge_agent.endpoints import EndpointServer, make_app
 from edge_agent.grabber import BindingView, FrameGrabber
 from edge_agent.liveness import Heartbeats, verdict
@@ -35,7 +35,7 @@ from edge_agent.pipeline import FrameRead, PostcodeReader, postcode_read
 from edge_agent.reader import ReaderConfig
 from edge_agent.review import ReviewStore, crops_strip_png
 from edge_agent.signals import StopSignal
-from edge_agent.decoder import DecodePolicy, MisdirectBudget
+from edge_agent.decoder import DecodePolicy, misdirect_budget
 from edge_agent.sortplan import SortPlanError, load_sort_plan
 from edge_agent.sdnotify import Notifier
 from edge_agent.sources import SourceError, decode_image, open_source, redact_url
@@ -1000,7 +1000,9 @@ def build_agent(config: AgentConfig, clock: Clock | None = None, *, start_fresh:
                             threshold_override=config.model.acceptance_threshold, frame_hash=config.reader.frame_hash,
                             policy=DecodePolicy(target_misdirect_rate=config.sort_plan.target_misdirect_rate,
                                                 invalid_prior=config.sort_plan.invalid_prior),
-                            budget=misdirect_budget(config.sort_plan))
+                            budget=misdirect_budget(config.sort_plan.acceptance,
+                                                    config.sort_plan.target_misdirect_rate,
+                                                    config.sort_plan.spent_window))
     config.outbox.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     outbox = Outbox(config.outbox.path, clock=clock, max_pending=config.outbox.max_pending,
                     retention_s=config.outbox.retention_days * 86_400, start_fresh=start_fresh)
@@ -1034,13 +1036,6 @@ def start_agent(agent: Agent) -> None:
     agent.recover()
     agent.start()
     agent.link.start()
-
-
-def misdirect_budget(plan_config: SortPlanConfig) -> MisdirectBudget | None:
-    """The spent chute bar the sort plan's settings ask for (None: every item held to the strict one)."""
-    if plan_config.acceptance != "spent":
-        return None
-    return MisdirectBudget(plan_config.target_misdirect_rate, window=plan_config.spent_window)
 
 
 def run_agent(config: AgentConfig, stop: threading.Event | StopSignal, clock: Clock | None = None, *,

@@ -20,7 +20,7 @@ import numpy as np
 from edge_agent.bundle import BundleError
 from edge_agent.config import (DEFAULT_BUNDLE, AgentConfig, ConfigError, error_key, load_config, parse_config,
                                security_warnings, state_path_errors)
-from edge_agent.decoder import DecodePolicy
+from edge_agent.decoder import DecodePolicy, MisdirectBudget, misdirect_budget
 from edge_agent.logs import setup_logging
 from edge_agent.signals import StopSignal, dump_stacks_on
 from edge_agent.sortplan import SortPlanError, load_sort_plan
@@ -259,12 +259,8 @@ def _acceptance_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spent-window", type=int, default=2000)
 
 
-def _budget(args: argparse.Namespace):
-    from edge_agent.agent import misdirect_budget
-    from edge_agent.config import SortPlanConfig
-
-    return misdirect_budget(SortPlanConfig(target_misdirect_rate=args.target_misdirect_rate,
-                                           acceptance=args.acceptance, spent_window=args.spent_window))
+def _budget(args: argparse.Namespace) -> MisdirectBudget | None:
+    return misdirect_budget(args.acceptance, args.target_misdirect_rate, args.spent_window)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

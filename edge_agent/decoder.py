@@ -85,6 +85,16 @@ SPENT_SHARE = 0.25
 SPENT_FLOOR = 0.99
 
 
+def misdirect_budget(acceptance: str, target_misdirect_rate: float, window: int) -> MisdirectBudget | None:
+    """The bar a site's ``sort_plan.acceptance`` asks for: a MisdirectBudget for "spent", None
+    (every item held to the strict bar) for "per_item"."""
+    if acceptance == "per_item":
+        return None
+    if acceptance != "spent":
+        raise ValueError(f"acceptance must be 'spent' or 'per_item', not {acceptance!r}")
+    return MisdirectBudget(target_misdirect_rate, window=window)
+
+
 class MisdirectBudget:
     """The target misdirect rate spent over the mail instead of asked of every item.
 

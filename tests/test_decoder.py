@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from edge_agent.decision import decide_with_plan
-from edge_agent.decoder import (PROBABILITY_FLOOR, DecodePolicy, MisdirectBudget, decode, floored, posterior,
-                                spent_threshold)
+from edge_agent.decoder import (PROBABILITY_FLOOR, DecodePolicy, MisdirectBudget, decode, floored,
+                                misdirect_budget, posterior, spent_threshold)
 from edge_agent.sortplan import SortPlanError, parse_sort_plan
 from edge_agent.types import Reason
 
@@ -297,6 +297,14 @@ def test_the_spent_bar_never_goes_below_its_floor():
     for _ in range(20):  # spendable (mean doubt 0.0007 of 0.00225), but below the floor
         budget.observe(0.985)
     assert budget.threshold() == pytest.approx(0.99)
+
+
+def test_the_acceptance_setting_picks_the_bar():
+    assert misdirect_budget("per_item", 1e-3, 2000) is None
+    spent = misdirect_budget("spent", 1e-3, 2000)
+    assert spent.window == 2000 and spent.min_reads == 500 and spent.threshold() == pytest.approx(0.999)
+    with pytest.raises(ValueError, match="acceptance"):
+        misdirect_budget("loose", 1e-3, 2000)
 
 
 def test_a_spent_bar_never_loosens_the_policy_beyond_its_strict_bar():
