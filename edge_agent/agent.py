@@ -796,6 +796,8 @@ class Agent:
                 self._check_bad_frames()
                 self._follow_active_bundle()
                 self.follow_sort_plan()
+                # The WAL into the database here, off the threads an answer waits for.
+                self.outbox.checkpoint()
                 now = self.clock.monotonic()
                 if now >= next_prune:
                     next_prune = now + _PRUNE_EVERY_S

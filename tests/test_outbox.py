@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_agent.outbox import MessageState, Outbox, OutboxError
+from edge_agent.outbox import WAL_BACKSTOP_PAGES, MessageState, Outbox, OutboxError
 from edge_agent.types import Reason
 
 REPO = Path(__file__).resolve().parents[1]
@@ -468,3 +468,26 @@ def test_schema_1_outbox_is_upgraded_in_place(tmp_path: Path, clock: FakeClock) 
     assert [m.payload for m in box.pending(10)] == [b"kept"]
     assert box.journal_triggers([trig("X", clock.now)], 3600, RESULTS)[0].outcome is JournalOutcome.NEW
     box.close()
+
+
+def test_checkpoints_run_off_the_writers_and_a_backstop_bounds_the_wal(tmp_path: Path, clock: FakeClock) -> None:
+    """The WAL goes into the database from checkpoint()'s own connection (PASSIVE: no writer waits
+    on its fsync); inside a commit SQLite checkpoints only past WAL_BACKSTOP_PAGES."""
+    box = Outbox(tmp_path / "outbox.db", clock=clock, max_pending=10_000)
+    try:
+        assert box._read("PRAGMA wal_autocheckpoint")[0][0] == WAL_BACKSTOP_PAGES
+        for n in range(200):
+            box.add("t", b"x" * 1000, audit=audit_for(n))
+        wal = tmp_path / "outbox.db-wal"
+        assert wal.stat().st_size > 100 * 4096  # 200 answers, no checkpoint inside a commit
+        frames, copied = box.checkpoint()
+        assert frames > 100 and copied == frames  # nothing was writing: all of it copied
+        box.add("t", b"after", audit=audit_for(999))  # a writer after a whole checkpoint rewinds the WAL
+        assert box.checkpoint()[0] < frames
+        # Written by one connection, checkpointed by another: the data is whole on reopening.
+        assert box.stats()["pending"] == 201
+    finally:
+        box.close()
+    assert box.checkpoint() is None  # closed: nothing to do, nothing raised
+    with Outbox(tmp_path / "outbox.db", clock=clock) as reopened:
+        assert reopened.stats()["pending"] == 201
