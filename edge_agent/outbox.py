@@ -194,9 +194,10 @@ class AuditRecord:
 class Outbox:
     """SQLite outbox (WAL) shared by the pipeline (writer) and the MQTT delivery loop.
 
-    Thread-safe: one connection guarded by a lock. Writes are tiny (one row per
-    envelope) so a single serialised connection is far from a bottleneck and
-    avoids SQLite's busy/retry dance between connections of one process.
+    Thread-safe: one connection guarded by a lock for every read and write. Writes are tiny
+    (one row per envelope) so a single serialised connection is far from a bottleneck and
+    avoids SQLite's busy/retry dance between connections of one process. The only other
+    connection is checkpoint()'s, whose PASSIVE checkpoints never wait for the writer.
     """
 
     def __init__(
