@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_agent.decision import decide, decide_with_plan  # noqa: E402
+from edge_agent.decision import decide, decide_with_budget, decide_with_plan  # noqa: E402
 from edge_agent.decoder import SPENT_SHARE, DecodePolicy, MisdirectBudget  # noqa: E402
 from edge_agent.evaluation import CostModel, score  # noqa: E402
 from edge_agent.loader import load_bundle  # noqa: E402
@@ -178,14 +178,8 @@ def run(args) -> dict:
 
 def _decide_spent(reads, plan, policy: DecodePolicy, budget: MisdirectBudget) -> list:
     """Each read decided as PostcodeReader does with a MisdirectBudget, in stream order."""
-    out = []
-    for labels, probabilities, _ in reads:
-        decision = decide_with_plan(labels, probabilities, (LENGTH,), plan,
-                                    replace(policy, spent_threshold=budget.threshold()))
-        if decision.chute is not None:
-            budget.observe(decision.chute_confidence)
-        out.append(decision)
-    return out
+    return [decide_with_budget(labels, probabilities, (LENGTH,), plan, policy, budget)
+            for labels, probabilities, _ in reads]
 
 
 def _as_chutes(decisions, plan):

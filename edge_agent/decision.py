@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from edge_agent.decoder import DecodePolicy, decode
+from edge_agent.decoder import DecodePolicy, MisdirectBudget, decode
 from edge_agent.sortplan import SortPlan
 from edge_agent.types import DigitRead, Reason
 
@@ -155,3 +155,22 @@ def decide_with_plan(
     return Decision(verdict.postcode, verdict.accepted, digits_only.confidence, digits_only.digits, verdict.reason,
                     chute=verdict.chute, chute_confidence=verdict.chute_confidence,
                     alternatives=verdict.alternatives, **base)
+
+
+def decide_with_budget(
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    expected_lengths: tuple[int, ...],
+    plan: SortPlan,
+    policy: DecodePolicy,
+    budget: MisdirectBudget | None,
+) -> Decision:
+    """decide_with_plan held to the budget's bar (``policy``'s own without a budget); a read that
+    found a chute feeds the budget, so reads decided in turn set the bar for the next."""
+    if budget is None:
+        return decide_with_plan(labels, probabilities, expected_lengths, plan, policy)
+    decision = decide_with_plan(labels, probabilities, expected_lengths, plan,
+                                replace(policy, spent_threshold=budget.threshold()))
+    if decision.chute is not None:
+        budget.observe(decision.chute_confidence)
+    return decision

@@ -11,11 +11,11 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
-from edge_agent.decision import Decision, decide, decide_with_plan, stem_left_behind, with_row_doubt
+from edge_agent.decision import Decision, decide, decide_with_budget, stem_left_behind, with_row_doubt
 from edge_agent.decoder import DecodePolicy, MisdirectBudget
 from edge_agent.loader import Int8Classifier, LoadedModel
 from edge_agent.observability import InputQuality, input_quality
@@ -171,12 +171,8 @@ class PostcodeReader:
         if plan is None:
             decision = decide(evidence.labels, probabilities, self.reader_config.expected_lengths, self.threshold)
         else:
-            budget = self.budget
-            policy = self.policy if budget is None else replace(self.policy, spent_threshold=budget.threshold())
-            decision = decide_with_plan(evidence.labels, probabilities, self.reader_config.expected_lengths,
-                                        plan, policy)
-            if budget is not None and decision.chute is not None:
-                budget.observe(decision.chute_confidence)
+            decision = decide_with_budget(evidence.labels, probabilities, self.reader_config.expected_lengths,
+                                          plan, self.policy, self.budget)
         located = evidence.located
         seconds = (*evidence.seconds, time.perf_counter() - decided_from)
         return FrameRead(located, decision, model.version, sha, seconds=seconds,
