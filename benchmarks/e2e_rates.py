@@ -421,19 +421,20 @@ def main() -> int:
         steady_agent.stop()
         steady_agent = None
 
-        # Both cores, no pinning. The deployed shape is one agent per line (systemd's edge-agent@):
-        # five lines' agents share the box; --burst-lines 1 is one agent with reader threads.
-        lone = args.burst_lines <= 1
-        for n in range(max(1, args.burst_lines)):
-            burst_agents.append(AgentProcess(workdir, port, f"line-burst-{n + 1}", args.burst_workers if lone else 1,
-                                             None, args.frame_hash, blank, args.burst_fps))
-        for agent in burst_agents:
-            steady(agent, 20.0, [frames.pop() for _ in range(10)], f"warm-{agent.line}")
-        report["burst"] = burst(burst_agents, [frames.pop() for _ in range(burst_n)], args.burst_gap_ms / 1000)
-        report["burst"]["under_1_s"] = bool(report["burst"]["first_trigger_to_last_answer_s"] is not None
-                                            and report["burst"]["first_trigger_to_last_answer_s"] < 1.0
-                                            and report["burst"]["about_own_frame"] == burst_n)
-        report["burst_agent_rss_mb"] = [round(agent.rss_mb(), 1) for agent in burst_agents]
+        if burst_n > 0:  # --burst 0: the steady rates only
+            # Both cores, no pinning. The deployed shape is one agent per line (systemd's edge-agent@):
+            # five lines' agents share the box; --burst-lines 1 is one agent with reader threads.
+            lone = args.burst_lines <= 1
+            for n in range(max(1, args.burst_lines)):
+                burst_agents.append(AgentProcess(workdir, port, f"line-burst-{n + 1}", args.burst_workers if lone else 1,
+                                                 None, args.frame_hash, blank, args.burst_fps))
+            for agent in burst_agents:
+                steady(agent, 20.0, [frames.pop() for _ in range(10)], f"warm-{agent.line}")
+            report["burst"] = burst(burst_agents, [frames.pop() for _ in range(burst_n)], args.burst_gap_ms / 1000)
+            report["burst"]["under_1_s"] = bool(report["burst"]["first_trigger_to_last_answer_s"] is not None
+                                                and report["burst"]["first_trigger_to_last_answer_s"] < 1.0
+                                                and report["burst"]["about_own_frame"] == burst_n)
+            report["burst_agent_rss_mb"] = [round(agent.rss_mb(), 1) for agent in burst_agents]
     finally:
         for agent in [steady_agent] + burst_agents:
             if agent is not None:
