@@ -247,17 +247,23 @@ class Agent:
         self._take_in(trigger, None, frame, source=self.config.trigger.mode)
 
     def _take_in(self, trigger: Trigger, ack_token: Any, frame: Frame | None = None, source: str = "mqtt") -> None:
-        self.metrics.triggers.labels(source=source).inc()
-        self._last_trigger_at = self.clock.monotonic()
         trigger = replace(trigger, deadline=trigger.at + self.budget_s)
         if frame is None and trigger.stale is None:
             frame = self._frame_in_window(trigger)  # now, while the history still holds it
             if frame is FRAME_DROPPED:
                 trigger, frame = replace(trigger, stale=Reason.LATE), None
+        with self._outstanding_cond:
+            # One step with stop()'s: a site-made trigger is either counted before the stop
+            # began (and answered before the agent exits) or not taken in at all. MQTT
+            # triggers are held back by the link (close_intake), unacknowledged.
+            if ack_token is None and self.stopping.is_set():
+                log.warning("item %s: triggered on site while stopping; not taken in", trigger.item_id)
+                return
+            self._outstanding += 1
+        self.metrics.triggers.labels(source=source).inc()
+        self._last_trigger_at = self.clock.monotonic()
         with self._counter_lock:
             self.counters.triggers += 1
-        with self._outstanding_cond:
-            self._outstanding += 1
         self._intake.put((trigger, ack_token, frame))
 
     def on_frame(self, detector: SceneChangeDetector):
@@ -679,8 +685,9 @@ class Agent:
         """Take no more triggers, answer every one taken in, deliver, then shut down in order."""
         if drain_s is None:
             drain_s = self.window.wait_s + self.budget_s + 5.0
-        self.stopping.set()
-        self.link.close_intake()
+        with self._outstanding_cond:  # see _take_in
+            self.stopping.set()
+        self.link.close_intake()  # returns once a trigger being handed over is counted
         if not self.drain(drain_s):
             with self._outstanding_cond:
                 left = self._outstanding

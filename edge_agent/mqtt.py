@@ -193,6 +193,8 @@ class MqttLink:
         self._connack_seen = False  # on the current connection attempt, any CONNACK at all
         self._v5_confirmed = False  # the broker once accepted MQTT v5: never fall back after that
         self._intake_open = True
+        # Held from the intake check to the end of on_trigger (paho's thread) and by close_intake.
+        self._intake_lock = threading.Lock()
         self._replaying = False  # until our session marker comes back, triggers are the session's backlog
         self._marker = ""
         self._reconnected_at: float | None = None  # clock.monotonic() of a reconnect after a lost connection
@@ -293,8 +295,14 @@ class MqttLink:
         return "5" if self._use_v5 else "3.1.1"
 
     def close_intake(self) -> None:
-        """Take no more triggers: later ones stay unacknowledged, so the broker keeps them for the next run."""
-        self._intake_open = False
+        """Take no more triggers: later ones stay unacknowledged, so the broker keeps them for the next run.
+
+        Returns only once a trigger being handed over (checked open, not yet given to
+        ``on_trigger``) is in the agent's hands: an agent that waits for what it took in after
+        this call can then not miss one that it acknowledges a moment later.
+        """
+        with self._intake_lock:
+            self._intake_open = False
 
     def ack(self, token: Any) -> None:
         """Acknowledge a trigger to the broker (PUBACK) once it is safely journaled."""
@@ -607,28 +615,29 @@ class MqttLink:
         if self.on_trigger is None or not self._is_trigger_topic(message.topic):
             self.ack(token)
             return
-        if not self._intake_open:
-            return  # stopping: not acknowledged, so the broker hands it to the next run
-        props = message.properties
-        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
-        correlation = getattr(props, "CorrelationData", None) if props is not None else None
-        now = self._clock.monotonic()
-        with self._state_lock:
-            self._counts["triggers"] += 1
-            replayed = self._replaying or bool(message.retain)
-            self._counts["replayed_triggers"] += replayed
-            first = self._reconnected_at is None
-            since = None if first else now - self._reconnected_at
-        trigger = TriggerMessage(bytes(message.payload), response_topic,
-                                 None if correlation is None else bytes(correlation),
-                                 received_at=self._clock.time(), ack_token=token, replayed=replayed,
-                                 first_connection=first, since_reconnect_s=since)
-        try:
-            # Runs on paho's network thread: the handler must hand off, not read the camera here.
-            self.on_trigger(trigger)
-        except Exception:
-            # Not acknowledged: the broker delivers it again on the next connection.
-            log.exception("trigger handler failed for a message on %s", message.topic)
+        with self._intake_lock:
+            if not self._intake_open:
+                return  # stopping: not acknowledged, so the broker hands it to the next run
+            props = message.properties
+            response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
+            correlation = getattr(props, "CorrelationData", None) if props is not None else None
+            now = self._clock.monotonic()
+            with self._state_lock:
+                self._counts["triggers"] += 1
+                replayed = self._replaying or bool(message.retain)
+                self._counts["replayed_triggers"] += replayed
+                first = self._reconnected_at is None
+                since = None if first else now - self._reconnected_at
+            trigger = TriggerMessage(bytes(message.payload), response_topic,
+                                     None if correlation is None else bytes(correlation),
+                                     received_at=self._clock.time(), ack_token=token, replayed=replayed,
+                                     first_connection=first, since_reconnect_s=since)
+            try:
+                # Runs on paho's network thread: the handler must hand off, not read the camera here.
+                self.on_trigger(trigger)
+            except Exception:
+                # Not acknowledged: the broker delivers it again on the next connection.
+                log.exception("trigger handler failed for a message on %s", message.topic)
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason_code: ReasonCode,
                     properties: Properties | None) -> None:

@@ -582,3 +582,26 @@ def test_online_is_announced_only_once_triggers_can_arrive(tmp_path, mqtt_broker
         finally:
             plc.stop()
             agent.stop()
+
+
+def test_a_site_made_trigger_is_answered_or_not_taken_in_once_the_stop_began(tmp_path, mqtt_broker, camera_frames):
+    """A scene-change or interval trigger racing SIGTERM is either counted before the stop began
+    (and answered before the agent exits) or not taken in: never taken in after drain() stopped
+    waiting, which would leave it for a next start that a site-made trigger never gets."""
+    from edge_agent.types import Trigger
+
+    folder, _truth = camera_frames
+    running = RunningAgent(agent_table(tmp_path, mqtt_broker.port, folder))
+    agent = running.agent
+    try:
+        agent.submit(Trigger(item_id="before-stop", received_at=time.time()))
+        assert agent.drain(10)
+        assert agent.counters.triggers == 1
+        agent.stopping.set()  # what stop() does first
+        agent.submit(Trigger(item_id="after-stop", received_at=time.time()))
+        assert agent.counters.triggers == 1
+        assert agent.drain(0.0), "a trigger taken in after the stop began would be waited for here"
+    finally:
+        running.stop()
+    results = agent_results(tmp_path / "state" / "outbox.sqlite")
+    assert "before-stop" in results and "after-stop" not in results

@@ -789,3 +789,35 @@ def test_the_retained_online_status_carries_its_time_and_expires(mqtt_broker: Mo
     time.sleep(0.3)
     assert late.received() == []
     late.stop()
+
+
+def test_close_intake_waits_for_a_trigger_being_handed_over(
+        mqtt_broker: MosquittoBroker, outbox: Outbox, links: list[MqttLink]) -> None:
+    """SIGTERM's order (close intake, then wait for what was taken in) must see a trigger that
+    passed the intake check a moment before: otherwise it is acknowledged after the agent
+    stopped waiting, and answered only at the next start."""
+    settings = settings_for(mqtt_broker.address)
+    entered, release = threading.Event(), threading.Event()
+    handed: list[bytes] = []
+
+    def slow_hand_over(message: TriggerMessage) -> None:
+        entered.set()
+        release.wait(10)
+        handed.append(message.payload)
+
+    link = start_link(links, settings, outbox, on_trigger=slow_hand_over)
+    plc = subscribe(mqtt_broker.address, ["unused"])
+    plc.client.publish(settings.trigger_topic, b'{"item_id": "at-the-door"}', qos=1).wait_for_publish(5)
+    assert entered.wait(WAIT_S)
+    closer = threading.Thread(target=link.close_intake)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive(), "close_intake returned while a trigger was still being handed over"
+    release.set()
+    closer.join(WAIT_S)
+    assert not closer.is_alive() and handed == [b'{"item_id": "at-the-door"}']
+    # Closed: a later trigger is neither handed over nor acknowledged (the broker keeps it).
+    plc.client.publish(settings.trigger_topic, b'{"item_id": "after"}', qos=1).wait_for_publish(5)
+    time.sleep(0.3)
+    assert handed == [b'{"item_id": "at-the-door"}']
+    plc.stop()
