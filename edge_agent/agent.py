@@ -260,7 +260,7 @@ class Agent:
                 log.warning("item %s: triggered on site while stopping; not taken in", trigger.item_id)
                 return
             self._outstanding += 1
-        self.metrics.triggers.labels(source=source).inc()
+        self.metrics.count_trigger(source)
         self._last_trigger_at = self.clock.monotonic()
         with self._counter_lock:
             self.counters.triggers += 1
@@ -502,10 +502,7 @@ class Agent:
 
     def _after_store(self, answer: _Answer) -> None:
         result = answer.result
-        outcome = "accepted" if result.accepted else "review"
-        self.metrics.answers.labels(outcome=outcome).inc()
-        if result.reason is not None:
-            self.metrics.reviews.labels(reason=result.reason.value).inc()
+        self.metrics.count_answer(result.accepted, result.reason.value if result.reason is not None else None)
         now = self.clock.monotonic()
         self._last_answer_at = now
         self._rates.add(now, result.accepted, result.reason.value if result.reason else None)
