@@ -14,6 +14,7 @@ the broker handed over has either its stored answer or an open row to answer.
 
 from __future__ import annotations
 
+import collections
 import enum
 import json
 import logging
@@ -90,6 +91,8 @@ TRIGGER_OPEN = "open"
 TRIGGER_ANSWERED = "answered"
 
 _COUNTERS = ("added", "delivered", "dropped", "expired")
+# SQLite allows 32,766 parameters per statement (999 before 3.32): ids are looked up in chunks.
+_IDS_PER_QUERY = 500
 
 
 def _json_default(value: Any) -> Any:
@@ -482,7 +485,7 @@ class Outbox:
                     conn.execute("UPDATE triggers SET state = ?, result_id = ?, answered_at = ? WHERE id = ?",
                                  (TRIGGER_ANSWERED, answer.result_id, now, answer.journal_id))
                 ids.append(message_ids)
-                self._bump(conn, "added", len(message_ids))
+            self._bump(conn, "added", sum(len(message_ids) for message_ids in ids))  # once per batch
             dropped = self._drop_excess(conn, now)
         self._after_add(dropped)
         return ids
@@ -551,22 +554,23 @@ class Outbox:
         if not ids:
             return 0
         now = self._clock.time()
-        changed = 0
         with self._tx("marking delivered") as conn:
-            for message_id in ids:
-                row = conn.execute("SELECT state FROM messages WHERE id = ?", (message_id,)).fetchone()
-                if row is None or row[0] == MessageState.DELIVERED.value:
-                    continue
-                # A message dropped or expired while paho still held it, whose PUBACK then
-                # arrives, did reach the broker: the audit trail must say so, so it moves
-                # to delivered and out of the other total.
-                conn.execute("UPDATE messages SET state = ?, finished_at = ? WHERE id = ?",
-                             (MessageState.DELIVERED.value, now, message_id))
-                self._bump(conn, "delivered", 1)
-                if row[0] != MessageState.PENDING.value:
-                    self._bump(conn, row[0], -1)
-                changed += 1
-        return changed
+            states: dict[int, str] = {}
+            for start in range(0, len(ids), _IDS_PER_QUERY):
+                chunk = ids[start: start + _IDS_PER_QUERY]
+                states.update(conn.execute(f"SELECT id, state FROM messages WHERE id IN ({','.join('?' * len(chunk))})",
+                                           chunk).fetchall())
+            changing = {i: state for i, state in states.items() if state != MessageState.DELIVERED.value}
+            conn.executemany("UPDATE messages SET state = ?, finished_at = ? WHERE id = ?",
+                             [(MessageState.DELIVERED.value, now, i) for i in changing])
+            # A message dropped or expired while paho still held it, whose PUBACK then
+            # arrives, did reach the broker: the audit trail must say so, so it moves
+            # to delivered and out of the other total.
+            self._bump(conn, "delivered", len(changing))
+            for state, count in collections.Counter(changing.values()).items():
+                if state != MessageState.PENDING.value:
+                    self._bump(conn, state, -count)
+        return len(changing)
 
     def mark_expired(self, message_id: int) -> bool:
         """Give up on a pending message whose deadline passed; False if it was not pending."""

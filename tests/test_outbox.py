@@ -125,6 +125,26 @@ def test_late_ack_for_an_expired_message_counts_as_delivered(outbox: Outbox, clo
     assert outbox.stats() == {"pending": 0, "added": 1, "delivered": 1, "dropped": 0, "expired": 0}
 
 
+def test_marking_many_delivered_moves_each_state_once(tmp_path: Path, clock: FakeClock) -> None:
+    """One batch of PUBACKs holding pending, dropped, expired, already delivered, unknown and
+    repeated ids: each message moves to delivered once and the totals stay balanced."""
+    box = Outbox(tmp_path / "o.db", clock=clock, max_pending=3)
+    dropped = box.add("t", b"d", 1, None, audit_for(0))
+    expired = box.add("t", b"e", 1, clock.now + 1, audit_for(1))
+    done = box.add("t", b"x", 1, None, audit_for(2))
+    pending = box.add("t", b"p", 1, None, audit_for(3))
+    assert box.state(dropped) is MessageState.DROPPED
+    clock.advance(5)
+    assert box.expire_due() == [expired]
+    assert box.mark_delivered(done) is True
+    batch = [pending, dropped, expired, done, 999_999, pending] + [box.add("t", b"n", 1, None, audit_for(9))] * 600
+    assert box.mark_delivered_many(batch) == 4
+    stats = box.stats()
+    assert stats == {"pending": 0, "added": 5, "delivered": 5, "dropped": 0, "expired": 0}
+    assert all(box.state(i) is MessageState.DELIVERED for i in (pending, dropped, expired, done))
+    box.close()
+
+
 def test_expire_due_respects_deadline_and_exclusions(outbox: Outbox, clock: FakeClock) -> None:
     soon = outbox.add("t", b"soon", 1, clock.now + 5, audit_for(1))
     later = outbox.add("t", b"later", 1, clock.now + 50, audit_for(2))
