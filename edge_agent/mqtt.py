@@ -30,6 +30,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 from .outbox import Outbox, OutboxError, OutboxMessage
 from .types import Check, Clock, TriggerMessage
 
+# The delivery loop looks for expired messages and overdue PUBACKs at most this often (seconds).
+HOUSEKEEPING_S = 0.1
 # Copied for each result: paho's Properties() rebuilds its tables of names on every call.
 _PUBLISH_PROPERTIES = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho leaves it untyped
 
@@ -208,6 +210,7 @@ class MqttLink:
         # Highest outbox id handed to paho; 0 means "look from the start" (after a message
         # has to go out again: rejected, unacknowledged for too long, or a new client).
         self._cursor = 0
+        self._housekeeping_at = float("-inf")  # clock.monotonic() of the last expiry and ack-timeout pass
         self._counts = dict.fromkeys(
             ("connects", "disconnects", "published", "acked", "rejected", "republished", "expired",
              "events_sent", "events_dropped", "triggers", "replayed_triggers", "login_refused"), 0)
@@ -686,10 +689,17 @@ class MqttLink:
                 self._maybe_fall_back()
                 self._end_stuck_replay()
                 self._flush_acks()
-                self._expire_due()
+                # Every PUBACK wakes this loop: under a burst that is thousands of times a
+                # second, and expiry and the ack timeout (seconds) need not be looked at each time.
+                now = self._clock.monotonic()
+                housekeeping = now - self._housekeeping_at >= HOUSEKEEPING_S
+                if housekeeping:
+                    self._housekeeping_at = now
+                    self._expire_due()
                 if self._connected.is_set():
                     self._send_probe()
-                    self._republish_stale()
+                    if housekeeping:
+                        self._republish_stale()
                     self._fill_window()
             except OutboxError:
                 log.exception("outbox error in the delivery loop; retrying in 5 s")
