@@ -329,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--lengths", default="5")
     evaluate.add_argument("--threads", type=int, default=1)
     evaluate.add_argument("--target-misdirect-rate", type=float, default=1e-3)
-    evaluate.add_argument("--invalid-prior", type=float, default=0.01)
+    evaluate.add_argument("--invalid-prior", type=float, default=DecodePolicy.invalid_prior,
+                          help="share of mail addressed to codes the plan does not have (sort_plan.invalid_prior)")
     _acceptance_arguments(evaluate)
     evaluate.add_argument("--keying-seconds", type=float, default=2.25, help="manual keying per review (s)")
     evaluate.add_argument("--labour-per-hour", type=float, default=30.0, help="keying cost per hour")

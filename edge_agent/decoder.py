@@ -40,7 +40,7 @@ class DecodePolicy:
     """How sure the posterior must be, and how often mail is addressed to codes that do not exist."""
 
     target_misdirect_rate: float = 1e-3  # accepted items sorted to a wrong chute, at most
-    invalid_prior: float = 0.01  # share of mail written with a postcode the directory does not have
+    invalid_prior: float = 0.05  # share of mail written with a postcode the directory does not have (see config)
     # A bar set from the site's recent reads (MisdirectBudget), between the floor and the strict bar.
     spent_threshold: float | None = None
 
