@@ -120,11 +120,12 @@ def run(args) -> dict:
     bundles = [b.split("=", 1) for b in args.bundle] or [["shipped", str(ROOT / "models" / "mnist-int8")]]
     # The decoder's prior for mail to codes that do not exist is the stream's share: a site sets
     # it from its own counts of undeliverable codes (sort_plan.invalid_prior).
-    policies = [DecodePolicy(target_misdirect_rate=t, invalid_prior=args.invalid_share) for t in args.target]
+    prior = args.invalid_share if args.invalid_prior is None else args.invalid_prior
+    policies = [DecodePolicy(target_misdirect_rate=t, invalid_prior=prior) for t in args.target]
     cost = CostModel()
     report: dict = {"frames": args.frames, "digits": args.digits, "seed": args.seed,
                     "target_misdirect_rates": args.target, "invalid_share": args.invalid_share,
-                    "invalid_prior": args.invalid_share, "rows": []}
+                    "invalid_prior": prior, "rows": []}
     for size in args.directories:
         rng = np.random.default_rng(args.seed + size)
         codes = directory(size, rng)
@@ -218,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spent-share", type=float, default=SPENT_SHARE,
                         help="chute_spent rule: the share of the target spent over the mail (default %(default)s)")
     parser.add_argument("--invalid-share", type=float, default=0.05)
+    parser.add_argument("--invalid-prior", type=float,
+                        help="the decoder's prior for such mail (default: the stream's share, --invalid-share)")
     parser.add_argument("--target", type=lambda v: [float(x) for x in v.split(",")], default=[1e-4, 1e-3],
                         help="target misdirect rate(s), comma-separated: each decodes the same reads")
     parser.add_argument("--data", help="MNIST folder (default: ../shared/datasets/mnist or MNIST_DIR)")
