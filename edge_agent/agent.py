@@ -502,10 +502,11 @@ class Agent:
 
     def _after_store(self, answer: _Answer) -> None:
         result = answer.result
-        self.metrics.count_answer(result.accepted, result.reason.value if result.reason is not None else None)
+        reason = result.reason.value if result.reason is not None else None
+        self.metrics.count_answer(result.accepted, reason)
         now = self.clock.monotonic()
         self._last_answer_at = now
-        self._rates.add(now, result.accepted, result.reason.value if result.reason else None)
+        self._rates.add(now, result.accepted, reason)
         if answer.read is not None and self._read_events.take(now):
             self._publish_read(result, answer.read)
         if answer.first_of_frame:
@@ -525,8 +526,8 @@ class Agent:
             c.reads += answer.read is not None
             c.accepted += result.accepted
             c.reviews += not result.accepted
-            if result.reason is not None:
-                c.by_reason[result.reason.value] = c.by_reason.get(result.reason.value, 0) + 1
+            if reason is not None:
+                c.by_reason[reason] = c.by_reason.get(reason, 0) + 1
             self._latencies_ms.append(result.latency_ms)
             del self._latencies_ms[:-1000]
 

@@ -77,7 +77,7 @@ class AgentMetrics:
         return child
 
     def error(self, kind: str, n: int = 1) -> None:
-        self.errors.labels(kind=kind).inc(n)
+        self._labelled(self.errors, kind).inc(n)
 
 
 class SnapshotCollector(Collector):
