@@ -632,7 +632,12 @@ def _digit_crop(mark: _Mark, seg: _Segmentation, ink: np.ndarray, threshold: int
     rim = cv2.dilate(mask.view(np.uint8), _RIM_KERNEL).view(bool)
     if seg.has_lines:
         rim &= seg.lines[mark.y: mark.y1, mark.x: mark.x1] == 0  # not the printed line it touches
-    crop = np.multiply(ink[mark.y: mark.y1, mark.x: mark.x1], rim, dtype=np.float32)
+    return _stretched(ink[mark.y: mark.y1, mark.x: mark.x1], mask, rim, threshold)
+
+
+def _stretched(pixels: np.ndarray, mask: np.ndarray, rim: np.ndarray, threshold: int) -> np.ndarray:
+    """A mark's ink inside its rim, contrast-stretched to 0..1 from its core (``mask``), strokes normalised."""
+    crop = np.multiply(pixels, rim, dtype=np.float32)
     core = crop[mask]
     peak = _percentile_of_array(core, 75) if core.size else 255.0
     floor = 0.5 * threshold
@@ -641,6 +646,45 @@ def _digit_crop(mark: _Mark, seg: _Segmentation, ink: np.ndarray, threshold: int
     # MNIST came from bilevel scans: saturate the stroke core, keep only a soft edge.
     crop = np.clip((crop - floor) / (peak - floor), 0.0, 1.0)
     return _normalise_stroke(crop)
+
+
+def _full_size_crop(mark: _Mark, seg: _Segmentation, ink: np.ndarray, to_ink: np.ndarray,
+                    threshold: int) -> np.ndarray:
+    """``_digit_crop`` of a mark found on the half-size band, cut from the full-size ink image.
+
+    ``to_ink`` maps half-size band pixels to full-size ink pixels. The mark's pixels are the
+    full-size ink above the weak level within a pixel of its half-size mask: the grey levels
+    and the stroke edges are the full-size ones, as when the band was read at full size.
+    """
+    x, y, w, h = 2 * mark.x, 2 * mark.y, 2 * mark.w, 2 * mark.h
+    # Full-size band pixel q -> ink pixel A q + 2 t (the half-size map A q/2 + t, doubled); the
+    # crop's pixel (u, v) is band pixel (x + u, y + v).
+    region = np.zeros((2, 3), np.float64)
+    region[:, :2] = to_ink[:, :2]
+    region[:, 2] = to_ink[:, :2] @ np.array([x, y], np.float64) + 2.0 * to_ink[:, 2]
+    if region[0, 0] == 1.0 and region[1, 1] == 1.0 and region[0, 1] == 0.0 and region[1, 0] == 0.0 \
+            and float(region[0, 2]).is_integer() and float(region[1, 2]).is_integer():
+        ix, iy = int(region[0, 2]), int(region[1, 2])
+        pixels = np.zeros((h, w), np.uint8)
+        src = ink[max(0, iy): iy + h, max(0, ix): ix + w]
+        pixels[max(0, -iy): max(0, -iy) + src.shape[0], max(0, -ix): max(0, -ix) + src.shape[1]] = src
+    else:
+        pixels = cv2.warpAffine(ink, region, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    near = cv2.dilate(cv2.resize(_mark_mask(mark, seg).view(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST),
+                      _RIM_KERNEL)
+    mask = (pixels > threshold // 2) & near.view(bool)
+    # To the mark's own box, as a mark found at full size is cut: the box's edges bound the rim
+    # and the stroke normalisation's erosion as they did there.
+    bx, by, bw, bh = cv2.boundingRect(mask.view(np.uint8))
+    if bw == 0:
+        return np.zeros((h, w), np.float32)
+    mask, pixels = mask[by: by + bh, bx: bx + bw], pixels[by: by + bh, bx: bx + bw]
+    rim = cv2.dilate(mask.view(np.uint8), _RIM_KERNEL).view(bool)
+    if seg.has_lines:
+        lines = cv2.resize(seg.lines[mark.y: mark.y1, mark.x: mark.x1], (w, h), interpolation=cv2.INTER_NEAREST)
+        rim &= cv2.dilate(lines, _RIM_KERNEL)[by: by + bh, bx: bx + bw] == 0
+    return _stretched(pixels, mask, rim, threshold)
 
 
 def _stroke_width(mask: np.ndarray) -> float:
@@ -699,11 +743,10 @@ def _prepare(image: object, config: ReaderConfig) -> tuple[np.ndarray | None, tu
 
 
 def _frame_box(mark: _Mark, inverse: np.ndarray | None, origin: tuple[int, int],
-               scale: float, offset: tuple[int, int] = (0, 0)) -> tuple[int, int, int, int]:
+               scale: float) -> tuple[int, int, int, int]:
     """A mark's box in band pixels mapped back to frame pixels (undoing band, deskew, downscale and ROI)."""
     x0, x1 = (mark.x_cut if mark.x_cut else (mark.x, mark.x1))
     corners = np.array([[x0, mark.y], [x1, mark.y], [x0, mark.y1], [x1, mark.y1]], np.float64)
-    corners += np.array(offset, np.float64)
     if inverse is not None:
         corners = corners @ inverse[:, :2].T + inverse[:, 2]
     corners = corners / scale + np.array(origin, np.float64)
@@ -721,6 +764,11 @@ COARSE_MIN_SIDE = 240
 BAND_PAD_X = 1.4
 BAND_PAD_Y = 0.8
 BAND_PAD_PX = 4
+# Rows at least this tall (full-size pixels) are read from the half-size copy the row was found
+# on. The reader's crops end as 20 px MNIST boxes; above about 30 px a digit's crop loses
+# nothing the classifier sees by being halved, and the band's binarising, labelling and
+# cropping cost a quarter as much.
+HALF_SIZE_ROW_PX = 64.0
 
 
 @dataclass(frozen=True)
@@ -736,11 +784,9 @@ class _Band:
     centre: tuple[float, float]  # centre of the row's marks' box: the deskew pivot
 
 
-def _coarse_band(ink: np.ndarray, threshold: int, min_h: float, max_h: float) -> _Band | None:
-    """Find the row on a half-size copy of the ink image; None when the frame is small or has no row.
-
-    Only where to look is taken from here: the digits themselves are cut at full size.
-    """
+def _coarse_band(ink: np.ndarray, threshold: int, min_h: float, max_h: float) -> tuple[_Band, np.ndarray] | None:
+    """Find the row on a half-size copy of the ink image: (its band in full-size pixels, the copy);
+    None when the frame is small or has no row."""
     h, w = ink.shape
     if min(h, w) < COARSE_MIN_SIDE:
         return None
@@ -757,7 +803,15 @@ def _coarse_band(ink: np.ndarray, threshold: int, min_h: float, max_h: float) ->
     pad_x, pad_y = BAND_PAD_X * tall + BAND_PAD_PX, BAND_PAD_Y * tall + BAND_PAD_PX
     row = (int(x0), int(y0), int(math.ceil(x1)), int(math.ceil(y1)))
     return _Band(max(0, int(x0 - pad_x)), max(0, int(y0 - pad_y)), min(w, int(math.ceil(x1 + pad_x))),
-                 min(h, int(math.ceil(y1 + pad_y))), row, row_h, ((x0 + x1) / 2.0, (y0 + y1) / 2.0))
+                 min(h, int(math.ceil(y1 + pad_y))), row, row_h, ((x0 + x1) / 2.0, (y0 + y1) / 2.0)), half
+
+
+def _scaled_band(band: _Band, fx: float, fy: float) -> _Band:
+    """The same band in the pixels of a copy scaled by (fx, fy)."""
+    return _Band(int(band.x0 * fx), int(band.y0 * fy), int(math.ceil(band.x1 * fx)), int(math.ceil(band.y1 * fy)),
+                 (int(band.row[0] * fx), int(band.row[1] * fy), int(math.ceil(band.row[2] * fx)),
+                  int(math.ceil(band.row[3] * fy))),
+                 band.row_height * fy, (band.centre[0] * fx, band.centre[1] * fy))
 
 
 def _band_skew(ink: np.ndarray, threshold: int, band: _Band) -> float:
@@ -806,22 +860,24 @@ def _full_frame_row(ink: np.ndarray, threshold: int, min_h: float, max_h: float,
 
 
 def _band_row(ink: np.ndarray, threshold: int, min_h: float, max_h: float, band: _Band,
-              config: ReaderConfig) -> tuple[_Segmentation, np.ndarray, np.ndarray | None, float]:
-    """The row cut from the full-size band only: measure its skew, deskew the band, segment it once.
+              config: ReaderConfig) -> tuple[_Segmentation, np.ndarray, np.ndarray, float]:
+    """The row cut from the band only: measure its skew, deskew the band, segment it once.
 
-    Returns (segmentation in band pixels, the band's ink, the inverse rotation or None, angle).
+    Returns (segmentation in band pixels, the band's ink, the affine map from band pixels to
+    ``ink``'s pixels, angle).
     """
     angle = _band_skew(ink, threshold, band)
-    inverse = None
     if config.deskew_min_degrees <= abs(angle) <= 20:
         forward = cv2.getRotationMatrix2D(band.centre, angle, 1.0)
         band_ink = _rotated_band(ink, forward, band)
-        inverse = cv2.invertAffineTransform(forward)
+        to_ink = cv2.invertAffineTransform(forward)
+        to_ink[:, 2] += to_ink[:, :2] @ np.array([band.x0, band.y0], np.float64)
     else:
         angle = 0.0 if abs(angle) > 20 else angle
         band_ink = ink[band.y0: band.y1, band.x0: band.x1]
+        to_ink = np.array([[1.0, 0.0, band.x0], [0.0, 1.0, band.y0]])
     seg, _, _ = _segment(band_ink, threshold, min_h, max_h, None, measure_skew=False)
-    return seg, band_ink, inverse, angle
+    return seg, band_ink, to_ink, angle
 
 
 def _row_marks(seg: _Segmentation) -> list[_Mark]:
@@ -857,26 +913,32 @@ def locate_digits(image: np.ndarray, config: ReaderConfig = ReaderConfig()) -> L
     ink = _ink_image(paper_grey, small_factor, paper_small)
     threshold = _threshold(ink, config.min_contrast)
 
-    band = _coarse_band(ink, threshold, min_h, max_h)
+    coarse = _coarse_band(ink, threshold, min_h, max_h)
     shortest = min(config.expected_lengths)  # fewer marks: the band did not hold the whole row
-    offset = (0, 0)
     seg = None
-    if band is not None:
-        seg, work, inverse, angle = _band_row(ink, threshold, min_h, max_h, band, config)
-        offset = (band.x0, band.y0)
+    from_half = None
+    if coarse is not None:
+        band, half = coarse
+        # A tall row is read from the half-size copy: its digits are still at least
+        # HALF_SIZE_ROW_PX / 2 tall, above the 20 px box they are shrunk to in the end.
+        halves = half.shape[0] * 2 == ink.shape[0] and half.shape[1] * 2 == ink.shape[1]
+        source, factor = (half, 0.5) if halves and band.row_height >= HALF_SIZE_ROW_PX else (ink, 1.0)
+        band = _scaled_band(band, factor, factor) if source is half else band
+        seg, work, inverse, angle = _band_row(source, threshold, min_h * factor, max_h * factor, band, config)
         marks = _row_marks(seg)
-        if len(marks) < shortest and (band.x0 > 0 or band.x1 < ink.shape[1]):
+        if len(marks) < shortest and (band.x0 > 0 or band.x1 < source.shape[1]):
             # Mostly a digit beyond the band's ends (a wide gap at half size): the band's rows
             # across the whole width first, a third of the full-frame search's cost.
-            band = replace(band, x0=0, x1=ink.shape[1])
-            seg, work, inverse, angle = _band_row(ink, threshold, min_h, max_h, band, config)
-            offset = (band.x0, band.y0)
+            band = replace(band, x0=0, x1=source.shape[1])
+            seg, work, inverse, angle = _band_row(source, threshold, min_h * factor, max_h * factor, band, config)
             marks = _row_marks(seg)
         if len(marks) < shortest:
             seg = None  # the band missed part of the postcode: look at the whole frame
+        elif source is half:
+            from_half = inverse  # half-size band pixels -> half-size ink pixels
+            inverse = 2.0 * inverse
     if seg is None:
         seg, work, inverse, angle = _full_frame_row(ink, threshold, min_h, max_h, config)
-        offset = (0, 0)
         marks = _row_marks(seg)
     if not seg.marks:
         return _empty("no row of digit-sized marks found", inverted)
@@ -889,8 +951,11 @@ def locate_digits(image: np.ndarray, config: ReaderConfig = ReaderConfig()) -> L
     if not marks:  # every mark was a sliver of a printed line or a speck
         return _empty("no digit-sized marks left after removing slivers", inverted)
 
-    digits = np.stack([mnist_normalise(_digit_crop(m, seg, work, threshold)) for m in marks])
-    boxes = tuple(_frame_box(m, inverse, origin, scale, offset) for m in marks)
+    if from_half is not None:  # marks found at half size, digits cut at full size
+        digits = np.stack([mnist_normalise(_full_size_crop(m, seg, ink, from_half, threshold)) for m in marks])
+    else:
+        digits = np.stack([mnist_normalise(_digit_crop(m, seg, work, threshold)) for m in marks])
+    boxes = tuple(_frame_box(m, inverse, origin, scale) for m in marks)
     log.debug("located %d digits (inverted=%s, angle=%.1f)", len(marks), inverted, angle)
     return LocatedDigits(digits, boxes, inverted, "", tuple(m.repair for m in marks), scale,
                          _left_behind(marks, seg))

@@ -26,6 +26,8 @@ BEFORE = ['81063', '51742', '45000', '88344', '52419', '61286', '81027', '02963'
 # about the half-size row's centre (a sub-pixel shift of the resampled digits).
 CHANGED = {
     1: ("51742", "50412", "the truth is 50412: the band's read is right where the old one was wrong"),
+    11: ("46720", "46780", "the truth is 46780: a tall row, now segmented on the half-size copy (its"
+                           " digits still cut at full size), reads its 8 whole"),
     51: ("11247", "11847", "a 2 whose resampled stroke now reads 8; the truth is 11247"),
 }
 
