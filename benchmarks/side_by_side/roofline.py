@@ -2,8 +2,13 @@
 
 The ceilings are measured on this core by a small C probe (probe.c, compiled with the system's
 C compiler): its clock, and how many vpmaddubsw / vpmaddwd / vfmadd231ps (256-bit) it retires
-per cycle. Without a compiler the section falls back to /proc/cpuinfo's clock and two of each
-per cycle (Zen 3's figure), and says so.
+per cycle; on a CPU with AVX-512 also the 512-bit vfmadd231ps, and with AVX-512 VNNI the 512-bit
+vpdpbusd. Without a compiler the section falls back to /proc/cpuinfo's clock and two of each
+256-bit instruction per cycle (Zen 3's figure), and says so.
+
+Each row is set against the instruction its XNNPACK kernel is built on, as the CPU's flags select
+it: int8 on vpdpbusd (zmm) with AVX-512 VNNI, else on vpmaddwd (the AVX2 kernels widen int8 to
+int16); float32 on the 512-bit FMA with AVX-512, else the 256-bit one.
 """
 
 from __future__ import annotations
@@ -27,7 +32,16 @@ PROBE_SOURCE = Path(__file__).with_name("probe.c")
 # MACs one 256-bit instruction does: vpmaddubsw multiplies 32 u8 x s8 pairs (adding them pairwise
 # into int16), vpmaddwd 16 int16 pairs (into int32), vfmadd231ps 8 float32 lanes.
 MACS_PER_INSTRUCTION = {"vpmaddubsw": 32, "vpmaddwd": 16, "vfmadd231ps": 8}
+# The 512-bit ones, probed only where the CPU has them: vpdpbusd multiplies 64 u8 x s8 pairs and
+# accumulates them into int32 in one instruction (VNNI); vfmadd231ps on zmm does 16 float32 lanes.
+MACS_PER_INSTRUCTION_512 = {"vpdpbusd_zmm": 64, "vfmadd231ps_zmm": 16}
 ASSUMED_PER_CYCLE = 2.0  # Zen 3: two 256-bit multiply(-add) pipes for each of them
+
+
+def _wide_instructions(ctx: Context) -> str:
+    """The probe's third argument: which 512-bit instructions this CPU can run."""
+    flags = ctx.machine.get("flags", {})
+    return ",".join(name for name, flag in (("avx512", "avx512f"), ("vnni", "avx512_vnni")) if flags.get(flag))
 
 
 def probe_core(ctx: Context) -> dict:
@@ -42,7 +56,7 @@ def probe_core(ctx: Context) -> dict:
             binary.parent.mkdir(parents=True, exist_ok=True)
             subprocess.run([compiler, "-O2", "-o", str(binary), str(PROBE_SOURCE)], check=True,
                            capture_output=True, timeout=60)
-        out = subprocess.run([str(binary), "2000000", str(ctx.pick(20, 60))], check=True,
+        out = subprocess.run([str(binary), "2000000", str(ctx.pick(20, 60)), _wide_instructions(ctx)], check=True,
                              capture_output=True, text=True, timeout=120)
         measured = json.loads(out.stdout)
     except (OSError, subprocess.SubprocessError, ValueError) as exc:
@@ -50,8 +64,18 @@ def probe_core(ctx: Context) -> dict:
         return {"measured": False, "why_not": str(exc), "clock_ghz": clock,
                 "per_cycle": {name: ASSUMED_PER_CYCLE for name in MACS_PER_INSTRUCTION}}
     clock = measured["clock_ghz"]
+    names = [n for n in {**MACS_PER_INSTRUCTION, **MACS_PER_INSTRUCTION_512} if f"{n}_per_ns" in measured]
     return {"measured": True, "clock_ghz": clock,
-            "per_cycle": {name: round(measured[f"{name}_per_ns"] / clock, 2) for name in MACS_PER_INSTRUCTION}}
+            "per_cycle": {name: round(measured[f"{name}_per_ns"] / clock, 2) for name in names}}
+
+
+def kernel_instructions(peaks: dict) -> tuple[str, str, str]:
+    """(int8's practical instruction, int8's best case, float32's): what XNNPACK's kernels use here."""
+    if "vpdpbusd_zmm" in peaks:
+        int8 = best = "vpdpbusd_zmm"
+    else:
+        int8, best = "vpmaddwd", "vpmaddubsw"
+    return int8, best, "vfmadd231ps_zmm" if "vfmadd231ps_zmm" in peaks else "vfmadd231ps"
 
 
 def run(ctx: Context) -> Section:
@@ -59,7 +83,9 @@ def run(ctx: Context) -> Section:
     macs = count_macs(ctx.bundle / MODEL_FILE)
     core = probe_core(ctx)
     clock = core["clock_ghz"] or float("nan")
-    peaks = {name: MACS_PER_INSTRUCTION[name] * core["per_cycle"][name] for name in MACS_PER_INSTRUCTION}
+    macs_each = {**MACS_PER_INSTRUCTION, **MACS_PER_INSTRUCTION_512}
+    peaks = {name: macs_each[name] * per_cycle for name, per_cycle in core["per_cycle"].items()}
+    int8_ceiling, int8_best, float_ceiling = kernel_instructions(peaks)
     section.data.update({"macs_per_digit": macs, "core": core,
                          "peak_macs_per_cycle_per_core": peaks})
     section.tables.append(Table(
@@ -69,9 +95,8 @@ def run(ctx: Context) -> Section:
     how = "measured by probe.c" if core["measured"] else f"assumed ({core['why_not']})"
     section.tables.append(Table(
         f"Ceilings of one core, {how}: clock {clock:.2f} GHz",
-        ["instruction (256-bit)", "MACs each", "per cycle", "MACs/cycle", "G MAC/s per core"],
-        [[name, MACS_PER_INSTRUCTION[name], core["per_cycle"][name], peaks[name], peaks[name] * clock]
-         for name in MACS_PER_INSTRUCTION]))
+        ["instruction (256-bit unless _zmm)", "MACs each", "per cycle", "MACs/cycle", "G MAC/s per core"],
+        [[name, macs_each[name], core["per_cycle"][name], peaks[name], peaks[name] * clock] for name in peaks]))
 
     classifier = ctx.results.get("classifier")
     if classifier is None or classifier.error or not classifier.data.get("by_threads"):
@@ -79,32 +104,33 @@ def run(ctx: Context) -> Section:
         return section
     rows = []
     # Per CPU-second of the process, a rate is per busy core whatever the thread count, so every
-    # row is set against one core's ceiling. XNNPACK's AVX2 int8 GEMM widens int8 to int16 and
-    # multiplies with vpmaddwd; vpmaddubsw is the instruction set's best case; float32 runs on FMA.
+    # row is set against one core's ceiling (kernel_instructions: what XNNPACK's kernels use here).
     for threads, result in sorted(classifier.data["by_threads"].items()):
         for row in result["rows"]:
             for name, timed in row["variants"].items():
                 if name in ("keras_predict", "keras_direct") and row["batch"] != 64:
                     continue
                 achieved = timed["per_cpu_second"] * macs["total"] / 1e9
-                ceilings = ((peaks["vpmaddwd"], peaks["vpmaddubsw"]) if name.startswith("int8")
-                            else (peaks["vfmadd231ps"],) * 2)
+                ceilings = ((peaks[int8_ceiling], peaks[int8_best]) if name.startswith("int8")
+                            else (peaks[float_ceiling],) * 2)
                 rows.append([int(threads), row["batch"], LABELS[name], timed["per_cpu_second"], achieved,
                              f"{100 * achieved / (ceilings[0] * clock):.1f}%",
                              f"{100 * achieved / (ceilings[1] * clock):.1f}%"])
     section.tables.append(Table(
         "Achieved per busy core (digits per CPU-second × MACs per digit) and its share of one core's peak: int8 "
-        "rows against vpmaddwd (what XNNPACK's AVX2 int8 kernels use) and vpmaddubsw (the instruction set's "
-        "best case); float rows against FMA in both columns",
-        ["threads", "batch", "variant", "digits/CPU-s", "G MAC per CPU-s", "share (vpmaddwd / FMA)",
-         "share (vpmaddubsw / FMA)"], rows))
+        f"rows against {int8_ceiling} (what XNNPACK's int8 kernels use on this CPU) and {int8_best} (the "
+        f"instruction set's best case); float rows against {float_ceiling} in both columns",
+        ["threads", "batch", "variant", "digits/CPU-s", "G MAC per CPU-s", f"share ({int8_ceiling} / {float_ceiling})",
+         f"share ({int8_best} / {float_ceiling})" if int8_best != int8_ceiling else "share (the same: best case)"],
+        rows))
     section.data["achieved"] = [dict(zip(["threads", "batch", "variant", "digits_per_cpu_s", "gmacs_per_cpu_s",
                                           "share_practical", "share_best"], r)) for r in rows]
-    _per_kernel(section, classifier, macs, peaks, clock)
+    _per_kernel(section, classifier, macs, peaks, clock, (int8_ceiling, float_ceiling))
     return section
 
 
-def _per_kernel(section: Section, classifier: Section, macs: dict, peaks: dict, clock: float) -> None:
+def _per_kernel(section: Section, classifier: Section, macs: dict, peaks: dict, clock: float,
+                ceilings: tuple[str, str]) -> None:
     """The convolution and dense kernels on their own: perf's share of the time gives each its MAC/s."""
     profiles = classifier.data.get("hot_kernels", {})
     if not profiles or not all(isinstance(p, dict) for p in profiles.values()):
@@ -112,7 +138,7 @@ def _per_kernel(section: Section, classifier: Section, macs: dict, peaks: dict, 
     conv_macs = sum(o["macs"] for o in macs["per_op"] if o["op"] in ("CONV_2D", "DEPTHWISE_CONV_2D"))
     dense_macs = sum(o["macs"] for o in macs["per_op"] if o["op"] == "FULLY_CONNECTED")
     rows = []
-    for model, ceiling in (("int8", "vpmaddwd"), ("float32", "vfmadd231ps")):
+    for model, ceiling in zip(("int8", "float32"), ceilings):
         profile = profiles[model]
         per_digit_s = 1 / profile["digits_per_cpu_s"]  # the sampled process's own rate
         for kind, op_macs, test in (("convolutions (igemm)", conv_macs, lambda s: "igemm" in s),
