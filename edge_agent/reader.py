@@ -806,12 +806,17 @@ def _coarse_band(ink: np.ndarray, threshold: int, min_h: float, max_h: float) ->
                  min(h, int(math.ceil(y1 + pad_y))), row, row_h, ((x0 + x1) / 2.0, (y0 + y1) / 2.0)), half
 
 
-def _scaled_band(band: _Band, fx: float, fy: float) -> _Band:
-    """The same band in the pixels of a copy scaled by (fx, fy)."""
-    return _Band(int(band.x0 * fx), int(band.y0 * fy), int(math.ceil(band.x1 * fx)), int(math.ceil(band.y1 * fy)),
-                 (int(band.row[0] * fx), int(band.row[1] * fy), int(math.ceil(band.row[2] * fx)),
-                  int(math.ceil(band.row[3] * fy))),
-                 band.row_height * fy, (band.centre[0] * fx, band.centre[1] * fy))
+def _scaled_band(band: _Band, factor: float) -> _Band:
+    """The same band in the pixels of a copy scaled by ``factor``."""
+    def down(v: float) -> int:
+        return int(v * factor)
+
+    def up(v: float) -> int:
+        return int(math.ceil(v * factor))
+
+    return _Band(down(band.x0), down(band.y0), up(band.x1), up(band.y1),
+                 (down(band.row[0]), down(band.row[1]), up(band.row[2]), up(band.row[3])),
+                 band.row_height * factor, (band.centre[0] * factor, band.centre[1] * factor))
 
 
 def _band_skew(ink: np.ndarray, threshold: int, band: _Band) -> float:
@@ -923,7 +928,7 @@ def locate_digits(image: np.ndarray, config: ReaderConfig = ReaderConfig()) -> L
         # HALF_SIZE_ROW_PX / 2 tall, above the 20 px box they are shrunk to in the end.
         halves = half.shape[0] * 2 == ink.shape[0] and half.shape[1] * 2 == ink.shape[1]
         source, factor = (half, 0.5) if halves and band.row_height >= HALF_SIZE_ROW_PX else (ink, 1.0)
-        band = _scaled_band(band, factor, factor) if source is half else band
+        band = _scaled_band(band, factor) if source is half else band
         seg, work, inverse, angle = _band_row(source, threshold, min_h * factor, max_h * factor, band, config)
         marks = _row_marks(seg)
         if len(marks) < shortest and (band.x0 > 0 or band.x1 < source.shape[1]):
