@@ -35,6 +35,7 @@ MACS_PER_INSTRUCTION = {"vpmaddubsw": 32, "vpmaddwd": 16, "vfmadd231ps": 8}
 # The 512-bit ones, probed only where the CPU has them: vpdpbusd multiplies 64 u8 x s8 pairs and
 # accumulates them into int32 in one instruction (VNNI); vfmadd231ps on zmm does 16 float32 lanes.
 MACS_PER_INSTRUCTION_512 = {"vpdpbusd_zmm": 64, "vfmadd231ps_zmm": 16}
+MACS_EACH = {**MACS_PER_INSTRUCTION, **MACS_PER_INSTRUCTION_512}
 ASSUMED_PER_CYCLE = 2.0  # Zen 3: two 256-bit multiply(-add) pipes for each of them
 
 
@@ -64,7 +65,7 @@ def probe_core(ctx: Context) -> dict:
         return {"measured": False, "why_not": str(exc), "clock_ghz": clock,
                 "per_cycle": {name: ASSUMED_PER_CYCLE for name in MACS_PER_INSTRUCTION}}
     clock = measured["clock_ghz"]
-    names = [n for n in {**MACS_PER_INSTRUCTION, **MACS_PER_INSTRUCTION_512} if f"{n}_per_ns" in measured]
+    names = [n for n in MACS_EACH if f"{n}_per_ns" in measured]
     return {"measured": True, "clock_ghz": clock,
             "per_cycle": {name: round(measured[f"{name}_per_ns"] / clock, 2) for name in names}}
 
@@ -83,8 +84,7 @@ def run(ctx: Context) -> Section:
     macs = count_macs(ctx.bundle / MODEL_FILE)
     core = probe_core(ctx)
     clock = core["clock_ghz"] or float("nan")
-    macs_each = {**MACS_PER_INSTRUCTION, **MACS_PER_INSTRUCTION_512}
-    peaks = {name: macs_each[name] * per_cycle for name, per_cycle in core["per_cycle"].items()}
+    peaks = {name: MACS_EACH[name] * per_cycle for name, per_cycle in core["per_cycle"].items()}
     int8_ceiling, int8_best, float_ceiling = kernel_instructions(peaks)
     section.data.update({"macs_per_digit": macs, "core": core,
                          "peak_macs_per_cycle_per_core": peaks})
@@ -96,7 +96,7 @@ def run(ctx: Context) -> Section:
     section.tables.append(Table(
         f"Ceilings of one core, {how}: clock {clock:.2f} GHz",
         ["instruction (256-bit unless _zmm)", "MACs each", "per cycle", "MACs/cycle", "G MAC/s per core"],
-        [[name, macs_each[name], core["per_cycle"][name], peaks[name], peaks[name] * clock] for name in peaks]))
+        [[name, MACS_EACH[name], core["per_cycle"][name], peaks[name], peaks[name] * clock] for name in peaks]))
 
     classifier = ctx.results.get("classifier")
     if classifier is None or classifier.error or not classifier.data.get("by_threads"):
