@@ -991,6 +991,7 @@ def mqtt_settings(config: AgentConfig) -> MqttSettings:
         protocol=m.protocol, topic_prefix=config.topic_base, status_topic=config.topic("status"),
         results_topic=config.topic("result"), trigger_topic=config.topic("trigger"),
         events_topic=config.topic("events"), window=m.max_inflight, session_expiry_s=m.session_expiry_s,
+        resend_window_s=m.resend_window_s,
         probe_period_s=config.watchdog.mqtt_probe_s, echo_timeout_s=config.watchdog.mqtt_echo_timeout_s,
     )
 

@@ -127,6 +127,10 @@ class MqttConfig:
     key_file: Path | None = None
     result_expiry_s: int = 600  # MQTT v5 message expiry: a read this old is of no use to a sorter
     max_inflight: int = 1000  # results in flight to the broker: a burst drains in round trips of this many
+    # After a lost connection, results the broker acknowledged this many seconds before it go out
+    # again: a broker killed -9 forgets what it acknowledged since its last autosave (Mosquitto's
+    # autosave_interval; the Ansible role sets this to that plus 5). 0 turns it off.
+    resend_window_s: int = 15
     # Persistent session: triggers sent while the agent is down wait at the broker this long.
     session_expiry_s: int = 3600
     # MQTT v5 response topics are honoured only under this prefix ("" allows none); never the
@@ -296,6 +300,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "mqtt.keepalive_s": (5, MQTT_MAX_UINT16),
     "mqtt.result_expiry_s": (1, MQTT_MAX_UINT32),
     "mqtt.max_inflight": (1, MQTT_MAX_UINT16),
+    "mqtt.resend_window_s": (0, 86_400),
     "mqtt.session_expiry_s": (1, MQTT_MAX_UINT32),
     "outbox.max_pending": (1, None),
     "outbox.retention_days": (0, None),

@@ -8,6 +8,7 @@ payload's ``result_id``.
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import logging
@@ -101,6 +102,10 @@ class MqttSettings:
     # comes back for echo_timeout_s the network loop is dead or wedged (vital() says so).
     probe_period_s: float = 5.0
     echo_timeout_s: float = 20.0
+    # After a lost connection, messages the broker acknowledged in this many seconds before it
+    # are sent again: Mosquitto PUBACKs from memory and saves only every autosave_interval, so a
+    # broker killed in between forgets them. Subscribers drop the copies by result_id. 0: never.
+    resend_window_s: float = 15.0
 
     def __post_init__(self) -> None:
         prefix = self.topic_prefix.rstrip("/")
@@ -133,6 +138,8 @@ class MqttSettings:
             errors.append("mqtt.reconnect_min_delay_s must be >= 1 and <= mqtt.reconnect_max_delay_s")
         if self.window < 1:
             errors.append(f"mqtt.window must be at least 1, got {self.window}")
+        if self.resend_window_s < 0:
+            errors.append(f"mqtt.resend_window_s must not be negative, got {self.resend_window_s}")
         if self.ack_timeout_s <= 0:
             errors.append(f"mqtt.ack_timeout_s must be positive, got {self.ack_timeout_s}")
         if self.session_expiry_s < 0:
@@ -211,9 +218,13 @@ class MqttLink:
         # has to go out again: rejected, unacknowledged for too long, or a new client).
         self._cursor = 0
         self._housekeeping_at = float("-inf")  # clock.monotonic() of the last expiry and ack-timeout pass
+        # (clock.monotonic(), outbox id) of the PUBACKs of the last resend_window_s on this connection
+        self._recent_acks: collections.deque[tuple[float, int]] = collections.deque()
+        self._resend_ids: set[int] = set()  # acknowledged just before a lost connection: to send again
+        self._resend: list[OutboxMessage] = []  # those loaded from the outbox, published before the pending ones
         self._counts = dict.fromkeys(
             ("connects", "disconnects", "published", "acked", "rejected", "republished", "expired",
-             "events_sent", "events_dropped", "triggers", "replayed_triggers", "login_refused"), 0)
+             "events_sent", "events_dropped", "triggers", "replayed_triggers", "login_refused", "resent"), 0)
         outbox.add_listener(self.wake)
         # paho.topic_matches_sub builds a matcher on every call; a topic without wildcards
         # (the usual trigger topic) is matched by equality.
@@ -584,6 +595,7 @@ class MqttLink:
             with self._state_lock:
                 self._counts["disconnects"] += 1
                 inflight = len(self._inflight)
+                self._keep_recent_acks_for_resend()
             # In-flight messages are kept: paho still holds them and resends them (DUP,
             # same mid) after reconnecting, so their PUBACKs still reach _on_publish.
             # Publishing them again from the outbox would duplicate every one of them.
@@ -662,6 +674,11 @@ class MqttLink:
         if ok:
             self._acked.append(entry.message_id)
             self._counts["acked"] += 1
+            if self.settings.resend_window_s > 0:
+                now = self._clock.monotonic()
+                self._recent_acks.append((now, entry.message_id))
+                while self._recent_acks[0][0] < now - self.settings.resend_window_s:
+                    self._recent_acks.popleft()
             if self.on_ack_latency is not None:
                 self.on_ack_latency(self._clock.monotonic() - entry.sent_at)
         else:
@@ -700,6 +717,7 @@ class MqttLink:
                     self._send_probe()
                     if housekeeping:
                         self._republish_stale()
+                    self._load_resend()
                     self._fill_window()
             except OutboxError:
                 log.exception("outbox error in the delivery loop; retrying in 5 s")
@@ -762,6 +780,31 @@ class MqttLink:
                 self._acked[:0] = acked  # keep them; a later pass writes them
             raise
 
+    def _keep_recent_acks_for_resend(self) -> None:
+        """The connection is lost: what the broker acknowledged in the window before is sent again
+        after reconnecting (it may have died with those messages unsaved). Caller holds _state_lock."""
+        cutoff = self._clock.monotonic() - self.settings.resend_window_s
+        self._resend_ids.update(i for at, i in self._recent_acks if at >= cutoff)
+        self._recent_acks.clear()
+
+    def _load_resend(self) -> None:
+        """Connected again: load the messages kept by _keep_recent_acks_for_resend from the outbox.
+
+        Runs after _flush_acks, so each of them is marked delivered already.
+        """
+        with self._state_lock:
+            ids, self._resend_ids = self._resend_ids, set()
+        if not ids:
+            return
+        queued = {m.id for m in self._resend}
+        again = [m for m in self._outbox.delivered(ids) if m.id not in queued]
+        if again:
+            self._resend = sorted(self._resend + again, key=lambda m: m.id)
+            log.warning("the connection to broker %s:%d was lost: sending again the %d message(s) it acknowledged "
+                        "in the %.0f s before (a broker killed before saving them would have lost them; "
+                        "subscribers drop duplicates by result_id)", self.settings.host, self.settings.port,
+                        len(again), self.settings.resend_window_s)
+
     def _busy_ids(self) -> set[int]:
         with self._state_lock:
             return set(self._inflight_ids) | set(self._acked)
@@ -797,6 +840,10 @@ class MqttLink:
             if free <= 0 or held:
                 return
             busy = self._busy_ids()
+            if self._resend:
+                if not self._send_again(free, busy):
+                    return  # paho refused: try again on the next wake-up
+                continue
             with self._state_lock:
                 cursor = self._cursor
             # Messages go out in id order, so the next ones are simply those after the last one
@@ -816,6 +863,25 @@ class MqttLink:
             finally:
                 # One transaction for the batch: per-message commits capped delivery near 1,500/s.
                 self._outbox.record_attempts(sent)
+
+    def _send_again(self, free: int, busy: set[int]) -> bool:
+        """Publish up to ``free`` of the queued resends (ones in flight again already are skipped);
+        False if paho refused one, which stays queued."""
+        batch = [m for m in self._resend[:free] if m.id not in busy]
+        taken = len(self._resend[:free])
+        sent: list[int] = []
+        try:
+            for message in batch:
+                if not self._publish(message):
+                    taken = self._resend.index(message)
+                    return False
+                sent.append(message.id)
+        finally:
+            del self._resend[:taken]
+            with self._state_lock:
+                self._counts["resent"] += len(sent)
+            self._outbox.record_attempts(sent)
+        return True
 
     def _publish(self, message: OutboxMessage) -> bool:
         client = self._client

@@ -621,9 +621,30 @@ class Outbox:
             "SELECT id, topic, payload, qos, expires_at, created_at, attempts, correlation_data"
             " FROM messages WHERE state = ? AND id > ? ORDER BY id LIMIT ?",
             (MessageState.PENDING.value, after_id, limit))
-        return [OutboxMessage(id=r[0], topic=r[1], payload=bytes(r[2]), qos=r[3], expires_at=r[4],
-                              created_at=r[5], attempts=r[6],
-                              correlation_data=None if r[7] is None else bytes(r[7])) for r in rows]
+        return [self._message(r) for r in rows]
+
+    def delivered(self, message_ids: Iterable[int], now: float | None = None) -> list[OutboxMessage]:
+        """Those of ``message_ids`` that are delivered and not yet expired, oldest first.
+
+        A broker acknowledges from memory and saves to disk only now and then: one killed in
+        between forgets what it acknowledged. These are the messages to send again then.
+        """
+        now = self._clock.time() if now is None else now
+        ids = list(message_ids)
+        rows: list[tuple[Any, ...]] = []
+        for start in range(0, len(ids), _IDS_PER_QUERY):
+            chunk = ids[start: start + _IDS_PER_QUERY]
+            rows += self._read(
+                "SELECT id, topic, payload, qos, expires_at, created_at, attempts, correlation_data FROM messages"
+                f" WHERE id IN ({','.join('?' * len(chunk))}) AND state = ? AND (expires_at IS NULL OR expires_at > ?)",
+                (*chunk, MessageState.DELIVERED.value, now))
+        return [self._message(r) for r in sorted(rows)]
+
+    @staticmethod
+    def _message(row: tuple[Any, ...]) -> OutboxMessage:
+        return OutboxMessage(id=row[0], topic=row[1], payload=bytes(row[2]), qos=row[3], expires_at=row[4],
+                             created_at=row[5], attempts=row[6],
+                             correlation_data=None if row[7] is None else bytes(row[7]))
 
     def stats(self) -> dict[str, int]:
         """``pending`` now, plus lifetime totals ``added``, ``delivered``, ``dropped``, ``expired``.

@@ -257,6 +257,58 @@ def test_messages_in_flight_when_the_broker_dies_are_sent_again(
     sub.stop()
 
 
+@pytest.mark.parametrize("resend_window_s", [30.0, 0.0])
+def test_results_a_broker_acknowledged_then_lost_in_a_kill_9_are_sent_again(
+        resend_window_s: float, tmp_path: Path, mosquitto_executable: str, outbox: Outbox,
+        links: list[MqttLink]) -> None:
+    """Mosquitto PUBACKs a QoS 1 message from memory and writes it to disk at its next autosave:
+    killed -9 in between, it forgets results it had acknowledged. With the window off (0) the
+    test shows that loss; with it on, the link sends them again after reconnecting."""
+    broker = MosquittoBroker(tmp_path / "lossy", mosquitto_executable, persistence=True,
+                             extra_config=["autosave_interval 3600"])  # saves only on a clean stop
+    broker.start()
+    try:
+        settings = settings_for(broker.address, resend_window_s=resend_window_s)
+        sorter = subscribe(broker.address, [settings.results_topic], v5=False, client_id="sorter-9",
+                           persistent=True)
+        sorter.stop()  # away: the broker queues results in its session
+        broker.restart()  # a clean stop saves that session to disk
+        link = start_link(links, settings, outbox)
+        ids = [link.submit(read_payload(n), audit(n), expires_at=None)[0] for n in range(3)]
+        assert wait_until(lambda: all(outbox.state(i) is MessageState.DELIVERED for i in ids))
+        broker.kill()  # before any autosave: the three queued results die with it
+        broker.start()
+        assert wait_until(lambda: link.stats()["connects"] == 2)
+        sorter = subscribe(broker.address, [settings.results_topic], v5=False, client_id="sorter-9",
+                           persistent=True)
+        expected = {f"res-{n:04d}" for n in range(3)}
+        if resend_window_s:
+            assert wait_until(lambda: set(sorter.result_ids(settings.results_topic)) == expected)
+            assert link.stats()["resent"] == 3
+            assert [r.attempts for r in outbox.audit("item-0001")] == [2]
+        else:
+            time.sleep(2.0)  # time enough for anything queued to arrive
+            assert sorter.result_ids(settings.results_topic) == [] and link.stats()["resent"] == 0
+        assert all(outbox.state(i) is MessageState.DELIVERED for i in ids)
+        assert outbox.stats()["delivered"] == 3  # sent again, counted once
+        sorter.stop()
+    finally:
+        broker.kill()
+
+
+def test_a_clean_stop_and_start_sends_nothing_again(mqtt_broker: MosquittoBroker, outbox: Outbox,
+                                                    links: list[MqttLink]) -> None:
+    settings = settings_for(mqtt_broker.address)
+    link = start_link(links, settings, outbox)
+    [mid] = link.submit(read_payload(1), audit(1), expires_at=None)
+    assert wait_until(lambda: outbox.state(mid) is MessageState.DELIVERED)
+    link.stop()
+    links.clear()
+    again = start_link(links, settings, outbox)
+    time.sleep(0.5)
+    assert again.stats()["resent"] == 0 and again.stats()["published"] == 0
+
+
 def test_unacknowledged_message_is_published_again_after_ack_timeout(
         mqtt_broker: MosquittoBroker, outbox: Outbox, links: list[MqttLink]) -> None:
     settings = settings_for(mqtt_broker.address, ack_timeout_s=1.0)
@@ -597,6 +649,7 @@ def test_password_is_never_logged(mqtt_broker: MosquittoBroker, outbox: Outbox, 
     ({"protocol": "4"}, "protocol"),
     ({"port": 0}, "port"),
     ({"window": 0}, "window"),
+    ({"resend_window_s": -1}, "resend_window_s"),
     ({"status_topic": "a/+/status"}, "wildcards"),
 ])
 def test_settings_are_validated(overrides: dict[str, Any], fragment: str) -> None:

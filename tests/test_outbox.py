@@ -159,6 +159,20 @@ def test_expire_due_respects_deadline_and_exclusions(outbox: Outbox, clock: Fake
     assert outbox.stats()["expired"] == 2
 
 
+def test_delivered_gives_only_delivered_unexpired_messages_oldest_first(outbox: Outbox, clock: FakeClock) -> None:
+    """What the link sends again after a broker may have lost what it acknowledged."""
+    ids = [outbox.add("t", str(i).encode(), 1, clock.now + (5 if i == 1 else 50), audit_for(i), correlation_data=b"c")
+           for i in range(4)]
+    outbox.mark_delivered_many(ids[:3])  # ids[3] stays pending: the normal delivery sends it
+    clock.advance(10)  # ids[1] expires: a sorter has no use for it any more
+    again = outbox.delivered(reversed(ids + [999]))
+    assert [(m.id, m.payload, m.correlation_data) for m in again] == [(ids[0], b"0", b"c"), (ids[2], b"2", b"c")]
+    assert outbox.delivered([]) == []
+    many = [outbox.add("t", b"x", 1, None, audit_for(9)) for _ in range(1200)]  # more ids than one query takes
+    outbox.mark_delivered_many(many)
+    assert [m.id for m in outbox.delivered(many)] == many
+
+
 def test_prune_keeps_pending_and_recent_rows(outbox: Outbox, clock: FakeClock) -> None:
     old_delivered = outbox.add("t", b"1", 1, None, audit_for(1))
     outbox.mark_delivered(old_delivered)
