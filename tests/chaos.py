@@ -318,11 +318,17 @@ class Plc:
     ``log``: item_id -> wall time of the first publish call; ``acked``: item_id -> wall time of the
     PUBACK. With ``stamp`` each trigger carries ``triggered_at`` = that same wall time, as a
     PLC with a synchronised clock does. paho keeps unacknowledged triggers and sends them
-    again after a reconnect, as a PLC buffers them while the broker is away.
+    again after a reconnect, as a PLC buffers them while the broker is away. A PUBACK "No
+    matching subscribers" (a broker restarted from a save that predates the agent's session)
+    means nobody took the trigger: it is sent again every ``retry_unheard_s``, stamped with its
+    first moment, until the broker hands it to a subscriber (docs/OPERATIONS.md, what a PLC should send).
     """
 
+    NO_MATCHING_SUBSCRIBERS = 0x10
+
     def __init__(self, host: str, port: int, trigger_topic: str, *, client_id: str = "chaos-plc",
-                 stamp: bool = True, reconnect_delay_s: tuple[float, float] = (0.5, 1.0)) -> None:
+                 stamp: bool = True, reconnect_delay_s: tuple[float, float] = (0.5, 1.0),
+                 retry_unheard_s: float = 0.5) -> None:
         paho, api, _pt, _props = _paho()
         self._paho = paho
         self.trigger_topic = trigger_topic
@@ -333,6 +339,11 @@ class Plc:
         self.ack_reasons: Counter[str] = Counter()  # PUBACK reason names ("Success", "No matching subscribers")
         self.refused: dict[str, str] = {}  # item -> PUBACK failure reason
         self.publish_errors: Counter[str] = Counter()
+        self.retry_unheard_s = retry_unheard_s
+        self.unheard: dict[str, float] = {}  # item -> when nobody took it (PUBACK 0x10), until sent again
+        self.unheard_retries = 0
+        self._retrier: threading.Thread | None = None
+        self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._pending: dict[int, str] = {}  # mid -> item, until its PUBACK
         self._early: dict[int, tuple[float, Any]] = {}  # PUBACKs that beat publish() returning the mid
@@ -353,10 +364,27 @@ class Plc:
         self._client.loop_start()
         if not self._connected.wait(timeout_s):
             raise TimeoutError(f"PLC could not connect to {self._host}:{self._port}")
+        self._retrier = threading.Thread(target=self._retry_unheard, name="plc-retry", daemon=True)
+        self._retrier.start()
 
     def stop(self) -> None:
+        self._stopping.set()
+        if self._retrier is not None:
+            self._retrier.join(2.0)
         self._client.disconnect()
         self._client.loop_stop()
+
+    def _retry_unheard(self) -> None:
+        while not self._stopping.wait(0.1):
+            now = time.time()
+            with self._lock:
+                due = [item for item, at in self.unheard.items() if now - at >= self.retry_unheard_s]
+                for item in due:
+                    del self.unheard[item]
+                stamps = {item: self.log[item] for item in due}
+            for item in due:
+                self.unheard_retries += 1
+                self.send(item, **({"triggered_at": stamps[item]} if self.stamp else {}))
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if not reason_code.is_failure:
@@ -378,6 +406,8 @@ class Plc:
         self.ack_reasons[str(reason_code)] += 1
         if getattr(reason_code, "is_failure", False):
             self.refused[item] = str(reason_code)
+        elif getattr(reason_code, "value", 0) == self.NO_MATCHING_SUBSCRIBERS and self.retry_unheard_s > 0:
+            self.unheard[item] = at
         else:
             self.acked.setdefault(item, at)
 
@@ -832,6 +862,8 @@ class ChaosSite:
         report = check_invariants(log, acked, self.sorter.answers(), self.window, self.budget_s, name=name,
                                   timeline=self.timeline)
         report.facts["puback_reasons"] = dict(self.plc.ack_reasons)
+        if self.plc.unheard_retries:
+            report.facts["triggers_sent_again_after_no_subscriber"] = self.plc.unheard_retries
         if self.plc.refused:
             report.notes.append(f"the broker refused {len(self.plc.refused)} trigger(s): "
                                 f"{Counter(self.plc.refused.values())}")

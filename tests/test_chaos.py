@@ -186,6 +186,17 @@ def test_kill_9_broker_during_steady_traffic(site_factory, run):
                           events=[(3.0, "kill broker"), (5.0, "start broker")]))
 
 
+def test_kill_9_of_a_broker_that_saves_every_10_s_as_deployed(site_factory, run):
+    """The Ansible role's Mosquitto saves every 10 s: killed before its first save, it comes back
+    with nothing. Triggers find no subscriber until the agent has reconnected and subscribed again
+    (PUBACK 0x10): the PLC sends those again, as docs/OPERATIONS.md asks. The agent sends again the
+    results of the 15 s before the loss (duplicates here; for a sorter that was offline they are
+    the only copy: test_mqtt's kill -9 test)."""
+    with site_factory(broker_extra=["autosave_interval 10"]) as site:
+        run(scenario_kill(site, target="broker", rate=100.0, duration_s=9.0,
+                          events=[(5.0, "kill broker"), (7.0, "start broker")]))
+
+
 def test_kill_9_agent_then_broker_during_steady_traffic(site_factory, run):
     with site_factory(broker_autosave_changes=1) as site:
         run(scenario_kill(site, target="agent-and-broker", rate=100.0, duration_s=10.0,
