@@ -41,6 +41,9 @@ SCENARIOS: dict[str, tuple[dict, Callable[[ChaosSite], Report]]] = {
         site, target="agent", rate=100.0, duration_s=10.0, events=[(4.0, "kill agent"), (7.0, "start agent")])),
     "kill-broker": (DURABLE_BROKER, lambda site: scenario_kill(
         site, target="broker", rate=100.0, duration_s=10.0, events=[(4.0, "kill broker"), (7.0, "start broker")])),
+    # The broker as the Ansible role deploys it (autosave every 10 s), killed before its first save.
+    "kill-site-broker": ({"broker_extra": ["autosave_interval 10"]}, lambda site: scenario_kill(
+        site, target="broker", rate=100.0, duration_s=10.0, events=[(5.0, "kill broker"), (7.0, "start broker")])),
     "kill-both": (DURABLE_BROKER, lambda site: scenario_kill(
         site, target="agent-and-broker", rate=100.0, duration_s=10.0,
         events=[(3.0, "kill agent"), (4.0, "kill broker"), (6.0, "start agent"), (7.0, "start broker")])),
