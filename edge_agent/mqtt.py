@@ -38,6 +38,23 @@ _PUBLISH_PROPERTIES = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped
 
 log = logging.getLogger(__name__)
 
+
+class _RequestedDisconnectNoise(logging.Filter):
+    """paho 2.2's loop_forever runs its loop once more after a disconnect() we asked for has closed
+    the socket, and logs that as an ERROR ("Client is not connected ... MQTT_CS_DISCONNECTED") at
+    about every second clean stop. That state is reached only through a requested disconnect, so
+    the record is lowered to DEBUG: an ERROR at every stop would send an operator looking for a fault."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and isinstance(record.msg, str) \
+                and record.msg.startswith("Client is not connected") and "MQTT_CS_DISCONNECTED" in record.msg:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+_paho_log = logging.getLogger(f"{__name__}.paho")  # paho logs the password flag, never the value
+_paho_log.addFilter(_RequestedDisconnectNoise())
+
 PROTOCOLS = ("auto", "5", "3.1.1")
 # MQTT v5 reason code "Unsupported Protocol Version"; paho also reports a v3-style
 # CONNACK refusal (return code 1) to a v5 CONNECT with this code.
@@ -432,7 +449,7 @@ class MqttLink:
             client = paho.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id,
                                  clean_session=s.session_expiry_s == 0,
                                  protocol=MQTTProtocolVersion.MQTTv311, manual_ack=True)
-        client.enable_logger(logging.getLogger(f"{__name__}.paho"))  # paho logs the password flag, never the value
+        client.enable_logger(_paho_log)
         if s.username:
             client.username_pw_set(s.username, s.password)
         if s.tls is not None:

@@ -484,6 +484,25 @@ def test_clean_stop_publishes_offline(mqtt_broker: MosquittoBroker, outbox: Outb
     late.stop()
 
 
+def test_clean_stops_log_no_error(mqtt_broker: MosquittoBroker, tmp_path: Path,
+                                  caplog: pytest.LogCaptureFixture) -> None:
+    """paho 2.2 logs "Client is not connected" as an ERROR after about half of all requested
+    disconnects (its loop runs once more on the closed socket); a clean stop must not look like a fault."""
+    caplog.set_level(logging.DEBUG)
+    for n in range(12):
+        box = Outbox(tmp_path / f"o{n}.db", clock=SystemClock())
+        link = MqttLink(settings_for(mqtt_broker.address), box, SystemClock())
+        link.start()
+        assert wait_until(lambda: link.connected)
+        for k in range(10):
+            link.submit(read_payload(k), audit(k), expires_at=None)
+        time.sleep(0.03 * (n % 4))
+        link.stop()
+        box.close()
+    # Without the filter this failed with 7-9 records here (Xeon, 2 cores); the race may not show on every machine.
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
 def test_a_suback_arriving_after_stop_does_not_publish_online(mqtt_broker: MosquittoBroker, outbox: Outbox) -> None:
     # CI once saw "online" retained after a clean stop: stop() ran between CONNACK and SUBACK,
     # and the late SUBACK published "online" behind the "offline". Replay that order by hand.
