@@ -119,9 +119,10 @@ class MqttSettings:
     # comes back for echo_timeout_s the network loop is dead or wedged (vital() says so).
     probe_period_s: float = 5.0
     echo_timeout_s: float = 20.0
-    # After a lost connection, messages the broker acknowledged in this many seconds before it
-    # are sent again: Mosquitto PUBACKs from memory and saves only every autosave_interval, so a
-    # broker killed in between forgets them. Subscribers drop the copies by result_id. 0: never.
+    # After a lost connection, messages the broker acknowledged in this many seconds before its
+    # last PUBACK are sent again: Mosquitto PUBACKs from memory and saves only every
+    # autosave_interval, so a broker killed in between forgets them. Subscribers drop the copies
+    # by result_id. 0: never.
     resend_window_s: float = 15.0
 
     def __post_init__(self) -> None:
@@ -798,10 +799,12 @@ class MqttLink:
             raise
 
     def _keep_recent_acks_for_resend(self) -> None:
-        """The connection is lost: what the broker acknowledged in the window before is sent again
-        after reconnecting (it may have died with those messages unsaved). Caller holds _state_lock."""
-        cutoff = self._clock.monotonic() - self.settings.resend_window_s
-        self._resend_ids.update(i for at, i in self._recent_acks if at >= cutoff)
+        """The connection is lost: what the broker acknowledged in the window before its last
+        acknowledgement is sent again after reconnecting (it may have died with those unsaved).
+
+        Counted back from the last PUBACK, not from now: a broker host that lost power is noticed
+        only when the keepalive runs out, up to 1.5 keepalives (45 s) later. Caller holds _state_lock."""
+        self._resend_ids.update(i for _, i in self._recent_acks)
         self._recent_acks.clear()
 
     def _load_resend(self) -> None:

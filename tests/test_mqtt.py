@@ -296,6 +296,48 @@ def test_results_a_broker_acknowledged_then_lost_in_a_kill_9_are_sent_again(
         broker.kill()
 
 
+class _ShiftedClock(SystemClock):
+    """The system clock, moved forward on demand (the link's resend window is counted on it)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def time(self) -> float:
+        return super().time() + self.offset
+
+    def monotonic(self) -> float:
+        return super().monotonic() + self.offset
+
+
+def test_only_results_acknowledged_in_the_window_before_the_last_puback_are_sent_again(
+        tmp_path: Path, mosquitto_executable: str, outbox: Outbox, links: list[MqttLink]) -> None:
+    broker = MosquittoBroker(tmp_path / "lossy", mosquitto_executable, persistence=True,
+                             extra_config=["autosave_interval 3600"])
+    broker.start()
+    try:
+        settings = settings_for(broker.address, resend_window_s=10.0)
+        clock = _ShiftedClock()
+        link = MqttLink(settings, outbox, clock)
+        links.append(link)
+        link.start()
+        assert wait_until(lambda: link.connected)
+        old = link.submit(read_payload(1), audit(1), expires_at=None)[0]
+        assert wait_until(lambda: outbox.state(old) is MessageState.DELIVERED)
+        clock.offset += 30.0  # 30 s later: the broker has long saved the first result
+        new = link.submit(read_payload(2), audit(2), expires_at=None)[0]
+        assert wait_until(lambda: outbox.state(new) is MessageState.DELIVERED)
+        clock.offset += 60.0  # the loss is noticed a keepalive later: still counted from the last PUBACK
+        broker.kill()
+        broker.start()
+        assert wait_until(lambda: link.stats()["resent"] == 1)
+        time.sleep(0.3)
+        assert link.stats()["resent"] == 1
+        assert [r.attempts for r in outbox.audit("item-0001")] == [1]
+        assert [r.attempts for r in outbox.audit("item-0002")] == [2]
+    finally:
+        broker.kill()
+
+
 def test_a_clean_stop_and_start_sends_nothing_again(mqtt_broker: MosquittoBroker, outbox: Outbox,
                                                     links: list[MqttLink]) -> None:
     settings = settings_for(mqtt_broker.address)
