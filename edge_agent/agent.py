@@ -613,7 +613,20 @@ class Agent:
     # -- lifecycle ------------------------------------------------------------
 
     def recover(self) -> int:
-        """Answer every trigger a previous run journaled but did not answer (call before start)."""
+        """Answer every trigger a previous run journaled but did not answer (call before start).
+
+        After a run that never closed the outbox (killed, power cut), the results the broker
+        acknowledged in its last ``mqtt.resend_window_s`` are also sent again: a broker that went
+        down with the agent forgets what it acknowledged since its last save.
+        """
+        window = self.config.mqtt.resend_window_s
+        if self.outbox.ended_uncleanly and window > 0:
+            again = self.outbox.last_delivered_ids(window)
+            if again:
+                self.link.resend_after_connect(again)
+                log.warning("the last run ended without closing the outbox: sending again the %d result(s) the "
+                            "broker acknowledged in its last %d s (subscribers drop duplicates by result_id)",
+                            len(again), window)
         now = self.clock.time()
         recovered = self.outbox.open_triggers()
         for entry in recovered:

@@ -18,7 +18,7 @@ import ssl
 import sys
 import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -344,6 +344,13 @@ class MqttLink:
             # redelivers this one to the resumed session and the journal recognises it.
             return
         client.ack(mid, qos)
+
+    def resend_after_connect(self, message_ids: Iterable[int]) -> None:
+        """Send these delivered messages again once connected (the agent's start after a crash:
+        the broker may have died with it, forgetting what it had acknowledged)."""
+        with self._state_lock:
+            self._resend_ids.update(message_ids)
+        self._wake.set()
 
     def publish_state(self, kind: str, data: Mapping[str, Any]) -> bool:
         """Publish a retained state message on ``{prefix}/{kind}`` (QoS 1); False if not connected now.

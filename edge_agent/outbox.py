@@ -236,11 +236,15 @@ class Outbox:
         self._checkpoint_lock = threading.Lock()
         self._checkpoint_conn: sqlite3.Connection | None = None
         self._closed = False
+        self._marked_open = False  # set by _mark_open: only then does close() record a clean end
         self._listeners: list[Callable[[], None]] = []
         self.marker = self.path.with_name(self.path.name + ".instance")
         self._check_continuity(start_fresh)
         self._conn = self._open(synchronous)
         self._bind_instance()
+        # Whether the process that had this outbox before never closed it (killed, crashed, power
+        # cut): the broker may have died with it, forgetting results it had acknowledged.
+        self.ended_uncleanly = self._mark_open()
 
     # ------------------------------------------------------------------ opening
 
@@ -350,6 +354,14 @@ class Outbox:
             fd = os.open(self.marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as out:
                 out.write(instance + "\n")
+
+    def _mark_open(self) -> bool:
+        """Record that a process has the outbox open (close() records the end); True if the last one never did."""
+        with self._tx("marking the outbox open") as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'open'").fetchone()
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('open', '1')")
+        self._marked_open = True
+        return row is not None and row[0] == "1"
 
     def _corrupt_message(self, detail: str) -> str:
         return (f"outbox database {self.path} is corrupt or not an outbox ({detail}). "
@@ -623,6 +635,14 @@ class Outbox:
             (MessageState.PENDING.value, after_id, limit))
         return [self._message(r) for r in rows]
 
+    def last_delivered_ids(self, window_s: float) -> list[int]:
+        """Ids of the messages delivered in the ``window_s`` before the last delivery, oldest first."""
+        rows = self._read(
+            "SELECT id FROM messages WHERE state = ? AND finished_at >= "
+            "(SELECT MAX(finished_at) FROM messages WHERE state = ?) - ? ORDER BY id",
+            (MessageState.DELIVERED.value, MessageState.DELIVERED.value, window_s))
+        return [int(r[0]) for r in rows]
+
     def delivered(self, message_ids: Iterable[int], now: float | None = None) -> list[OutboxMessage]:
         """Those of ``message_ids`` that are delivered and not yet expired, oldest first.
 
@@ -689,13 +709,20 @@ class Outbox:
             return int(frames), int(copied)
 
     def close(self) -> None:
-        """Close the database; further calls raise OutboxError."""
+        """Record a clean end, close the database; further calls raise OutboxError."""
         with self._checkpoint_lock:
+            if self._closed:
+                return
             self._closed = True
             if self._checkpoint_conn is not None:
                 self._checkpoint_conn.close()
                 self._checkpoint_conn = None
         with self._lock:
+            try:
+                if self._marked_open:
+                    self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('open', '0')")
+            except sqlite3.Error as exc:  # the next start then resends a few results: duplicates, not loss
+                log.warning("outbox %s: could not record a clean close: %s", self.path, exc)
             self._conn.close()
 
     def __enter__(self) -> "Outbox":

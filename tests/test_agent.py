@@ -514,6 +514,57 @@ def test_triggers_journaled_before_a_crash_are_answered_at_the_next_start(tmp_pa
         agent.stop()
 
 
+_DIES_AFTER_DELIVERING = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from edge_agent.outbox import Outbox
+from edge_agent.types import SystemClock
+
+box = Outbox(sys.argv[2], clock=SystemClock())
+ids = [box.add(sys.argv[3], ('{"result_id": "r-%d", "item_id": "before-%d"}' % (i, i)).encode(), 1, None,
+               {"result_id": "r-%d" % i, "item_id": "before-%d" % i}) for i in range(3)]
+box.mark_delivered_many(ids)  # the broker acknowledged them ...
+if sys.argv[4] == "close":
+    box.close()
+print("delivered", flush=True)
+sys.stdin.read()  # ... and then this process and the broker die together
+"""
+
+
+@pytest.mark.parametrize("ending", ["kill", "close"])
+def test_after_a_crash_the_results_a_broker_may_have_lost_are_sent_again(tmp_path, mqtt_broker, camera_frames,
+                                                                         ending):
+    """A power cut takes the agent and the broker on its box together: the broker forgets what it
+    acknowledged since its last save. The next start sends those results again; after a clean
+    stop it does not."""
+    folder, _ = camera_frames
+    outbox_path = tmp_path / "state" / "outbox.sqlite"
+    script = tmp_path / "dies.py"
+    script.write_text(_DIES_AFTER_DELIVERING)
+    proc = subprocess.Popen([sys.executable, str(script), str(ROOT), str(outbox_path), f"{BASE}/result", ending],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"delivered"
+    finally:
+        proc.kill()
+        proc.wait()
+    plc = plc_for(mqtt_broker.port, persistent=True, client_id="sorter-after-crash")
+    agent = RunningAgent(agent_table(tmp_path, mqtt_broker.port, folder))
+    try:
+        if ending == "kill":
+            for i in range(3):
+                payload, _ = plc.result(f"before-{i}", timeout_s=20)
+                assert payload["result_id"] == f"r-{i}"
+            assert agent.agent.link.stats()["resent"] == 3
+        else:
+            assert plc.wait_online(30)
+            assert plc.request("after", timeout_s=20) is not None  # the agent is up and answering
+            assert plc.result("before-0", timeout_s=0) is None and agent.agent.link.stats()["resent"] == 0
+    finally:
+        plc.stop()
+        agent.stop()
+
+
 def test_corrupt_frames_raise_error_events_and_count_in_health(tmp_path, mqtt_broker, camera_frames):
     folder, _ = camera_frames
     camera = tmp_path / "camera"

@@ -173,6 +173,36 @@ def test_delivered_gives_only_delivered_unexpired_messages_oldest_first(outbox: 
     assert [m.id for m in outbox.delivered(many)] == many
 
 
+def test_an_outbox_never_closed_is_known_at_the_next_open(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "outbox.db"
+    first = Outbox(path, clock=clock)
+    assert first.ended_uncleanly is False  # a new outbox
+    first.close()
+    clean = Outbox(path, clock=clock)
+    assert clean.ended_uncleanly is False
+    # Not closed, as after kill -9 or a power cut: the next process to open it is told.
+    crashed = Outbox(path, clock=clock)
+    assert crashed.ended_uncleanly is True
+    crashed.close()
+    clean.close()
+
+
+def test_last_delivered_ids_counts_back_from_the_last_delivery(outbox: Outbox, clock: FakeClock) -> None:
+    assert outbox.last_delivered_ids(15) == []
+    early = outbox.add("t", b"a", 1, None, audit_for(1))
+    outbox.mark_delivered(early)
+    clock.advance(100)
+    recent = [outbox.add("t", b"b", 1, None, audit_for(n)) for n in (2, 3)]
+    outbox.mark_delivered(recent[0])
+    clock.advance(10)
+    outbox.mark_delivered(recent[1])
+    pending = outbox.add("t", b"c", 1, None, audit_for(4))  # never delivered: the normal delivery sends it
+    clock.advance(3600)  # the agent was down an hour: still counted from the last delivery
+    assert outbox.last_delivered_ids(15) == recent
+    assert outbox.last_delivered_ids(5) == recent[1:]
+    assert pending not in outbox.last_delivered_ids(1e6)
+
+
 def test_prune_keeps_pending_and_recent_rows(outbox: Outbox, clock: FakeClock) -> None:
     old_delivered = outbox.add("t", b"1", 1, None, audit_for(1))
     outbox.mark_delivered(old_delivered)
