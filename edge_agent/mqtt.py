@@ -827,10 +827,10 @@ class MqttLink:
         again = [m for m in self._outbox.delivered(ids) if m.id not in queued]
         if again:
             self._resend = sorted(self._resend + again, key=lambda m: m.id)
-            log.warning("the connection to broker %s:%d was lost: sending again the %d message(s) it acknowledged "
-                        "in the %.0f s before (a broker killed before saving them would have lost them; "
-                        "subscribers drop duplicates by result_id)", self.settings.host, self.settings.port,
-                        len(again), self.settings.resend_window_s)
+            log.warning("sending again the %d message(s) broker %s:%d acknowledged in the %.0f s before the "
+                        "connection or the last run was lost (a broker that died before saving them forgot "
+                        "them; subscribers drop duplicates by result_id)", len(again), self.settings.host,
+                        self.settings.port, self.settings.resend_window_s)
 
     def _busy_ids(self) -> set[int]:
         with self._state_lock:

@@ -25,7 +25,7 @@ from paho.mqtt.properties import Properties
 
 from edge_agent.mqtt import MqttConfigError, MqttLink, MqttSettings, TlsSettings
 from edge_agent.outbox import MessageState, Outbox
-from edge_agent.types import DigitRead, PostcodeRead, Reason, SystemClock, TriggerMessage
+from edge_agent.types import DigitRead, PostcodeRead, SystemClock, TriggerMessage
 from tests.broker import MosquittoBroker, V311OnlyProxy, free_port
 
 REPO = Path(__file__).resolve().parents[1]
