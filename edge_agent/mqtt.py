@@ -867,10 +867,6 @@ class MqttLink:
             if free <= 0 or held:
                 return
             busy = self._busy_ids()
-            if self._resend:
-                if not self._send_again(free, busy):
-                    return  # paho refused: try again on the next wake-up
-                continue
             with self._state_lock:
                 cursor = self._cursor
             # Messages go out in id order, so the next ones are simply those after the last one
@@ -878,6 +874,10 @@ class MqttLink:
             limit = free if cursor else free + len(busy)
             batch = [m for m in self._outbox.pending(limit, after_id=cursor) if m.id not in busy]
             if not batch:
+                # Copies of what the broker may have lost go out only when nothing new waits: most
+                # of their envelopes are gone, while a new result still has its deadline to meet.
+                if self._resend and self._send_again(free, busy):
+                    continue
                 return
             sent: list[int] = []
             try:

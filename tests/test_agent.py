@@ -559,6 +559,7 @@ def test_after_a_crash_the_results_a_broker_may_have_lost_are_sent_again(tmp_pat
         else:
             assert plc.wait_online(30)
             assert plc.request("after", timeout_s=20) is not None  # the agent is up and answering
+            time.sleep(0.5)  # copies go out when nothing new waits: time for any to arrive
             assert plc.result("before-0", timeout_s=0) is None and agent.agent.link.stats()["resent"] == 0
     finally:
         plc.stop()
