@@ -953,8 +953,9 @@ def scenario_kill(site: ChaosSite, *, target: str, rate: float = 100.0, duration
     site.settle(items, ack_timeout_s=15.0, answer_timeout_s=answer_timeout_s, grace_s=2.0)
     report = site.report(f"kill-9-{target}")
     if "broker" in target and site.broker_autosave_changes is None:
-        report.notes.append("Mosquitto saved its state once a second: what it acknowledged in the second "
-                            "before the kill -9 may be lost by the broker itself (broker_autosave_changes=1)")
+        report.notes.append("Mosquitto saved its state only every autosave_interval: what it acknowledged since "
+                            "its last save died with it; the agent sends its results of the last "
+                            "mqtt.resend_window_s again, the PLC the triggers nobody took (PUBACK 0x10)")
     report.require("every planned action happened", len(timeline.happened) == len(events),
                    f"{len(timeline.happened)} of {len(events)}")
     return report
