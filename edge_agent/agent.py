@@ -758,7 +758,9 @@ class Agent:
             "camera": self.grabber.health() if self.grabber is not None else None,
             "outbox": self.outbox.stats(),
             "journal": self.outbox.journal_stats(),
-            "mqtt": {"connected": self.link.connected, "protocol": self.link.protocol},
+            # connected, protocol, in flight, and since start: connects, disconnects, published,
+            # acked, republished (no PUBACK in time), resent (after a lost connection or run), ...
+            "mqtt": self.link.stats(),
             "system": dict(self._system_figures),
             "observability": self._observability_snapshot(),
         }

@@ -17,7 +17,7 @@ from typing import Any
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
-from prometheus_client.core import GaugeMetricFamily, StateSetMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, StateSetMetricFamily
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,14 @@ class SnapshotCollector(Collector):
         yield _gauge("postcode_journal_open", "Triggers journaled and not yet answered", journal.get("open", 0))
         mqtt = h.get("mqtt") or {}
         yield _gauge("postcode_broker_connected", "1 while the MQTT connection is up", int(bool(mqtt.get("connected"))))
+        link = CounterMetricFamily(
+            "postcode_mqtt_messages", "Since the agent started: results published, acknowledged, published "
+            "again (no PUBACK in time; sent again after a lost broker connection or run), broker disconnects",
+            labels=["kind"])
+        for kind in ("published", "acked", "republished", "resent", "disconnects"):
+            if isinstance(mqtt.get(kind), int):
+                link.add_metric([kind], mqtt[kind])
+        yield link
         camera = h.get("camera") or {}
         state = StateSetMetricFamily("postcode_camera_state", "What the camera grabber is doing")
         state.add_metric([], {s: s == camera.get("state") for s in CAMERA_STATES})

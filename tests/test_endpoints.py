@@ -69,6 +69,8 @@ def test_metrics_parse_with_prometheus_own_parser_and_carry_every_stage(served):
     assert any(s.name == "postcode_trigger_to_result_seconds_count" and s.value >= 5
                for s in families["postcode_trigger_to_result_seconds"].samples)
     assert families["postcode_broker_connected"].samples[0].value == 1
+    link = {s.labels["kind"]: s.value for s in families["postcode_mqtt_messages"].samples if s.name.endswith("_total")}
+    assert link["acked"] >= 5 and link["published"] >= link["acked"] and link["resent"] == link["disconnects"] == 0
     assert "postcode_outbox_pending" in families and "postcode_camera_state" in families
     [info] = families["postcode_model_info"].samples
     assert info.labels["version"] == agent.agent.reader.model.version
