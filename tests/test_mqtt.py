@@ -338,6 +338,31 @@ def test_only_results_acknowledged_in_the_window_before_the_last_puback_are_sent
         broker.kill()
 
 
+def test_after_a_reconnect_new_results_go_out_before_the_copies(tmp_path: Path, mosquitto_executable: str,
+                                                                 outbox: Outbox, links: list[MqttLink]) -> None:
+    """A new result still has its envelope's deadline to meet; the copies are for a broker that forgot."""
+    broker = MosquittoBroker(tmp_path / "lossy", mosquitto_executable, persistence=True,
+                             extra_config=["autosave_interval 3600"])
+    broker.start()
+    try:
+        # One in flight at a time makes the order strict; a slow first reconnect lets the sorter be back first.
+        settings = settings_for(broker.address, window=1, reconnect_min_delay_s=3, reconnect_max_delay_s=4)
+        link = start_link(links, settings, outbox)
+        old = [link.submit(read_payload(n), audit(n), expires_at=None)[0] for n in range(4)]
+        assert wait_until(lambda: all(outbox.state(i) is MessageState.DELIVERED for i in old))
+        broker.kill()
+        assert wait_until(lambda: not link.connected)
+        new = [link.submit(read_payload(n), audit(n), expires_at=None)[0] for n in (10, 11)]
+        broker.start()
+        sorter = subscribe(broker.address, [settings.results_topic])
+        assert wait_until(lambda: len(sorter.received()) == 6)
+        assert sorter.result_ids(settings.results_topic) == ["res-0010", "res-0011"] + [f"res-{n:04d}" for n in range(4)]
+        assert all(outbox.state(i) is MessageState.DELIVERED for i in new)
+        sorter.stop()
+    finally:
+        broker.kill()
+
+
 def test_a_clean_stop_and_start_sends_nothing_again(mqtt_broker: MosquittoBroker, outbox: Outbox,
                                                     links: list[MqttLink]) -> None:
     settings = settings_for(mqtt_broker.address)
