@@ -44,6 +44,10 @@ SCENARIOS: dict[str, tuple[dict, Callable[[ChaosSite], Report]]] = {
     # The broker as the Ansible role deploys it (autosave every 10 s), killed before its first save.
     "kill-site-broker": ({"broker_extra": ["autosave_interval 10"]}, lambda site: scenario_kill(
         site, target="broker", rate=100.0, duration_s=10.0, events=[(5.0, "kill broker"), (7.0, "start broker")])),
+    # The sorting machine away while the broker (saving once a second) is killed: its queue's last second.
+    "kill-broker-sorter-away": ({}, lambda site: scenario_kill(
+        site, target="broker", rate=100.0, duration_s=10.0,
+        events=[(3.0, "sorter away"), (5.0, "kill broker"), (6.0, "start broker"), (7.0, "sorter back")])),
     "kill-both": (DURABLE_BROKER, lambda site: scenario_kill(
         site, target="agent-and-broker", rate=100.0, duration_s=10.0,
         events=[(3.0, "kill agent"), (4.0, "kill broker"), (6.0, "start agent"), (7.0, "start broker")])),

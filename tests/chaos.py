@@ -519,6 +519,17 @@ class Sorter:
         self._client.disconnect()
         self._client.loop_stop()
 
+    def come_back(self, timeout_s: float = 10.0) -> None:
+        """Connect again after ``stop()``, resuming the persistent session (and what it queued)."""
+        with self._cond:
+            before = self.connects
+        self._client.connect_async(self._host, self._port, keepalive=10, clean_start=False,
+                                   properties=self._connect_props)
+        self._client.loop_start()
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.connects > before, timeout_s):
+                raise TimeoutError(f"sorter could not connect again to {self._host}:{self._port}")
+
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             return
@@ -823,6 +834,19 @@ class ChaosSite:
             return ""
         return run.stderr.read_text(errors="replace")
 
+    # -- the sorting machine
+
+    def sorter_away(self) -> None:
+        """The sorting machine disconnects; the broker queues results in its persistent session."""
+        assert self.sorter is not None
+        self.sorter.stop()
+        self.event("sorter away")
+
+    def sorter_back(self) -> None:
+        assert self.sorter is not None
+        self.sorter.come_back()
+        self.event("sorter back")
+
     # -- the broker
 
     def kill_broker(self) -> None:
@@ -938,11 +962,12 @@ def scenario_kill(site: ChaosSite, *, target: str, rate: float = 100.0, duration
     """Steady triggers while the agent and/or the broker are killed -9 and restarted.
 
     ``events``: (seconds, action) with action one of "kill agent", "start agent",
-    "kill broker", "start broker".
+    "kill broker", "start broker", "sorter away", "sorter back".
     """
     assert site.plc is not None
     actions = {"kill agent": site.kill_agent, "start agent": site.start_agent,
-               "kill broker": site.kill_broker, "start broker": site.start_broker}
+               "kill broker": site.kill_broker, "start broker": site.start_broker,
+               "sorter away": site.sorter_away, "sorter back": site.sorter_back}
     _start(site)
     timeline = Timeline([(at, label, actions[label]) for at, label in events])
     site.event(f"{rate:.0f}/s for {duration_s:.0f} s starts")
