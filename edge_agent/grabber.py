@@ -249,21 +249,34 @@ class FrameGrabber:
 
     def _set_state(self, state: GrabberState) -> None:
         with self._cond:
-            if state is self._state:
-                return
-            previous, self._state = self._state, state
-            self._cond.notify_all()
+            previous = self._swap_state_locked(state)
+        self._log_transition(previous, state)
+
+    def _swap_state_locked(self, state: GrabberState) -> GrabberState | None:
+        """Change the state under `_cond`; the previous state, or None if nothing changed."""
+        if state is self._state:
+            return None
+        previous, self._state = self._state, state
+        self._cond.notify_all()
+        return previous
+
+    def _log_transition(self, previous: GrabberState | None, state: GrabberState) -> None:
+        if previous is None:
+            return
         level = logging.WARNING if state in (GrabberState.RECONNECTING, GrabberState.FAILED) else logging.INFO
         log.log(level, "grabber %s: %s -> %s", self.source.name, previous.value, state.value)
 
     def _record_failure(self, message: str) -> None:
+        # Counter, error and state change together, so the status page never
+        # shows a failure counted while the state still says all is well.
         with self._cond:
             self._failures += 1
             self._failures_in_row += 1
             self._last_error = message
-            failed = self._failures_in_row >= self.failed_after
+            state = GrabberState.FAILED if self._failures_in_row >= self.failed_after else GrabberState.RECONNECTING
+            previous = self._swap_state_locked(state)
         log.warning("%s", message)
-        self._set_state(GrabberState.FAILED if failed else GrabberState.RECONNECTING)
+        self._log_transition(previous, state)
 
     def _run(self) -> None:
         delay = self.reopen_backoff[0]
