@@ -260,15 +260,18 @@ def _remove_lines(binary: np.ndarray, stats: np.ndarray, digit_height: float) ->
 def _projection_scores(ys: np.ndarray, xs: np.ndarray, weights: np.ndarray, degrees: np.ndarray) -> np.ndarray:
     """Sharpness (sum of squared bin totals) of the ink's projection along a line at each angle."""
     tans = np.array([math.tan(math.radians(d)) for d in degrees], np.float32)
-    bins = (ys[None, :] - tans[:, None] * xs[None, :]).astype(np.int32)
+    shifted = np.multiply(tans[:, None], xs[None, :])
+    np.subtract(ys[None, :], shifted, out=shifted)
+    bins = shifted.astype(np.int32)
     bins -= bins.min(axis=1, keepdims=True)
-    # Every angle's histogram in one bincount: angle k's bins are shifted past angle k-1's. Each
-    # bin still adds its points in the same order, so the totals are those of one call per angle.
     width = int(bins.max()) + 1
-    bins += (np.arange(len(degrees), dtype=np.int32) * width)[:, None]
-    totals = np.bincount(bins.ravel(), weights=np.broadcast_to(weights, bins.shape).ravel(),
-                         minlength=len(degrees) * width)
-    return np.square(totals.reshape(len(degrees), width)).sum(axis=1)
+    # One bincount per angle over the same weights: sharing one bincount across the angles
+    # needs the weights copied once per angle, which cost more than the calls it saved (real
+    # bands: 1.02 -> 0.89 ms a frame in the whole skew search, the same angle on all 312).
+    scores = np.empty(len(degrees))
+    for k in range(len(degrees)):
+        scores[k] = np.square(np.bincount(bins[k], weights=weights, minlength=width)).sum()
+    return scores
 
 
 def _projection_angle(ink: np.ndarray, floor: float, max_degrees: float = 8.0) -> float:
