@@ -946,7 +946,11 @@ def scenario_flood(site: ChaosSite, n: int, *, answer_timeout_s: float = 60.0,
     site.settle(items, ack_timeout_s=30.0, answer_timeout_s=answer_timeout_s)
     report = site.report(f"flood-{n}")
     report.facts["publish_s"] = round(publish_s, 3)
-    report.require("all sent within 2 s", publish_s < 2.0, f"the PLC needed {publish_s:.2f} s")
+    # A check of the harness, not of the agent: the flood must come far faster than the brief's
+    # 100/s bursts to be one. Sent in 1-1.3 s on a quiet 2-core box; a box shared with other
+    # work took 2.6 s, still a flood, so the bar is 1,000 triggers a second.
+    report.require(f"all sent at 1,000/s or faster (within {n / 1000:.0f} s)", publish_s < n / 1000,
+                   f"the PLC needed {publish_s:.2f} s")
     late = len(report.arrived_after_deadline_review) + len(report.arrived_after_deadline_accepted)
     detail = (f"{len(report.arrived_after_deadline_review)} review and "
               f"{len(report.arrived_after_deadline_accepted)} accepted answer(s) late")
