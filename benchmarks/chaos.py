@@ -48,7 +48,14 @@ SCENARIOS: dict[str, tuple[dict, Callable[[ChaosSite], Report]]] = {
     "kill-broker-sorter-away": ({}, lambda site: scenario_kill(
         site, target="broker", rate=100.0, duration_s=10.0,
         events=[(3.0, "sorter away"), (5.0, "kill broker"), (6.0, "start broker"), (7.0, "sorter back")])),
-    "kill-both": (DURABLE_BROKER, lambda site: scenario_kill(
+    # The agent down, so the broker (autosave every 10 s, as deployed) holds its triggers in memory,
+    # then killed -9: only a PLC that sends unanswered stamped triggers again gets them answered.
+    "kill-agent-then-site-broker": ({"broker_extra": ["autosave_interval 10"], "plc_retry_unanswered_s": 5.0},
+                                    lambda site: scenario_kill(
+        site, target="agent-and-broker", rate=100.0, duration_s=8.0,
+        events=[(2.0, "kill agent"), (3.0, "kill broker"), (3.5, "start broker"), (4.0, "start agent")],
+        answer_timeout_s=30.0)),
+    "kill-both": ({**DURABLE_BROKER, "plc_retry_unanswered_s": 15.0}, lambda site: scenario_kill(
         site, target="agent-and-broker", rate=100.0, duration_s=10.0,
         events=[(3.0, "kill agent"), (4.0, "kill broker"), (6.0, "start agent"), (7.0, "start broker")])),
     "sigterm": ({}, lambda site: scenario_sigterm(site, rate=100.0, term_at_s=4.0)),

@@ -13,6 +13,7 @@ the PLC, the agent and the sorter are comparable; pacing uses ``time.monotonic()
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -322,13 +323,21 @@ class Plc:
     matching subscribers" (a broker restarted from a save that predates the agent's session)
     means nobody took the trigger: it is sent again every ``retry_unheard_s``, stamped with its
     first moment, until the broker hands it to a subscriber (docs/OPERATIONS.md, what a PLC should send).
+
+    A PUBACK "Success" is not forever either: a broker killed -9 forgets what it acknowledged
+    since its last save, triggers queued for an agent that was down included. With
+    ``retry_unanswered_s`` a stamping PLC sends a trigger that has had no answer for that long
+    again, with its first moment, until ``answered`` (the items the sorting machine has an
+    answer for) holds it. The agent answers an item once: a repeat gets the stored answer.
+    A PLC that does not stamp never does this: its repeat would be read as a new envelope.
     """
 
     NO_MATCHING_SUBSCRIBERS = 0x10
 
     def __init__(self, host: str, port: int, trigger_topic: str, *, client_id: str = "chaos-plc",
                  stamp: bool = True, reconnect_delay_s: tuple[float, float] = (0.5, 1.0),
-                 retry_unheard_s: float = 0.5) -> None:
+                 retry_unheard_s: float = 0.5, retry_unanswered_s: float = 0.0,
+                 answered: Callable[[], set[str]] | None = None) -> None:
         paho, api, _pt, _props = _paho()
         self._paho = paho
         self.trigger_topic = trigger_topic
@@ -342,6 +351,12 @@ class Plc:
         self.retry_unheard_s = retry_unheard_s
         self.unheard: dict[str, float] = {}  # item -> when nobody took it (PUBACK 0x10), until sent again
         self.unheard_retries = 0
+        self.retry_unanswered_s = retry_unanswered_s if stamp else 0.0
+        self.answered = answered
+        self.last_sent: dict[str, float] = {}  # item -> wall time of its latest publish
+        self.unanswered_retries = 0
+        self.first_unanswered_retry: dict[str, float] = {}  # item -> when it was first sent again for no answer
+        self._checked_unanswered_at = 0.0
         self._retrier: threading.Thread | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -385,6 +400,22 @@ class Plc:
             for item in due:
                 self.unheard_retries += 1
                 self.send(item, **({"triggered_at": stamps[item]} if self.stamp else {}))
+            self._retry_unanswered(now)
+
+    def _retry_unanswered(self, now: float) -> None:
+        if self.retry_unanswered_s <= 0 or self.answered is None or now - self._checked_unanswered_at < 0.5:
+            return
+        self._checked_unanswered_at = now
+        answered = self.answered()
+        with self._lock:
+            due = [item for item in self.acked
+                   if item not in answered and now - self.last_sent.get(item, now) >= self.retry_unanswered_s]
+            stamps = {item: self.log[item] for item in due}
+            for item in due:
+                self.first_unanswered_retry.setdefault(item, now)
+        for item in due:
+            self.unanswered_retries += 1
+            self.send(item, triggered_at=stamps[item])
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if not reason_code.is_failure:
@@ -420,6 +451,7 @@ class Plc:
         body.update(extra)
         with self._lock:
             self.log.setdefault(item_id, now)
+            self.last_sent[item_id] = now
             self.sends.append((item_id, now))
         info = self._client.publish(self.trigger_topic, json.dumps(body).encode(), qos=1, properties=properties)
         # NO_CONN: paho queued it and sends it once the broker is back.
@@ -653,11 +685,14 @@ class ChaosSite:
                  camera_frames: int = 45, seed: int = 5, budget_ms: int = 1500, max_frame_age_ms: int = 200,
                  frame_wait_ms: int = 500, response_topic_prefix: str = "", broker_autosave_changes: int | None = None,
                  broker_extra: Sequence[str] = (), agent_overrides: Mapping[str, Mapping[str, Any]] | None = None,
-                 plc_stamp: bool = True, log_level: str = "INFO", agent_root: Path | None = None) -> None:
+                 plc_stamp: bool = True, plc_retry_unanswered_s: float = 0.0, log_level: str = "INFO",
+                 agent_root: Path | None = None) -> None:
         """``broker_autosave_changes``: Mosquitto saves its state after this many changes (None: once a
         second). 1 shrinks what a kill -9 of the broker loses to the moment between a PUBACK and the
         save; it rewrites the whole database each time, so it is only for the broker-kill scenarios
         (under a 10,000-trigger flood it slows Mosquitto to a crawl).
+        ``plc_retry_unanswered_s``: a stamping PLC sends a trigger with no answer after this long
+        again (0: never; see ``Plc``).
         ``agent_root``: run the agent from another checkout (e.g. ``git archive`` of an older commit)."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -670,6 +705,7 @@ class ChaosSite:
         self.window = FrameWindow(max_frame_age_ms / 1000.0, frame_wait_ms / 1000.0)
         self.response_topic_prefix = response_topic_prefix
         self.plc_stamp = plc_stamp
+        self.plc_retry_unanswered_s = plc_retry_unanswered_s
         self.log_level = log_level
         self.agent_root = Path(agent_root) if agent_root else ROOT
         self.camera = self.workdir / "camera"
@@ -720,7 +756,8 @@ class ChaosSite:
                              client_id=f"sorter-{SITE_ID}-{LINE_ID}", status_topic=self.topic("status"),
                              result_topic=self.topic("result"))
         self.sorter.start()
-        self.plc = Plc(self.broker.host, self.broker.port, self.topic("trigger"), stamp=self.plc_stamp)
+        self.plc = Plc(self.broker.host, self.broker.port, self.topic("trigger"), stamp=self.plc_stamp,
+                       retry_unanswered_s=self.plc_retry_unanswered_s, answered=self.sorter.answered)
         self.plc.start()
 
     def close(self) -> None:
@@ -879,6 +916,22 @@ class ChaosSite:
 
     # -- judging
 
+    def _unanswered_retries_note(self) -> str:
+        """Whether the triggers the PLC sent again for want of an answer had ever reached the agent."""
+        assert self.plc is not None
+        retried = dict(self.plc.first_unanswered_retry)
+        first_seen: dict[str, float] = {}
+        outbox = self.workdir / "state" / "outbox.sqlite"
+        if outbox.exists():
+            import sqlite3
+            with contextlib.closing(sqlite3.connect(f"file:{outbox}?mode=ro", uri=True)) as conn:
+                for item, at in conn.execute("SELECT item_id, MIN(received_at) FROM triggers GROUP BY item_id"):
+                    if item in retried:
+                        first_seen[item] = at
+        never = sorted(i for i, at in retried.items() if i not in first_seen or first_seen[i] >= at)
+        return (f"the PLC sent {len(retried)} trigger(s) again for want of an answer; {len(never)} of them had "
+                f"never reached the agent before (lost by the broker after its PUBACK): {never[:10]}")
+
     def report(self, name: str) -> Report:
         """check_invariants over everything the PLC sent and the sorter received, plus site notes."""
         assert self.plc is not None and self.sorter is not None
@@ -888,6 +941,9 @@ class ChaosSite:
         report.facts["puback_reasons"] = dict(self.plc.ack_reasons)
         if self.plc.unheard_retries:
             report.facts["triggers_sent_again_after_no_subscriber"] = self.plc.unheard_retries
+        if self.plc.unanswered_retries:
+            report.facts["triggers_sent_again_after_no_answer"] = self.plc.unanswered_retries
+            report.notes.append(self._unanswered_retries_note())
         if self.plc.refused:
             report.notes.append(f"the broker refused {len(self.plc.refused)} trigger(s): "
                                 f"{Counter(self.plc.refused.values())}")
@@ -984,7 +1040,8 @@ def scenario_kill(site: ChaosSite, *, target: str, rate: float = 100.0, duration
     if "broker" in target and site.broker_autosave_changes is None:
         report.notes.append("Mosquitto saved its state only every autosave_interval: what it acknowledged since "
                             "its last save died with it; the agent sends its results of the last "
-                            "mqtt.resend_window_s again, the PLC the triggers nobody took (PUBACK 0x10)")
+                            "mqtt.resend_window_s again, the PLC the triggers nobody took (PUBACK 0x10) "
+                            "and, if it retries unanswered ones, those queued for a dead agent")
     report.require("every planned action happened", len(timeline.happened) == len(events),
                    f"{len(timeline.happened)} of {len(events)}")
     return report
