@@ -87,6 +87,9 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 """
 
+# meta 'open': '1' while a process has the outbox open, '0' once it closed it cleanly.
+_SET_OPEN_FLAG = "INSERT OR REPLACE INTO meta (key, value) VALUES ('open', ?)"
+
 TRIGGER_OPEN = "open"
 TRIGGER_ANSWERED = "answered"
 
@@ -359,7 +362,7 @@ class Outbox:
         """Record that a process has the outbox open (close() records the end); True if the last one never did."""
         with self._tx("marking the outbox open") as conn:
             row = conn.execute("SELECT value FROM meta WHERE key = 'open'").fetchone()
-            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('open', '1')")
+            conn.execute(_SET_OPEN_FLAG, ("1",))
         self._marked_open = True
         return row is not None and row[0] == "1"
 
@@ -720,7 +723,7 @@ class Outbox:
         with self._lock:
             try:
                 if self._marked_open:
-                    self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('open', '0')")
+                    self._conn.execute(_SET_OPEN_FLAG, ("0",))
             except sqlite3.Error as exc:  # the next start then resends a few results: duplicates, not loss
                 log.warning("outbox %s: could not record a clean close: %s", self.path, exc)
             self._conn.close()

@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -777,8 +778,18 @@ class ChaosSite:
 
     # -- the agent
 
+    @property
+    def state_dir(self) -> Path:
+        """Where the agent keeps its outbox and review crops."""
+        return self.workdir / "state"
+
+    @property
+    def outbox_path(self) -> Path:
+        """The agent's outbox database, as ``agent_table`` configures it (overrides included)."""
+        return Path(self._overrides.get("outbox", {}).get("path", self.state_dir / "outbox.sqlite"))
+
     def agent_table(self) -> dict[str, dict[str, Any]]:
-        state = self.workdir / "state"
+        state = self.state_dir
         table: dict[str, dict[str, Any]] = {
             "site": {"site_id": SITE_ID, "line_id": LINE_ID},
             "camera": {"source": str(self.camera), "loop": True, "fps": 30.0,
@@ -789,7 +800,7 @@ class ChaosSite:
                         "dedup_window_s": 3600.0, "reconnect_guard_ms": 3000},
             "mqtt": {"host": self.broker.host, "port": self.broker.port, "session_expiry_s": 3600,
                      "response_topic_prefix": self.response_topic_prefix},
-            "outbox": {"path": str(state / "outbox.sqlite")},
+            "outbox": {"path": str(self.state_dir / "outbox.sqlite")},
             "review": {"crops_dir": str(state / "review"), "max_items": 20000},
             "http": {"port": free_port()},
             "logging": {"level": self.log_level, "json": False},
@@ -921,9 +932,8 @@ class ChaosSite:
         assert self.plc is not None
         retried = dict(self.plc.first_unanswered_retry)
         first_seen: dict[str, float] = {}
-        outbox = self.workdir / "state" / "outbox.sqlite"
+        outbox = self.outbox_path
         if outbox.exists():
-            import sqlite3
             with contextlib.closing(sqlite3.connect(f"file:{outbox}?mode=ro", uri=True)) as conn:
                 for item, at in conn.execute("SELECT item_id, MIN(received_at) FROM triggers GROUP BY item_id"):
                     if item in retried:
