@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 from bisect import bisect_right
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
@@ -175,7 +176,9 @@ class ObservedRead:
                    accepted=read.accepted,
                    reason=read.reason.value if read.reason is not None else None,
                    quality=quality,
-                   digit_height_px=float(np.median(digit_heights_px)) if len(digit_heights_px) else None)
+                   # statistics.median: np.median's value, without its ~30 us of
+                   # array set-up on every envelope the store thread records.
+                   digit_height_px=float(statistics.median(digit_heights_px)) if len(digit_heights_px) else None)
 
 
 def confidence_bin(confidence: float) -> int:

@@ -88,27 +88,34 @@ class _Segmentation:
 def _percentile(values: list[int] | list[float], q: float) -> float:
     """``np.percentile(values, q)`` (linear method), bit for bit, without NumPy's per-call overhead."""
     a = sorted(values)
-    return _lerp_sorted(a, len(a), q)
+    lo, hi, t = _order_statistics(len(a), q)
+    return _lerp(float(a[lo]), float(a[hi]), t)
 
 
-def _lerp_sorted(a, n: int, q: float) -> float:
-    """The q-th percentile of ``a``, whose order statistics around (n - 1) * q / 100 are in place."""
+def _order_statistics(n: int, q: float) -> tuple[int, int, float]:
+    """The two order statistics (from 0) the q-th percentile of n values lies between, and where."""
     virtual = (n - 1) * (q / 100)
     lo = min(max(int(math.floor(virtual)), 0), n - 1)
-    hi = min(lo + 1, n - 1)
-    t = virtual - lo
-    x, y = float(a[lo]), float(a[hi])
-    # NumPy's _lerp: from the nearer end, so the result is exact at t = 0 and t = 1.
+    return lo, min(lo + 1, n - 1), virtual - lo
+
+
+def _lerp(x: float, y: float, t: float) -> float:
+    """NumPy's percentile interpolation: from the nearer end, so exact at t = 0 and t = 1."""
     return y - (y - x) * (1 - t) if t >= 0.5 else x + (y - x) * t
 
 
-def _percentile_of_array(values: np.ndarray, q: float) -> float:
-    """``np.percentile(values, q)`` of a 1-d array via a partial sort of the two order statistics needed."""
-    n = len(values)
-    virtual = (n - 1) * (q / 100)
-    lo = min(max(int(math.floor(virtual)), 0), n - 1)
-    hi = min(lo + 1, n - 1)
-    return _lerp_sorted(np.partition(values, (lo, hi) if hi != lo else lo), n, q)
+def _percentile_of_uint8(values: np.ndarray, q: float) -> float:
+    """``np.percentile(values, q)`` of 1-d uint8 values, bit for bit, from their histogram.
+
+    A digit's core is a few hundred to a few thousand grey levels: counting them into 256 bins
+    and reading the two order statistics off the running count is about twice as fast as
+    partitioning them.
+    """
+    lo, hi, t = _order_statistics(len(values), q)
+    running = np.cumsum(np.bincount(values, minlength=256))
+    # The k-th smallest value (from 0) is the first level whose running count exceeds k.
+    x, y = np.searchsorted(running, (lo, hi), side="right").tolist()
+    return _lerp(float(x), float(y), t)
 
 
 def _median(values) -> float:
@@ -610,11 +617,13 @@ def mnist_normalise(ink_crop: np.ndarray) -> np.ndarray:
     # INTER_AREA averages when shrinking, which is the anti-aliasing MNIST's digits carry.
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     small = cv2.resize(crop, (nw, nh), interpolation=interp)
-    peak = float(small.max())
+    peak = cv2.minMaxLoc(small)[1]
     if peak <= 0:
         return out
     # Round first: the centre of mass is then that of the pixels written out, not of their floats.
-    small = np.round(np.clip(small * (255.0 / peak), 0, 255))
+    # (In place: the same float32 operations as np.round(np.clip(small * (255 / peak), 0, 255)).)
+    np.multiply(small, 255.0 / peak, out=small)
+    np.round(np.clip(small, 0, 255, out=small), out=small)
     total = small.sum()
     cy = float((small.sum(axis=1) * np.arange(nh)).sum() / total)
     cx = float((small.sum(axis=0) * np.arange(nw)).sum() / total)
@@ -642,13 +651,16 @@ def _digit_crop(mark: _Mark, seg: _Segmentation, ink: np.ndarray, threshold: int
 def _stretched(pixels: np.ndarray, mask: np.ndarray, rim: np.ndarray, threshold: int) -> np.ndarray:
     """A mark's ink inside its rim, contrast-stretched to 0..1 from its core (``mask``), strokes normalised."""
     crop = np.multiply(pixels, rim, dtype=np.float32)
-    core = crop[mask]
-    peak = _percentile_of_array(core, 75) if core.size else 255.0
+    core = crop[mask].astype(np.uint8)  # grey levels (0 where a printed line took the pixel)
+    peak = _percentile_of_uint8(core, 75) if core.size else 255.0
     floor = 0.5 * threshold
     if peak <= floor:
         return np.zeros_like(crop)
     # MNIST came from bilevel scans: saturate the stroke core, keep only a soft edge.
-    crop = np.clip((crop - floor) / (peak - floor), 0.0, 1.0)
+    # In place: the same float32 operations as (crop - floor) / (peak - floor), clipped.
+    np.subtract(crop, floor, out=crop)
+    np.divide(crop, peak - floor, out=crop)
+    np.clip(crop, 0.0, 1.0, out=crop)
     return _normalise_stroke(crop)
 
 
