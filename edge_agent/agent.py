@@ -27,7 +27,7 @@ from edge_agent.endpoints import EndpointServer, make_app
 from edge_agent.grabber import BindingView, FrameGrabber
 from edge_agent.liveness import Heartbeats, verdict
 from edge_agent.loader import load_bundle
-from edge_agent.metrics import STAGES, AgentMetrics, RateWindow, SnapshotCollector, SystemProbe
+from edge_agent.metrics import STAGES, AgentMetrics, RateWindow, SnapshotCollector, SystemProbe, ThreadCpuCollector
 from edge_agent.observability import DriftMonitor, ObservedRead, Reference, TrainingBaseline
 from edge_agent.mqtt import MqttLink, MqttSettings, TlsSettings
 from edge_agent.outbox import Answer, Journaled, JournalOutcome, Outbox, OutboxError, OutgoingMessage
@@ -38,6 +38,7 @@ from edge_agent.signals import StopSignal
 from edge_agent.decoder import DecodePolicy, misdirect_budget
 from edge_agent.sortplan import SortPlanError, load_sort_plan
 from edge_agent.sdnotify import Notifier
+from edge_agent.threads import name_os_threads, thread_cpu_seconds
 from edge_agent.sources import SourceError, decode_image, open_source, redact_url
 from edge_agent.triggers import (IntervalTrigger, SceneChangeDetector, SceneSettings, TriggerError,
                                  parse_trigger, response_topic_refusal, run_interval)
@@ -186,6 +187,7 @@ class Agent:
         self._bundle_target = config.model.bundle.resolve()
         # Last: registering takes a first snapshot, which needs everything above.
         self.metrics.registry.register(SnapshotCollector(self.health))
+        self.metrics.registry.register(ThreadCpuCollector(thread_cpu_seconds))
 
     # -- intake ---------------------------------------------------------------
 
@@ -826,6 +828,7 @@ class Agent:
                     continue
                 next_report = now + period_s
                 self._system_figures = self._system.read()
+                name_os_threads()  # a camera or broker thread started since
                 self._publish_drift()
                 self.link.refresh_status()
                 self.link.publish_event("health", self.health())
@@ -1059,6 +1062,7 @@ def start_agent(agent: Agent) -> None:
     agent.recover()
     agent.start()
     agent.link.start()
+    name_os_threads()  # `top -H` shows reader-0, store, mqtt-network, ... instead of python
 
 
 def run_agent(config: AgentConfig, stop: threading.Event | StopSignal, clock: Clock | None = None, *,

@@ -156,6 +156,22 @@ class SnapshotCollector(Collector):
                      int(bool(judged)))
 
 
+class ThreadCpuCollector(Collector):
+    """CPU seconds per thread role, read from the kernel at scrape time: which stage uses the core."""
+
+    def __init__(self, cpu_seconds: Callable[[], Mapping[str, float]]) -> None:
+        self._cpu_seconds = cpu_seconds
+
+    def collect(self):  # type: ignore[no-untyped-def]  # prometheus-client's Collector protocol
+        family = CounterMetricFamily(
+            "postcode_thread_cpu_seconds", "CPU seconds (user + system) used by the agent's live threads, by "
+            "role (reader-N, store, journal, mqtt-network, grabber, ...; native: threads Python did not start)",
+            labels=["thread"])
+        for role, seconds in sorted(self._cpu_seconds().items()):
+            family.add_metric([role], seconds)
+        yield family
+
+
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     family = GaugeMetricFamily(name, doc)
     family.add_metric([], float(value))

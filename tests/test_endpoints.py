@@ -74,6 +74,11 @@ def test_metrics_parse_with_prometheus_own_parser_and_carry_every_stage(served):
     assert "postcode_outbox_pending" in families and "postcode_camera_state" in families
     [info] = families["postcode_model_info"].samples
     assert info.labels["version"] == agent.agent.reader.model.version
+    # Which stage uses the core, per thread role; the reader read five frames.
+    cpu = {s.labels["thread"]: s.value for s in families["postcode_thread_cpu_seconds"].samples
+           if s.name.endswith("_total")}
+    assert {"reader-0", "store", "journal", "mqtt-deliver", "mqtt-network", "grabber", "health"} <= set(cpu)
+    assert cpu["reader-0"] > 0
 
 
 def test_readyz_fails_naming_the_broker_while_it_is_down_and_recovers(served):

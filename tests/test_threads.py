@@ -1,0 +1,73 @@
+"""Thread roles in the kernel and CPU seconds per role (real threads, real /proc)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from edge_agent.threads import OTHER, name_os_threads, thread_cpu_seconds, thread_role
+
+LINUX_PROC = Path("/proc/self/task").is_dir()
+
+
+def test_roles_are_the_stage_and_fit_the_kernel():
+    assert thread_role("reader-0") == "reader-0"
+    assert thread_role("grabber[rtsp://user@cam-3.site/stream?x=1]") == "grabber"
+    assert thread_role("paho-mqtt-client-edge-leeds-line-2") == "mqtt-network"
+    assert thread_role("MainThread") == "main"
+    assert thread_role("a-very-long-stage-name-indeed") == "a-very-long-sta"
+    assert len(thread_role("ü" * 20).encode()) <= 15  # cut on a character, never inside one
+
+
+class _Parked:
+    """A thread with a given name that burns ``cpu_s`` of its own CPU, then waits to be released."""
+
+    def __init__(self, name: str, cpu_s: float = 0.0) -> None:
+        self.release, self.ready = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(cpu_s,), name=name, daemon=True)
+        self.thread.start()
+        assert self.ready.wait(30)
+
+    def _run(self, cpu_s: float) -> None:
+        started = time.thread_time()
+        while time.thread_time() - started < cpu_s:
+            pass
+        self.ready.set()
+        self.release.wait(30)
+
+    def stop(self) -> None:
+        self.release.set()
+        self.thread.join(30)
+
+
+@pytest.mark.skipif(not LINUX_PROC, reason="thread names and CPU per thread come from Linux's /proc")
+def test_threads_are_named_in_the_kernel_once():
+    parked = _Parked("grabber[folder:/srv/frames]")
+    try:
+        comm = Path(f"/proc/self/task/{parked.thread.native_id}/comm")
+        assert comm.read_text().strip() != "grabber"
+        assert name_os_threads() >= 1
+        assert comm.read_text().strip() == "grabber"
+        comm.write_text("renamed")  # named once: a later call leaves the thread alone
+        name_os_threads()
+        assert comm.read_text().strip() == "renamed"
+    finally:
+        parked.stop()
+
+
+@pytest.mark.skipif(not LINUX_PROC, reason="thread names and CPU per thread come from Linux's /proc")
+def test_cpu_seconds_are_counted_per_role():
+    busy, idle = _Parked("reader-7", cpu_s=0.3), _Parked("review-crops-7")
+    try:
+        cpu = thread_cpu_seconds()
+        # The kernel counts in ticks (10 ms): 0.3 s of spinning shows as at least 0.2 s.
+        assert cpu["reader-7"] >= 0.2
+        assert cpu["review-crops-7"] < cpu["reader-7"]
+        assert "main" in cpu and all(seconds >= 0 for seconds in cpu.values())
+        assert set(cpu) - {OTHER} <= {thread_role(t.name) for t in threading.enumerate()}
+    finally:
+        busy.stop()
+        idle.stop()
