@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -19,6 +20,8 @@ import psutil
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, StateSetMetricFamily
 from prometheus_client.registry import Collector
+
+from edge_agent.threads import thread_cpu_seconds
 
 log = logging.getLogger(__name__)
 
@@ -181,20 +184,36 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 class SystemProbe:
     """CPU, memory, disk and temperature from psutil (cheap: call it every few seconds)."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, thread_cpu: Callable[[], Mapping[str, float]] = thread_cpu_seconds) -> None:
         self.state_dir = state_dir
         self._process = psutil.Process()
+        self._thread_cpu = thread_cpu
+        self._last = self._cpu_now()
         psutil.cpu_percent(None)  # the first call only starts the measurement
 
+    def _cpu_now(self) -> tuple[float, float, float]:
+        """(monotonic clock, the agent's CPU seconds, its reader threads' CPU seconds)."""
+        times = self._process.cpu_times()
+        readers = sum(s for role, s in self._thread_cpu().items() if role.startswith("reader-"))
+        return time.monotonic(), times.user + times.system, readers
+
     def read(self) -> dict[str, float | None]:
-        """{cpu_pct, mem_rss_mb, mem_pct, disk_free_pct, temperature_c}; missing sensors are None."""
+        """{cpu_pct, agent_cpu_pct, reader_cpu_pct, mem_rss_mb, mem_pct, disk_free_pct, temperature_c};
+        missing sensors are None. The agent's and its readers' CPU are percent of one core since
+        the last call: a line whose readers stay near 100% has no headroom left for a busier hour."""
         try:
             disk = psutil.disk_usage(str(self.state_dir))
             disk_free = round(100.0 * disk.free / disk.total, 2) if disk.total else None
         except OSError:
             disk_free = None
+        (was, agent_was, readers_was), now = self._last, self._cpu_now()
+        self._last = now
+        span = now[0] - was
         return {
             "cpu_pct": psutil.cpu_percent(None),
+            "agent_cpu_pct": round(100.0 * (now[1] - agent_was) / span, 1) if span > 0 else None,
+            # Never below 0: a reader thread that ended took its seconds with it.
+            "reader_cpu_pct": round(100.0 * max(0.0, now[2] - readers_was) / span, 1) if span > 0 else None,
             "mem_rss_mb": round(self._process.memory_info().rss / 1e6, 1),
             "mem_pct": psutil.virtual_memory().percent,
             "disk_free_pct": disk_free,

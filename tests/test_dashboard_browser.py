@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -243,6 +244,8 @@ def test_dashboard_in_a_real_browser(site, chrome, mqtt_broker):
     assert first["thumbnails"] > 0  # the digit crops decoded as PNG images
     assert first["last_sync"] == "not reported" and first["tile_version"] == f"{SHIPPED}"
     assert "chute bar" not in first["model_health"]  # no sort plan on line-1
+    # The agent's and its reader's share of a core, measured by the agent from its threads.
+    assert re.search(r"agent · readers \(of a core\)\d+ % · \d+ %", first["system"]), first["system"]
     second = chrome.execute_script(LINE_TEXT, "line-2")
     assert "chute bar0.9990 · strict until 500 reads" in second["model_health"], second["model_health"]
 

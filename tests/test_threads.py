@@ -71,3 +71,18 @@ def test_cpu_seconds_are_counted_per_role():
     finally:
         busy.stop()
         idle.stop()
+
+
+def test_system_probe_reports_the_readers_share_of_a_core(tmp_path):
+    from edge_agent.metrics import SystemProbe
+
+    spent = {"reader-0": 10.0, "reader-1": 5.0, "store": 1.0}
+    probe = SystemProbe(tmp_path, thread_cpu=lambda: dict(spent))
+    time.sleep(0.2)
+    spent["reader-0"] += 0.1  # the readers used 0.1 s of CPU in about 0.2 s: roughly half a core
+    spent["store"] += 5.0  # not a reader
+    figures = probe.read()
+    assert 0 < figures["reader_cpu_pct"] <= 50  # at most 0.1 s in the 0.2 s or more slept
+    assert figures["agent_cpu_pct"] is not None and figures["agent_cpu_pct"] >= 0
+    spent.pop("reader-1")  # a reader that ended takes its seconds with it: never a negative share
+    assert probe.read()["reader_cpu_pct"] == 0.0

@@ -425,6 +425,8 @@
   function renderSystem(table, system, counters) {
     rows(table, [
       ['CPU', fmt(system.cpu_pct, 0, ' %')],
+      // Percent of one core: readers near 100 % leave the line no headroom for a busier hour.
+      ['agent · readers (of a core)', fmt(system.agent_cpu_pct, 0, ' %') + ' · ' + fmt(system.reader_cpu_pct, 0, ' %')],
       ['agent memory', fmt(system.mem_rss_mb, 0, ' MB')],
       ['disk free', fmt(system.disk_free_pct, 0, ' %')],
       ['temperature', fmt(system.temperature_c, 0, ' °C')],
