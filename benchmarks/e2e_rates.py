@@ -344,6 +344,7 @@ def burst(agents: list[AgentProcess], frames: list[tuple[bytes, set[str]]], gap_
     stamped trigger each, as when several trucks unload onto every line at once); time from the
     first trigger to the last answer, over all lines."""
     per_line: list[dict[str, set[str]]] = [{} for _ in agents]
+    threads0 = [agent.thread_cpu_s() for agent in agents]
     started = time.time()
     for i, (jpeg, hashes) in enumerate(frames):
         line = i % len(agents)
@@ -355,6 +356,12 @@ def burst(agents: list[AgentProcess], frames: list[tuple[bytes, set[str]]], gap_
     sent_s = time.time() - started
     lines = [check(agent, items, 60) for agent, items in zip(agents, per_line)]
     out: dict = {"lines": len(agents), "sent": len(frames)}
+    spent: dict[str, float] = {}  # CPU per envelope by thread, over every line's agent
+    for agent, before in zip(agents, threads0):
+        for role, seconds in agent.thread_cpu_s().items():
+            spent[role] = spent.get(role, 0.0) + seconds - before.get(role, 0.0)
+    out["cpu_ms_per_envelope_by_thread"] = {role: round(1000 * seconds / max(1, len(frames)), 2) for role, seconds
+                                            in sorted(spent.items(), key=lambda kv: -kv[1]) if seconds > 0}
     for key in ("answered", "about_own_frame", "wrong_frame"):
         out[key] = sum(line[key] for line in lines)
     reasons: dict[str, int] = {}
