@@ -41,13 +41,15 @@ def thread_role(name: str) -> str:
 
 
 def name_os_threads() -> int:
-    """Give every live Python thread of this process its role as its kernel name; returns how
+    """Give every live Python thread but the main one its role as its kernel name; returns how
     many were named now. Cheap to call again: each thread is named once."""
     named = 0
     with _named_lock:
         for thread in threading.enumerate():
             tid = thread.native_id
-            if tid is None or thread in _named:
+            # The main thread's kernel name is the process's (`edge-agent`): what ps, pgrep,
+            # pkill and top without -H show and match. It keeps it.
+            if tid is None or thread in _named or thread is threading.main_thread():
                 continue
             try:
                 Path(f"/proc/self/task/{tid}/comm").write_text(thread_role(thread.name))

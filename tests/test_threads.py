@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -56,6 +58,22 @@ def test_threads_are_named_in_the_kernel_once():
         assert comm.read_text().strip() == "renamed"
     finally:
         parked.stop()
+
+
+@pytest.mark.skipif(not LINUX_PROC, reason="thread names and CPU per thread come from Linux's /proc")
+def test_the_process_keeps_its_name():
+    """The main thread's kernel name is what ps, pgrep and pkill match: naming leaves it alone."""
+    script = ("import pathlib, threading\n"
+              "from edge_agent.threads import name_os_threads\n"
+              "before = pathlib.Path('/proc/self/comm').read_text().strip()\n"
+              "threading.Thread(target=threading.Event().wait, args=(5,), name='store', daemon=True).start()\n"
+              "assert name_os_threads() >= 1\n"
+              "print(before, pathlib.Path('/proc/self/comm').read_text().strip())\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    before, after = done.stdout.split()
+    assert after == before != "main"
 
 
 @pytest.mark.skipif(not LINUX_PROC, reason="thread names and CPU per thread come from Linux's /proc")
