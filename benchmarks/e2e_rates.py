@@ -298,6 +298,18 @@ def check(agent: AgentProcess, items: dict[str, set[str]], timeout_s: float) -> 
     return out
 
 
+def cpu_ms_per_envelope_by_thread(agents: list[AgentProcess], before: list[dict[str, float]],
+                                  envelopes: int) -> dict[str, float]:
+    """CPU per envelope by thread role since ``before`` (each agent's ``thread_cpu_s``), summed over
+    the agents, largest first; roles that used no CPU are left out."""
+    spent: dict[str, float] = {}
+    for agent, was in zip(agents, before):
+        for role, seconds in agent.thread_cpu_s().items():
+            spent[role] = spent.get(role, 0.0) + seconds - was.get(role, 0.0)
+    return {role: round(1000 * seconds / max(1, envelopes), 2)
+            for role, seconds in sorted(spent.items(), key=lambda kv: -kv[1]) if seconds > 0}
+
+
 def steady(agent: AgentProcess, rate: float, frames: list[tuple[bytes, set[str]]], tag: str) -> dict:
     """A new envelope (frame + stamped trigger) every 1/rate s; did the agent keep up?"""
     cpu0, threads0, started = agent.cpu_s(), agent.thread_cpu_s(), time.time()
@@ -312,15 +324,13 @@ def steady(agent: AgentProcess, rate: float, frames: list[tuple[bytes, set[str]]
         agent.envelope(item, jpeg)
     sent_s = time.time() - started
     out = check(agent, items, 30)
-    cpu, threads = agent.cpu_s() - cpu0, agent.thread_cpu_s()
-    # Where an envelope's CPU goes, by thread (the camera's thread reads every frame it streams,
-    # envelopes and filler alike).
-    per_envelope = {role: round(1000 * (seconds - threads0.get(role, 0.0)) / max(1, len(frames)), 2)
-                    for role, seconds in threads.items()}
+    cpu = agent.cpu_s() - cpu0
     out |= {"rate_per_s": rate, "achieved_rate_per_s": round(len(frames) / sent_s, 1),
             "agent_cpu_share_of_a_core": round(cpu / max(1e-9, time.time() - started), 3),
             "agent_cpu_ms_per_envelope": round(1000 * cpu / max(1, len(frames)), 2),
-            "cpu_ms_per_envelope_by_thread": dict(sorted(per_envelope.items(), key=lambda kv: -kv[1]))}
+            # Where an envelope's CPU goes (the camera's thread reads every frame it streams,
+            # envelopes and filler alike).
+            "cpu_ms_per_envelope_by_thread": cpu_ms_per_envelope_by_thread([agent], [threads0], len(frames))}
     out["kept_up"] = (out["answered"] == out["sent"] and out["about_own_frame"] == out["sent"]
                       and out.get("p99_ms", 1e9) < 20.0)
     return out
@@ -356,12 +366,7 @@ def burst(agents: list[AgentProcess], frames: list[tuple[bytes, set[str]]], gap_
     sent_s = time.time() - started
     lines = [check(agent, items, 60) for agent, items in zip(agents, per_line)]
     out: dict = {"lines": len(agents), "sent": len(frames)}
-    spent: dict[str, float] = {}  # CPU per envelope by thread, over every line's agent
-    for agent, before in zip(agents, threads0):
-        for role, seconds in agent.thread_cpu_s().items():
-            spent[role] = spent.get(role, 0.0) + seconds - before.get(role, 0.0)
-    out["cpu_ms_per_envelope_by_thread"] = {role: round(1000 * seconds / max(1, len(frames)), 2) for role, seconds
-                                            in sorted(spent.items(), key=lambda kv: -kv[1]) if seconds > 0}
+    out["cpu_ms_per_envelope_by_thread"] = cpu_ms_per_envelope_by_thread(agents, threads0, len(frames))
     for key in ("answered", "about_own_frame", "wrong_frame"):
         out[key] = sum(line[key] for line in lines)
     reasons: dict[str, int] = {}

@@ -800,7 +800,7 @@ class ChaosSite:
                         "dedup_window_s": 3600.0, "reconnect_guard_ms": 3000},
             "mqtt": {"host": self.broker.host, "port": self.broker.port, "session_expiry_s": 3600,
                      "response_topic_prefix": self.response_topic_prefix},
-            "outbox": {"path": str(self.state_dir / "outbox.sqlite")},
+            "outbox": {"path": str(self.outbox_path)},
             "review": {"crops_dir": str(state / "review"), "max_items": 20000},
             "http": {"port": free_port()},
             "logging": {"level": self.log_level, "json": False},
