@@ -178,6 +178,20 @@ def _halved(image: np.ndarray) -> np.ndarray:
     return cv2.resize(image, (image.shape[1] // 2, image.shape[0] // 2), interpolation=cv2.INTER_AREA)
 
 
+def _shrunk(image: np.ndarray, factor: int) -> np.ndarray:
+    """``image`` shrunk by ``factor`` (box average); by an even factor, halved first.
+
+    OpenCV's box average has a fast path for exact halving: halving a 640x480 frame and halving
+    that again costs about a third of shrinking it by 4 in one step (measured 50 + 15 against
+    228 us). Rounding twice differs from rounding once by at most one grey level.
+    """
+    h, w = image.shape
+    size = (max(1, w // factor), max(1, h // factor))
+    if factor % 2 == 0 and factor > 2:
+        image = _halved(image)  # (w // 2) // (factor // 2) == w // factor: the same size in the end
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
 def _ink_image(paper_grey: np.ndarray, small_factor: int, small: np.ndarray | None = None) -> np.ndarray:
     """Relative darkness against a paper estimate: uint8, 0 = paper, 255 = fully black ink.
 
@@ -185,8 +199,7 @@ def _ink_image(paper_grey: np.ndarray, small_factor: int, small: np.ndarray | No
     """
     h, w = paper_grey.shape
     if small is None:
-        sw, sh = max(1, w // small_factor), max(1, h // small_factor)
-        small = cv2.resize(paper_grey, (sw, sh), interpolation=cv2.INTER_AREA)
+        small = _shrunk(paper_grey, small_factor)
     # A max filter wider than any pen stroke sees only paper; the blur keeps the estimate smooth.
     paper = cv2.dilate(small, _PAPER_KERNEL)
     paper = cv2.blur(paper, (7, 7))
@@ -200,7 +213,15 @@ _PAPER_KERNEL = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9))
 
 
 def _threshold(ink: np.ndarray, min_contrast: float) -> int:
-    """Otsu's threshold on the ink image, never below the contrast that separates ink from paper grain."""
+    """Otsu's threshold on the ink image, never below the contrast that separates ink from paper grain.
+
+    A large image's histogram is taken from every other pixel of every other row: the same
+    distribution of stroke, edge and paper levels (box-averaging instead would blur the edges into
+    mid-levels and move the threshold) at a quarter of the cost. Measured on 257 rendered frames:
+    within 3 grey levels of the whole image's threshold, 0.3 higher on average.
+    """
+    if min(ink.shape) >= COARSE_MIN_SIDE:
+        ink = np.ascontiguousarray(ink[::2, ::2])
     otsu, _ = cv2.threshold(ink, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     return int(max(otsu, min_contrast * 255))
 
@@ -925,8 +946,7 @@ def locate_digits(image: np.ndarray, config: ReaderConfig = ReaderConfig()) -> L
 
     # The paper estimate works on a ~120 px tall copy, so its kernel spans ~8% of the frame.
     small_factor = max(1, int(round(min(grey.shape) / 120)))
-    small = cv2.resize(grey, (max(1, grey.shape[1] // small_factor), max(1, grey.shape[0] // small_factor)),
-                       interpolation=cv2.INTER_AREA)
+    small = _shrunk(grey, small_factor)
     inverted = _polarity_is_light_on_dark(small)
     # Dark ink: the small copy is the paper's; light ink: shrink the inverted frame (exactly what
     # the paper estimate was tuned on, not the inverted small copy, which rounds differently).

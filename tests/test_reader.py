@@ -455,3 +455,39 @@ def test_a_small_row_is_read_at_full_size(demo, monkeypatch):
     for (f, _), a in zip(small, before):
         b = locate_digits(f)
         assert a.boxes == b.boxes and np.array_equal(a.digits, b.digits)
+
+
+
+def test_shrinking_by_an_even_factor_halves_first(demo):
+    """By 4 as two halvings (OpenCV's fast path): the same size, within a grey level of one step."""
+    import cv2
+
+    import edge_agent.reader as reader
+
+    for frame, _ in frames(demo, 3, seed=8):
+        grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+        one_step = cv2.resize(grey, (grey.shape[1] // 4, grey.shape[0] // 4), interpolation=cv2.INTER_AREA)
+        two_steps = reader._shrunk(grey, 4)
+        assert two_steps.shape == one_step.shape
+        assert np.abs(two_steps.astype(np.int16) - one_step).max() <= 1
+        odd = grey[:-1, :-3]  # and sizes that do not halve evenly end the same size too
+        assert reader._shrunk(odd, 4).shape == (odd.shape[0] // 4, odd.shape[1] // 4)
+        assert np.array_equal(reader._shrunk(grey, 3),
+                              cv2.resize(grey, (grey.shape[1] // 3, grey.shape[0] // 3), interpolation=cv2.INTER_AREA))
+
+
+def test_the_threshold_of_a_large_ink_image_comes_from_every_other_pixel(demo):
+    """Otsu on a quarter of the pixels (every other one of every other row) stays within a few
+    grey levels of Otsu on the whole image; small images are thresholded whole."""
+    import cv2
+
+    import edge_agent.reader as reader
+
+    for frame, _ in frames(demo, 6, seed=9):
+        grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+        ink = reader._ink_image(grey, 4)
+        whole, _ = cv2.threshold(ink, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        assert abs(reader._threshold(ink, 0.0) - int(whole)) <= 4
+        small = np.ascontiguousarray(ink[:200, :200])
+        assert reader._threshold(small, 0.0) == int(cv2.threshold(small, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[0])
+        assert reader._threshold(ink, 0.9) == int(0.9 * 255)  # never below the minimum contrast
