@@ -723,9 +723,10 @@ class Agent:
         if reader.plan is None:
             return {"threshold": None}
         budget = reader.budget
-        if budget is None:
-            return {"threshold": reader.policy.strict_threshold, "acceptance": "per_item"}
-        return {"threshold": budget.threshold(), "acceptance": "spent", "strict": budget.strict,
+        setting = self.config.sort_plan.acceptance
+        if budget is None or not budget.spends_on(reader.plan):
+            return {"threshold": reader.policy.strict_threshold, "acceptance": "per_item", "setting": setting}
+        return {"threshold": budget.threshold(), "acceptance": "spent", "setting": setting, "strict": budget.strict,
                 "reads": budget.reads(), "min_reads": budget.min_reads}
 
     def health(self) -> dict[str, Any]:
@@ -904,10 +905,12 @@ class Agent:
         old = self.reader.plan
         self.reader.swap_plan(plan)
         self._plan_errors = []
+        acceptance = self._chute_threshold().get("acceptance")
         summary = plan.summary() | {"path": str(path), "exact": len(plan.exact), "prefixes": len(plan.prefixes),
-                                    "chutes": len(plan.chutes)}
-        log.info("sort plan %s in force: %d rows, %d chutes (sha256 %s)", path, plan.size, len(plan.chutes),
-                 plan.sha256[:16])
+                                    "chutes": len(plan.chutes), "valid_share": round(plan.valid_share, 6),
+                                    "acceptance": acceptance}
+        log.info("sort plan %s in force: %d rows, %d chutes, %.1f%% of codes valid, chute bar %s (sha256 %s)",
+                 path, plan.size, len(plan.chutes), 100 * plan.valid_share, acceptance, plan.sha256[:16])
         self.link.publish_event("sort_plan", summary | {"replaced": old.summary() if old else None})
 
     def _check_bad_frames(self) -> None:

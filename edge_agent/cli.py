@@ -23,7 +23,7 @@ from edge_agent.config import (DEFAULT_BUNDLE, AgentConfig, ConfigError, error_k
 from edge_agent.decoder import DecodePolicy, MisdirectBudget, misdirect_budget
 from edge_agent.logs import setup_logging
 from edge_agent.signals import StopSignal, dump_stacks_on
-from edge_agent.sortplan import SortPlanError, load_sort_plan
+from edge_agent.sortplan import SortPlan, SortPlanError, load_sort_plan
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
@@ -229,7 +229,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     report = score(decisions, truths, plan, cost) | {
         "model_version": model.version, "decided_by": "sort_plan" if plan else "digit_threshold",
         "sort_plan": plan.summary() if plan else None,
-        "acceptance": args.acceptance if plan else None,
+        "acceptance": _acceptance_in_force(reader.budget, plan) if plan else None,
+        "acceptance_setting": args.acceptance if plan else None,
         "chute_threshold_last": reader.budget.threshold() if plan and reader.budget else None}
     if args.json:
         print(json.dumps(report, indent=2))
@@ -243,7 +244,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"mail to postcodes not in the plan: {report['invalid_envelopes']}, "
                   f"sorted automatically: {report['invalid_accepted']}; "
                   f"mail to valid postcodes sorted automatically: {report['auto_sort_rate_valid_mail']:.1%}")
-        if plan and reader.budget is not None:
+        if plan and reader.budget is not None and reader.budget.spends_on(plan):
             print(f"chute bar spent over the reads: {reader.budget.threshold():.4f} at the end "
                   f"(strict {reader.budget.strict:.4f} for the first {reader.budget.min_reads} reads)")
         print(f"cost per 1,000 envelopes: {report['cost_per_1000']:.2f} "
@@ -252,11 +253,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _acceptance_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--acceptance", choices=("per_item", "spent"), default="per_item",
+    parser.add_argument("--acceptance", choices=("auto", "per_item", "spent"), default="auto",
                         help="with --sort-plan, as the agent's sort_plan.acceptance: 'spent' sets the chute bar "
                              "from the reads so far (strict until a quarter of --spent-window are known), "
-                             "'per_item' holds every item to 1 - target (default %(default)s)")
+                             "'per_item' holds every item to 1 - target, 'auto' spends only over a plan "
+                             "with at most 10%% of its codes valid (default %(default)s)")
     parser.add_argument("--spent-window", type=int, default=2000)
+
+
+def _acceptance_in_force(budget: MisdirectBudget | None, plan: SortPlan) -> str:
+    """"spent" or "per_item": the bar the plan's reads were held to under the --acceptance setting."""
+    return "spent" if budget is not None and budget.spends_on(plan) else "per_item"
 
 
 def _budget(args: argparse.Namespace) -> MisdirectBudget | None:

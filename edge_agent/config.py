@@ -201,8 +201,10 @@ class SortPlanConfig:
     # (decoder.MisdirectBudget: 0.99 <= bar <= 1 - target, strict until a quarter of the window is
     # known). "spent" sorts about 6 points more. At 8,000 codes it held 99.94-100% precision on
     # validation and t10k envelopes (86.9% sorted against 80.8%); at 30,000 codes two validation
-    # seeds fell to 99.87% and t10k to 99.73% (4 of 1,480): opt-in (docs/MODELS.md, section 8).
-    acceptance: str = "per_item"
+    # seeds fell to 99.87% and t10k to 99.73% (4 of 1,480) (docs/MODELS.md, section 8). "auto"
+    # (the default): "spent" while the plan's valid codes are at most 10% of the codes of their
+    # length (decoder.SPARSE_PLAN_SHARE), "per_item" above; decided again on every plan reload.
+    acceptance: str = "auto"
     spent_window: int = 2000  # recent reads the spent bar is set from
 
 
@@ -276,7 +278,7 @@ CHOICES = {
     "trigger.mode": ("mqtt", "interval", "change"),
     "mqtt.protocol": ("auto", "5", "3.1.1"),
     "reader.frame_hash": ("encoded", "pixels"),
-    "sort_plan.acceptance": ("spent", "per_item"),
+    "sort_plan.acceptance": ("auto", "spent", "per_item"),
     "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
 }
 MQTT_MAX_UINT16 = 65_535  # port, keepalive and receive maximum are 16-bit fields in MQTT

@@ -169,7 +169,7 @@ def decide_with_budget(
 ) -> Decision:
     """decide_with_plan held to the budget's bar (``policy``'s own without a budget); a read that
     found a chute feeds the budget, so reads decided in turn set the bar for the next."""
-    if budget is None:
+    if budget is None or not budget.spends_on(plan):
         return decide_with_plan(labels, probabilities, expected_lengths, plan, policy)
     decision = decide_with_plan(labels, probabilities, expected_lengths, plan,
                                 replace(policy, spent_threshold=budget.threshold()))

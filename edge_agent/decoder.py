@@ -85,14 +85,27 @@ SPENT_SHARE = 0.25
 SPENT_FLOOR = 0.99
 
 
+# "auto" spends the target only over a sparse plan: one whose valid codes are at most this share
+# of the codes of their length. There a misread mostly lands on a code that does not exist and
+# goes to review, so the reads between the bars are seldom wrong: with about 8,000 codes (8%)
+# the spent bar sorted 86-88% of validation envelopes (seeds 11 and 12, twice each) and 86.9% of
+# t10k ones, 1 misdirect in about 8,700 sorted. With about 30,000 (30%) a misread is a valid
+# neighbour three times as often: 6 of 7,808 validation envelopes sorted were wrong (99.92%), two
+# seeds 99.87%, t10k 99.73% (docs/MODELS.md, section 8). Between the two nothing was measured.
+SPARSE_PLAN_SHARE = 0.10
+ACCEPTANCES = ("auto", "spent", "per_item")
+
+
 def misdirect_budget(acceptance: str, target_misdirect_rate: float, window: int) -> MisdirectBudget | None:
-    """The bar a site's ``sort_plan.acceptance`` asks for: a MisdirectBudget for "spent", None
-    (every item held to the strict bar) for "per_item"."""
+    """The bar a site's ``sort_plan.acceptance`` asks for: a MisdirectBudget for "spent" and for
+    "auto" (which spends it only over sparse plans), None (every item held to the strict bar) for
+    "per_item"."""
     if acceptance == "per_item":
         return None
-    if acceptance != "spent":
-        raise ValueError(f"acceptance must be 'spent' or 'per_item', not {acceptance!r}")
-    return MisdirectBudget(target_misdirect_rate, window=window)
+    if acceptance not in ACCEPTANCES:
+        raise ValueError(f"acceptance must be one of {', '.join(ACCEPTANCES)}, not {acceptance!r}")
+    return MisdirectBudget(target_misdirect_rate, window=window,
+                           sparse_plans_only=acceptance == "auto")
 
 
 class MisdirectBudget:
@@ -108,9 +121,13 @@ class MisdirectBudget:
     """
 
     def __init__(self, target_misdirect_rate: float, window: int = 2000, min_reads: int | None = None,
-                 share: float = SPENT_SHARE, floor: float = SPENT_FLOOR, refresh_every: int = 25) -> None:
+                 share: float = SPENT_SHARE, floor: float = SPENT_FLOOR, refresh_every: int = 25,
+                 sparse_plans_only: bool = False) -> None:
+        """``sparse_plans_only`` ("auto"): plans with more than SPARSE_PLAN_SHARE of their codes
+        valid hold every item to the strict bar (``spends_on``)."""
         if not 0.0 < share <= 1.0:
             raise ValueError(f"share must be in (0, 1], not {share}")
+        self.sparse_plans_only = sparse_plans_only
         self.target = target_misdirect_rate
         self.window = int(window)
         self.min_reads = self.window // 4 if min_reads is None else int(min_reads)
@@ -125,6 +142,10 @@ class MisdirectBudget:
     @property
     def strict(self) -> float:
         return 1.0 - self.target
+
+    def spends_on(self, plan: SortPlan) -> bool:
+        """Whether reads decided against ``plan`` are held to the spent bar (else to the strict one)."""
+        return not self.sparse_plans_only or plan.valid_share <= SPARSE_PLAN_SHARE
 
     def observe(self, chute_posterior: float) -> None:
         """One read's chosen-chute posterior (reads without a chute are not mail it could sort)."""

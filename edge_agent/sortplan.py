@@ -69,6 +69,12 @@ class SortPlan:
         """Rows in the plan (exact postcodes plus prefixes)."""
         return len(self.exact) + len(self.prefixes)
 
+    @property
+    def valid_share(self) -> float:
+        """The largest share, over the plan's postcode lengths, of the codes of that length that are
+        valid here: how likely a digit misread lands on another valid code rather than a dead one."""
+        return max((index.valid_count / 10 ** index.length for index in self.by_length.values()), default=0.0)
+
     def summary(self) -> dict[str, object]:
         """What every result and the health event carry about the plan that decided."""
         return {"rows": self.size, "sha256": self.sha256[:16]}

@@ -285,8 +285,9 @@ def test_authenticated_tls_broker_on_the_network_does_not_warn():
 
 
 def test_sort_plan_acceptance_and_spent_window_are_checked():
-    assert parse_config({}).sort_plan.acceptance == "per_item"
-    assert parse_config({"sort_plan": {"acceptance": "spent"}}).sort_plan.acceptance == "spent"
+    assert parse_config({}).sort_plan.acceptance == "auto"
+    for acceptance in ("spent", "per_item"):
+        assert parse_config({"sort_plan": {"acceptance": acceptance}}).sort_plan.acceptance == acceptance
     errors = config_errors({"sort_plan": {"acceptance": "loose", "spent_window": 10}})
     assert any(e.startswith("sort_plan.acceptance:") and "spent" in e for e in errors), errors
     assert any(e.startswith("sort_plan.spent_window:") for e in errors), errors

@@ -143,3 +143,43 @@ def test_hot_reload_while_triggers_flow(tmp_path, mqtt_broker, camera):
     finally:
         plc.stop()
         running.stop()
+
+
+def test_auto_acceptance_spends_the_target_over_a_sparse_plan_and_holds_a_dense_one_per_item(
+        tmp_path, mqtt_broker, camera):
+    """The default sort_plan.acceptance, "auto": a plan with a few codes (far under 10% of the
+    five-digit codes) is decided on the spent bar; reloaded as region prefixes covering every code,
+    the same agent holds every item to the strict bar, and says so in its health and plan events."""
+    folder, truth = camera
+    codes = sorted(set(truth.values()))
+    plan_path = tmp_path / "plan.csv"
+    _write_atomically(plan_path, "postcode,chute\n" + "".join(f"{c},A\n" for c in codes))
+    table = agent_table(tmp_path, mqtt_broker.port, folder, sort_plan={"path": str(plan_path)},
+                        camera={"source": str(folder), "loop": True, "fps": 20.0, "max_frame_age_ms": 2000})
+    running = RunningAgent(table)
+    plc = plc_for(mqtt_broker.port, watch=(f"{BASE}/events/#",))
+    try:
+        assert plc.wait_online(30)
+        bar = running.agent.health()["chute_threshold"]
+        assert bar["setting"] == "auto" and bar["acceptance"] == "spent" and "min_reads" in bar
+        assert running.agent.reader.plan.valid_share == pytest.approx(len(codes) / 100_000)
+        _write_atomically(plan_path, "postcode,chute\n" + "".join(f"{d}*,R{d}\n" for d in range(10)))
+
+        def dense_plan_event(client) -> bool:
+            return any(t.endswith("/events/sort_plan") and json.loads(p).get("valid_share") == 1.0
+                       for t, p in client.messages)
+
+        assert plc.wait_for(dense_plan_event, 20)
+        event = next(json.loads(p) for t, p in plc.messages
+                     if t.endswith("/events/sort_plan") and json.loads(p).get("valid_share") == 1.0)
+        assert event["acceptance"] == "per_item"
+        bar = running.agent.health()["chute_threshold"]
+        assert bar == {"threshold": pytest.approx(0.999), "acceptance": "per_item", "setting": "auto"}
+        plc.trigger("dense-1")
+        assert plc.wait_for(lambda c: "dense-1" in c.results(), 20)
+        result = plc.results()["dense-1"]
+        assert result["decided_by"] == "sort_plan" and result["chute_threshold"] == pytest.approx(0.999)
+        assert running.agent.reader.budget.reads() == 0  # a dense plan's reads never feed the spent bar
+    finally:
+        plc.stop()
+        running.stop()
