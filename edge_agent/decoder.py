@@ -88,8 +88,8 @@ SPENT_FLOOR = 0.99
 # "auto" spends the target only over a sparse plan: one whose valid codes are at most this share
 # of the codes of their length. There a misread mostly lands on a code that does not exist and
 # goes to review, so the reads between the bars are seldom wrong: with about 8,000 codes (8%)
-# the spent bar sorted 86-88% of validation envelopes (seeds 11 and 12, twice each) and 86.9% of
-# t10k ones, 1 misdirect in about 8,700 sorted. With about 30,000 (30%) a misread is a valid
+# the spent bar sorted 86-88% of validation envelopes (seeds 11 and 12, by three reader versions)
+# and 86.9% of t10k ones, 1 misdirect in about 12,000 sorted. With about 30,000 (30%) a misread is a valid
 # neighbour three times as often: 6 of 7,808 validation envelopes sorted were wrong (99.92%), two
 # seeds 99.87%, t10k 99.73% (docs/MODELS.md, section 8). Between the two nothing was measured.
 SPARSE_PLAN_SHARE = 0.10
