@@ -85,6 +85,13 @@ def test_evaluate_command_on_rendered_frames(tmp_path):
     assert report["envelopes"] == 6 and report["decided_by"] == "sort_plan"
     assert report["invalid_envelopes"] == 1 and report["invalid_accepted"] == 0
     assert report["misdirects"] == 0
+    # Five codes of 100,000: a sparse plan, so the default "auto" spends the target over the reads.
+    assert report["acceptance_setting"] == "auto" and report["acceptance"] == "spent"
+    strict = subprocess.run([sys.executable, "-m", "edge_agent.cli", "evaluate", str(frames), "--truth",
+                             str(tmp_path / "truth.csv"), "--sort-plan", str(tmp_path / "plan.csv"), "--json",
+                             "--acceptance", "per_item"], capture_output=True, text=True, timeout=120, env=env)
+    assert strict.returncode == 0, strict.stderr
+    assert json.loads(strict.stdout)["acceptance"] == "per_item"
     text = subprocess.run([sys.executable, "-m", "edge_agent.cli", "evaluate", str(frames), "--truth",
                            str(tmp_path / "truth.csv")], capture_output=True, text=True, timeout=120, env=env)
     assert text.returncode == 0 and "auto-sorted" in text.stdout and "cost per 1,000" in text.stdout
