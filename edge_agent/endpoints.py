@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from waitress.server import create_server
 
 from edge_agent.types import Check
+from edge_agent.wsgi_thread import WsgiThread
 
 log = logging.getLogger(__name__)
 
@@ -70,25 +69,13 @@ def _json(start_response: Callable[..., Any], status: int, body: Mapping[str, An
     return [data]
 
 
-class EndpointServer:
-    """waitress on a background thread; ``url`` once started; ``stop()`` closes the socket."""
+class EndpointServer(WsgiThread):
+    """The endpoint app on waitress, on a thread named ``http``; ``url`` once constructed."""
 
     def __init__(self, app: Any, host: str, port: int) -> None:
-        # waitress binds in create_server, so a port in use fails here, at start, with a clear error.
-        self._server = create_server(app, host=host, port=port, threads=2, ident="postcode-agent",
-                                     clear_untrusted_proxy_headers=True)
-        self.host, self.port = host, int(self._server.effective_port)  # type: ignore[union-attr]
-        self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        super().__init__(app, host, port, threads=2, ident="postcode-agent", name="http")
 
     def start(self) -> "EndpointServer":
-        self._thread.start()
+        super().start()
         log.info("metrics and health on %s/metrics, /healthz, /readyz", self.url)
         return self
-
-    def stop(self) -> None:
-        self._server.close()

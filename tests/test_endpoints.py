@@ -132,3 +132,34 @@ def test_rate_window_counts_the_last_minute_only():
     assert rates["reads_per_min"] == 3.0 and rates["auto_sort_pct"] == 66.67
     assert rates["review_pct_by_reason"] == {"low_confidence": 33.33}
     assert RateWindow(60.0).rates(0.0)["auto_sort_pct"] is None
+
+
+def test_the_http_thread_stops_cleanly_with_a_client_holding_a_connection():
+    """stop() closes the sockets on waitress's own loop thread: the thread ends, the port is free
+    at once, and no "Bad file descriptor" crash is reported from the loop (as it was when the
+    sockets were closed from the stopping thread while the loop sat in select on them)."""
+    import http.client
+    import socket
+    import threading
+
+    from edge_agent.endpoints import EndpointServer, make_app
+    from prometheus_client import CollectorRegistry
+
+    crashed: list[str] = []
+    previous_hook = threading.excepthook
+    threading.excepthook = lambda args: crashed.append(f"{args.thread.name}: {args.exc_value!r}")
+    try:
+        for _ in range(10):
+            server = EndpointServer(make_app(CollectorRegistry(), lambda: {}, lambda: {}), "127.0.0.1", 0).start()
+            keep_alive = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+            keep_alive.request("GET", "/healthz")
+            assert keep_alive.getresponse().read()  # HTTP/1.1: the connection stays open
+            server.stop()
+            assert not server.alive, "the loop thread still runs after stop()"
+            with socket.socket() as again:  # the port can be bound again straight away
+                again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                again.bind(("127.0.0.1", server.port))
+            keep_alive.close()
+    finally:
+        threading.excepthook = previous_hook
+    assert crashed == []
