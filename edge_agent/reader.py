@@ -105,14 +105,19 @@ def _lerp(x: float, y: float, t: float) -> float:
 
 
 def _percentile_of_uint8(values: np.ndarray, q: float) -> float:
-    """``np.percentile(values, q)`` of 1-d uint8 values, bit for bit, from their histogram.
+    """``np.percentile(values, q)`` of 1-d uint8 values, bit for bit, from their histogram."""
+    return _percentile_of_counts(np.bincount(values, minlength=256), q)
+
+
+def _percentile_of_counts(counts: np.ndarray, q: float) -> float:
+    """``np.percentile`` of the grey levels counted in ``counts`` (level -> how many), bit for bit.
 
     A digit's core is a few hundred to a few thousand grey levels: counting them into 256 bins
     and reading the two order statistics off the running count is about twice as fast as
     partitioning them.
     """
-    lo, hi, t = _order_statistics(len(values), q)
-    running = np.cumsum(np.bincount(values, minlength=256))
+    running = np.cumsum(counts)
+    lo, hi, t = _order_statistics(int(running[-1]), q)
     # The k-th smallest value (from 0) is the first level whose running count exceeds k.
     x, y = np.searchsorted(running, (lo, hi), side="right").tolist()
     return _lerp(float(x), float(y), t)
@@ -265,7 +270,7 @@ def _remove_lines(binary: np.ndarray, stats: np.ndarray, digit_height: float) ->
     Only components at least that long can hold such a line, so the opening runs on their
     boxes alone. Returns (binary without lines, mask of the removed lines).
     """
-    removed = np.zeros_like(binary)
+    removed = np.zeros(binary.shape, np.uint8)
     long_h = int(max(15, 2.2 * digit_height))
     long_v = int(max(15, 1.2 * digit_height))
     # Only components at least one line long need the opening (checked in bulk: most are short).
@@ -278,7 +283,7 @@ def _remove_lines(binary: np.ndarray, stats: np.ndarray, digit_height: float) ->
             size = (length, 1) if horizontal else (1, length)
             lines = cv2.morphologyEx(roi, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, size))
             removed[y: y + h, x: x + w] |= lines
-    if not removed.any():
+    if not cv2.hasNonZero(removed):
         return binary, removed
     # Widen the line mask by two pixels all round so its anti-aliased, noise-broken edges go too.
     removed = cv2.dilate(removed, cv2.getStructuringElement(cv2.MORPH_RECT, (5, 5)))
@@ -638,21 +643,23 @@ def mnist_normalise(ink_crop: np.ndarray) -> np.ndarray:
     # INTER_AREA averages when shrinking, which is the anti-aliasing MNIST's digits carry.
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     small = cv2.resize(crop, (nw, nh), interpolation=interp)
-    peak = cv2.minMaxLoc(small)[1]
+    lowest, peak = cv2.minMaxLoc(small)[:2]
     if peak <= 0:
         return out
-    # Round first: the centre of mass is then that of the pixels written out, not of their floats.
-    # (In place: the same float32 operations as np.round(np.clip(small * (255 / peak), 0, 255)).)
-    np.multiply(small, 255.0 / peak, out=small)
-    np.round(np.clip(small, 0, 255, out=small), out=small)
-    total = small.sum()
-    cy = float((small.sum(axis=1) * np.arange(nh)).sum() / total)
-    cx = float((small.sum(axis=0) * np.arange(nw)).sum() / total)
+    if lowest < 0:  # no ink below none (the reader's crops never go there; a caller's might)
+        small = np.maximum(small, 0)
+    # Scaled to 255 at the peak, rounded half to even and saturated: the same float32 product and
+    # the same pixels as np.round(np.clip(small * (255 / peak), 0, 255)) in one OpenCV pass.
+    pixels = cv2.convertScaleAbs(small, alpha=255.0 / peak)
+    # Round first: the centre of mass is then that of the pixels written out, not of their floats
+    # (integer moments, exact in double: the same quotients as summing the rows and columns).
+    moments = cv2.moments(pixels)
+    cy, cx = moments["m01"] / moments["m00"], moments["m10"] / moments["m00"]
     # Integer shift as MNIST did, to pixel (14, 14) where MNIST's centres of mass sit (measured:
     # 13.99 +/- 0.29); clamp so the digit stays inside the 28 px field.
     top = min(max(round(MNIST_CENTRE - cy), 0), MNIST_SIZE - nh)
     left = min(max(round(MNIST_CENTRE - cx), 0), MNIST_SIZE - nw)
-    out[top: top + nh, left: left + nw] = small.astype(np.uint8)
+    out[top: top + nh, left: left + nw] = pixels
     return out
 
 
@@ -671,18 +678,24 @@ def _digit_crop(mark: _Mark, seg: _Segmentation, ink: np.ndarray, threshold: int
 
 def _stretched(pixels: np.ndarray, mask: np.ndarray, rim: np.ndarray, threshold: int) -> np.ndarray:
     """A mark's ink inside its rim, contrast-stretched to 0..1 from its core (``mask``), strokes normalised."""
-    crop = np.multiply(pixels, rim, dtype=np.float32)
-    core = crop[mask].astype(np.uint8)  # grey levels (0 where a printed line took the pixel)
-    peak = _percentile_of_uint8(core, 75) if core.size else 255.0
+    inside = np.multiply(pixels, rim, dtype=np.uint8)
+    if not inside.size:
+        return np.zeros(pixels.shape, np.float32)
+    # The core's grey levels (0 where a printed line took the pixel), counted in place rather
+    # than gathered first.
+    counts = cv2.calcHist([inside], [0], mask.view(np.uint8), [256], [0, 256]).ravel()
+    peak = _percentile_of_counts(counts, 75) if counts.any() else 255.0
     floor = 0.5 * threshold
     if peak <= floor:
-        return np.zeros_like(crop)
-    # MNIST came from bilevel scans: saturate the stroke core, keep only a soft edge.
-    # In place: the same float32 operations as (crop - floor) / (peak - floor), clipped.
-    np.subtract(crop, floor, out=crop)
-    np.divide(crop, peak - floor, out=crop)
-    np.clip(crop, 0.0, 1.0, out=crop)
-    return _normalise_stroke(crop)
+        return np.zeros(pixels.shape, np.float32)
+    # MNIST came from bilevel scans: saturate the stroke core, keep only a soft edge. A grey
+    # level's stretched value is the same float32 (level - floor) / (peak - floor), clipped,
+    # wherever it occurs: computed once per level and looked up.
+    stretch = np.arange(256, dtype=np.float32)
+    np.subtract(stretch, floor, out=stretch)
+    np.divide(stretch, peak - floor, out=stretch)
+    np.clip(stretch, 0.0, 1.0, out=stretch)
+    return _normalise_stroke(cv2.LUT(inside, stretch))
 
 
 def _full_size_crop(mark: _Mark, seg: _Segmentation, ink: np.ndarray, to_ink: np.ndarray,
@@ -1015,6 +1028,7 @@ def _left_behind(marks: list[_Mark], seg: _Segmentation) -> tuple[float, ...]:
     # counts as a pass per mark, without gathering the overlapping spans' labels again and again.
     lo, hi = min(x0 for x0, _ in spans), max(x1 for _, x1 in spans)
     stray = (seg.binary[top:bottom, lo:hi] > 0) & ~taken[seg.labels[top:bottom, lo:hi]]
-    running = np.concatenate(([0], np.cumsum(np.count_nonzero(stray, axis=0))))
+    per_column = cv2.reduce(stray.view(np.uint8), 0, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel()
+    running = np.concatenate(([0], np.cumsum(per_column)))
     return tuple(float(running[x1 - lo] - running[x0 - lo]) / max(1, m.area)
                  for m, (x0, x1) in zip(marks, spans))

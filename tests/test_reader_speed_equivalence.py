@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge_agent.decision import decide
-from edge_agent.reader import ReaderConfig, _percentile, _percentile_of_uint8, _projection_angle, locate_digits
+from edge_agent.reader import (ReaderConfig, _percentile, _percentile_of_uint8, _projection_angle, locate_digits,
+                               mnist_normalise)
 from edge_agent.render import load_demo_digits, render_postcode_samples
 
 SEED = 2026
@@ -87,3 +90,75 @@ def test_skew_of_a_tilted_line_is_found():
     # The angle that brings the line upright again: the opposite of the tilt.
     assert abs(_projection_angle(tilted, 40) + 3.0) <= 0.15
     assert _projection_angle(np.zeros((50, 50), np.uint8), 40) == 0.0
+
+
+# --- OpenCV passes that replaced NumPy ones: the same pixels, bit for bit -------------------------
+
+def _mnist_normalise_numpy(crop: np.ndarray) -> np.ndarray:
+    """mnist_normalise as it was written with NumPy before the OpenCV passes (session 19)."""
+    import cv2
+
+    out = np.zeros((28, 28), np.uint8)
+    x0, y0, w, h = cv2.boundingRect((crop > 0).view(np.uint8))
+    if w == 0:
+        return out
+    crop = crop[y0: y0 + h, x0: x0 + w]
+    scale = 20 / max(h, w)
+    nw, nh = max(1, int(round(w * scale))), max(1, int(round(h * scale)))
+    small = cv2.resize(crop, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    peak = cv2.minMaxLoc(small)[1]
+    if peak <= 0:
+        return out
+    np.multiply(small, 255.0 / peak, out=small)
+    np.round(np.clip(small, 0, 255, out=small), out=small)
+    total = small.sum()
+    cy = float((small.sum(axis=1) * np.arange(nh)).sum() / total)
+    cx = float((small.sum(axis=0) * np.arange(nw)).sum() / total)
+    top = min(max(round(14.0 - cy), 0), 28 - nh)
+    left = min(max(round(14.0 - cx), 0), 28 - nw)
+    out[top: top + nh, left: left + nw] = small.astype(np.uint8)
+    return out
+
+
+def _stretched_numpy(pixels, mask, rim, threshold):
+    """The stroke stretch of _stretched as it was written with NumPy (before its level table)."""
+    crop = np.multiply(pixels, rim, dtype=np.float32)
+    core = crop[mask].astype(np.uint8)
+    peak = float(np.percentile(core, 75)) if core.size else 255.0
+    floor = 0.5 * threshold
+    if peak <= floor:
+        return np.zeros_like(crop)
+    np.subtract(crop, floor, out=crop)
+    np.divide(crop, peak - floor, out=crop)
+    return np.clip(crop, 0.0, 1.0, out=crop)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 90), st.integers(1, 90), st.integers(0, 2**32 - 1), st.sampled_from([1.0, 0.5, 0.25]))
+def test_mnist_normalise_rounds_and_centres_as_numpy_did(h, w, seed, ink_share):
+    rng = np.random.default_rng(seed)
+    crop = rng.random((h, w), dtype=np.float32)
+    crop[rng.random((h, w)) > ink_share] = 0.0  # paper around and between the strokes
+    # Levels that land exactly on a rounding boundary once scaled to 255 at the peak.
+    crop.flat[:: 7] = np.float32(0.5 / 255) * rng.integers(0, 510, crop.flat[:: 7].shape)
+    assert np.array_equal(mnist_normalise(crop), _mnist_normalise_numpy(crop.copy()))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 70), st.integers(1, 70), st.integers(0, 2**32 - 1), st.integers(36, 200))
+def test_the_stroke_stretch_is_the_numpy_formula(h, w, seed, threshold):
+    import cv2
+
+    from edge_agent.reader import _stretched
+
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (h, w), dtype=np.uint8)
+    mask = pixels > threshold
+    rim = cv2.dilate(mask.view(np.uint8), np.ones((3, 3), np.uint8)).view(bool)
+    rim &= rng.random((h, w)) > 0.1  # a printed line took some of the rim
+    # _stretched also normalises the strokes; with the stretch given, so does the reference.
+    from edge_agent.reader import _normalise_stroke
+
+    expected = _stretched_numpy(pixels, mask, rim, threshold)
+    got = _stretched(pixels, mask, rim, threshold)
+    assert np.array_equal(got, _normalise_stroke(expected) if expected.any() else expected)
