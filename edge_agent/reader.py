@@ -239,7 +239,7 @@ def _binarise(ink: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray, 
     background). Dropped weak components keep their labels but get all-zero stats, so every
     later stage skips them as too small; the labels stay valid without a second labelling pass.
     """
-    weak = (ink > threshold // 2).astype(np.uint8)
+    weak = cv2.threshold(ink, threshold // 2, 1, cv2.THRESH_BINARY)[1]  # 0/1: ink > threshold // 2
     labels, stats = _components(weak)
     keep = np.zeros(len(stats), bool)
     keep[labels[ink > threshold]] = True
@@ -303,7 +303,10 @@ def _projection_scores(ys: np.ndarray, xs: np.ndarray, weights: np.ndarray, degr
     # bands: 1.02 -> 0.89 ms a frame in the whole skew search, the same angle on all 312).
     scores = np.empty(len(degrees))
     for k in range(len(degrees)):
-        scores[k] = np.square(np.bincount(bins[k], weights=weights, minlength=width)).sum()
+        totals = np.bincount(bins[k], weights=weights, minlength=width)
+        # Integer weights (ink levels) and at most a few thousand points: every total, square and
+        # sum is an integer below 2**53, exact in float64 in any order, so a dot product will do.
+        scores[k] = totals @ totals
     return scores
 
 
@@ -354,13 +357,12 @@ def _digit_sized(stats: np.ndarray, min_h: float, max_h: float) -> list[int]:
     return [int(i) for i in np.flatnonzero(ok)]
 
 
-def _estimate_height(stats: np.ndarray, min_h: float, max_h: float) -> float | None:
-    """Median height of the digit-sized components, biggest first; None when there are none."""
-    labels = _digit_sized(stats, min_h, max_h)
-    if not labels:
+def _estimate_height(stats: np.ndarray, sized: list[int]) -> float | None:
+    """Median height of the digit-sized components (``sized``), biggest first; None when there are none."""
+    if not sized:
         return None
-    labels.sort(key=lambda i: -int(stats[i, 4]))
-    return _median([int(stats[i, 3]) for i in labels[:12]])
+    biggest = sorted(sized, key=lambda i: -int(stats[i, 4]))[:12]
+    return _median([int(stats[i, 3]) for i in biggest])
 
 
 def _drop_enclosures(stats: np.ndarray, labels: list[int]) -> list[int]:
@@ -420,12 +422,16 @@ def _segment(ink: np.ndarray, threshold: int, min_h: float, max_h: float,
     The angle is 0.0 when ``measure_skew`` is off (the second pass, on an image already deskewed).
     """
     raw, raw_labels, raw_stats = _binarise(ink, threshold)
+    sized = _digit_sized(raw_stats, min_h, max_h)
     if height_hint is None:
-        height_hint = _estimate_height(raw_stats, min_h, max_h)
+        height_hint = _estimate_height(raw_stats, sized)
     binary, lines = _remove_lines(raw, raw_stats, height_hint if height_hint else max_h / 2)
     # Without printed lines the components are the hysteresis ones: no need to label again.
-    labels, stats = (raw_labels, raw_stats) if binary is raw else _components(binary)
-    candidates = _drop_enclosures(stats, _digit_sized(stats, min_h, max_h))
+    if binary is not raw:
+        raw_labels, raw_stats = _components(binary)
+        sized = _digit_sized(raw_stats, min_h, max_h)
+    labels, stats = raw_labels, raw_stats
+    candidates = _drop_enclosures(stats, sized)
     row = _find_row(stats, candidates)
     marks = [_Mark(int(stats[i, 0]), int(stats[i, 1]), int(stats[i, 2]), int(stats[i, 3]), (i,),
                    int(stats[i, 4])) for i in row]
@@ -709,9 +715,8 @@ def _full_size_crop(mark: _Mark, seg: _Segmentation, ink: np.ndarray, to_ink: np
     x, y, w, h = 2 * mark.x, 2 * mark.y, 2 * mark.w, 2 * mark.h
     # Full-size band pixel q -> ink pixel A q + 2 t (the half-size map A q/2 + t, doubled); the
     # crop's pixel (u, v) is band pixel (x + u, y + v).
-    region = np.zeros((2, 3), np.float64)
-    region[:, :2] = to_ink[:, :2]
-    region[:, 2] = to_ink[:, :2] @ np.array([x, y], np.float64) + 2.0 * to_ink[:, 2]
+    (a, b, tx), (c, d, ty) = to_ink.tolist()
+    region = np.array([[a, b, a * x + b * y + 2.0 * tx], [c, d, c * x + d * y + 2.0 * ty]])
     if region[0, 0] == 1.0 and region[1, 1] == 1.0 and region[0, 1] == 0.0 and region[1, 0] == 0.0 \
             and float(region[0, 2]).is_integer() and float(region[1, 2]).is_integer():
         ix, iy = int(region[0, 2]), int(region[1, 2])
