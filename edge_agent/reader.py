@@ -354,7 +354,7 @@ def _digit_sized(stats: np.ndarray, min_h: float, max_h: float) -> list[int]:
     ok = (min_h <= h) & (h <= max_h)
     ok &= (w <= 8 * h) & (area >= 0.03 * w * h)  # else a long line or a hollow printed frame
     ok[0] = False  # the background
-    return [int(i) for i in np.flatnonzero(ok)]
+    return np.flatnonzero(ok).tolist()
 
 
 def _estimate_height(stats: np.ndarray, sized: list[int]) -> float | None:
@@ -368,7 +368,7 @@ def _estimate_height(stats: np.ndarray, sized: list[int]) -> float | None:
 def _drop_enclosures(stats: np.ndarray, labels: list[int]) -> list[int]:
     """Drop marks whose box contains two or more other marks: a printed frame, not a digit."""
     keep = []
-    boxes = {i: stats[i, :4].tolist() for i in labels}
+    boxes = dict(zip(labels, stats[labels, :4].tolist()))
     centres = {j: (x + w / 2, y + h / 2) for j, (x, y, w, h) in boxes.items()}
     for i in labels:
         x, y, w, h = boxes[i]
@@ -397,7 +397,7 @@ def _find_row(stats: np.ndarray, labels: list[int]) -> list[int]:
             i = parent[i]
         return i
 
-    boxes = {i: stats[i, :4].tolist() for i in order}
+    boxes = dict(zip(order, stats[order, :4].tolist()))
     for a_pos, a in enumerate(order):
         ax, ay, aw, ah = boxes[a]
         for b in order[a_pos + 1:]:
@@ -411,8 +411,10 @@ def _find_row(stats: np.ndarray, labels: list[int]) -> list[int]:
     groups: dict[int, list[int]] = {}
     for i in order:
         groups.setdefault(root(i), []).append(i)
-    best = max(groups.values(), key=lambda g: (len(g), int(stats[g, 4].sum())))
-    return sorted(best, key=lambda i: stats[i, 0])
+    # The most members, then the most ink: ink is summed only for the groups that tie on members.
+    most = max(len(g) for g in groups.values())
+    best = max((g for g in groups.values() if len(g) == most), key=lambda g: int(stats[g, 4].sum()))
+    return sorted(best, key=lambda i: boxes[i][0])
 
 
 def _segment(ink: np.ndarray, threshold: int, min_h: float, max_h: float,
