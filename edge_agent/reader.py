@@ -423,16 +423,15 @@ def _segment(ink: np.ndarray, threshold: int, min_h: float, max_h: float,
 
     The angle is 0.0 when ``measure_skew`` is off (the second pass, on an image already deskewed).
     """
-    raw, raw_labels, raw_stats = _binarise(ink, threshold)
-    sized = _digit_sized(raw_stats, min_h, max_h)
+    raw, labels, stats = _binarise(ink, threshold)
+    sized = _digit_sized(stats, min_h, max_h)
     if height_hint is None:
-        height_hint = _estimate_height(raw_stats, sized)
-    binary, lines = _remove_lines(raw, raw_stats, height_hint if height_hint else max_h / 2)
-    # Without printed lines the components are the hysteresis ones: no need to label again.
+        height_hint = _estimate_height(stats, sized)
+    binary, lines = _remove_lines(raw, stats, height_hint if height_hint else max_h / 2)
+    # Without printed lines the components (and which are digit-sized) are the hysteresis ones.
     if binary is not raw:
-        raw_labels, raw_stats = _components(binary)
-        sized = _digit_sized(raw_stats, min_h, max_h)
-    labels, stats = raw_labels, raw_stats
+        labels, stats = _components(binary)
+        sized = _digit_sized(stats, min_h, max_h)
     candidates = _drop_enclosures(stats, sized)
     row = _find_row(stats, candidates)
     marks = [_Mark(int(stats[i, 0]), int(stats[i, 1]), int(stats[i, 2]), int(stats[i, 3]), (i,),
