@@ -104,11 +104,6 @@ def _lerp(x: float, y: float, t: float) -> float:
     return y - (y - x) * (1 - t) if t >= 0.5 else x + (y - x) * t
 
 
-def _percentile_of_uint8(values: np.ndarray, q: float) -> float:
-    """``np.percentile(values, q)`` of 1-d uint8 values, bit for bit, from their histogram."""
-    return _percentile_of_counts(np.bincount(values, minlength=256), q)
-
-
 def _percentile_of_counts(counts: np.ndarray, q: float) -> float:
     """``np.percentile`` of the grey levels counted in ``counts`` (level -> how many), bit for bit.
 

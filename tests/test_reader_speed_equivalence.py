@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_agent.decision import decide
-from edge_agent.reader import (ReaderConfig, _percentile, _percentile_of_uint8, _projection_angle, locate_digits,
-                               mnist_normalise)
+from edge_agent.reader import (ReaderConfig, _normalise_stroke, _percentile, _percentile_of_counts, _projection_angle,
+                               _stretched, locate_digits, mnist_normalise)
 from edge_agent.render import load_demo_digits, render_postcode_samples
 
 SEED = 2026
@@ -76,9 +76,10 @@ def test_percentiles_match_numpy_bit_for_bit(q):
         assert _percentile(ints, q) == float(np.percentile(ints, q))
         # The crop's peak: grey levels, counted into a histogram.
         levels = rng.integers(0, 256, n).astype(np.uint8)
-        assert _percentile_of_uint8(levels, q) == float(np.percentile(levels, q))
+        counts = np.bincount(levels, minlength=256)
+        assert _percentile_of_counts(counts, q) == float(np.percentile(levels, q))
         if q in (50, 75):  # and numpy's percentile of the float32 crop it was taken from before
-            assert _percentile_of_uint8(levels, q) == float(np.percentile(levels.astype(np.float32), q))
+            assert _percentile_of_counts(counts, q) == float(np.percentile(levels.astype(np.float32), q))
 
 
 def test_skew_of_a_tilted_line_is_found():
@@ -149,16 +150,12 @@ def test_mnist_normalise_rounds_and_centres_as_numpy_did(h, w, seed, ink_share):
 def test_the_stroke_stretch_is_the_numpy_formula(h, w, seed, threshold):
     import cv2
 
-    from edge_agent.reader import _stretched
-
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, (h, w), dtype=np.uint8)
     mask = pixels > threshold
     rim = cv2.dilate(mask.view(np.uint8), np.ones((3, 3), np.uint8)).view(bool)
     rim &= rng.random((h, w)) > 0.1  # a printed line took some of the rim
     # _stretched also normalises the strokes; with the stretch given, so does the reference.
-    from edge_agent.reader import _normalise_stroke
-
     expected = _stretched_numpy(pixels, mask, rim, threshold)
     got = _stretched(pixels, mask, rim, threshold)
     assert np.array_equal(got, _normalise_stroke(expected) if expected.any() else expected)
