@@ -345,7 +345,7 @@ def _components(binary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _digit_sized(stats: np.ndarray, min_h: float, max_h: float) -> list[int]:
     """Labels whose size and shape could be one digit or a few touching digits."""
-    w, h, area = stats[:, 2].astype(np.int64), stats[:, 3].astype(np.int64), stats[:, 4].astype(np.int64)
+    w, h, area = stats[:, 2], stats[:, 3], stats[:, 4]  # int32: w * h of a frame's box cannot overflow it
     ok = (min_h <= h) & (h <= max_h)
     ok &= (w <= 8 * h) & (area >= 0.03 * w * h)  # else a long line or a hollow printed frame
     ok[0] = False  # the background
@@ -356,8 +356,9 @@ def _estimate_height(stats: np.ndarray, sized: list[int]) -> float | None:
     """Median height of the digit-sized components (``sized``), biggest first; None when there are none."""
     if not sized:
         return None
-    biggest = sorted(sized, key=lambda i: -int(stats[i, 4]))[:12]
-    return _median([int(stats[i, 3]) for i in biggest])
+    areas, heights = stats[sized, 4].tolist(), stats[sized, 3].tolist()
+    biggest = sorted(range(len(sized)), key=lambda k: -areas[k])[:12]  # stable: ties stay in label order
+    return _median([heights[k] for k in biggest])
 
 
 def _drop_enclosures(stats: np.ndarray, labels: list[int]) -> list[int]:
@@ -429,8 +430,7 @@ def _segment(ink: np.ndarray, threshold: int, min_h: float, max_h: float,
         sized = _digit_sized(stats, min_h, max_h)
     candidates = _drop_enclosures(stats, sized)
     row = _find_row(stats, candidates)
-    marks = [_Mark(int(stats[i, 0]), int(stats[i, 1]), int(stats[i, 2]), int(stats[i, 3]), (i,),
-                   int(stats[i, 4])) for i in row]
+    marks = [_Mark(x, y, w, h, (i,), area) for i, (x, y, w, h, area) in zip(row, stats[row].tolist())]
     if marks and attach:
         marks = _attach_fragments(marks, stats)
     # Skew from the ink before line removal: a printed line is the surest cue to the text's angle.
@@ -470,7 +470,7 @@ def _attach_fragments(marks: list[_Mark], stats: np.ndarray) -> list[_Mark]:
     in_row = {label for m in marks for label in m.labels}
     speck_area = max(4.0, (0.06 * med_h) ** 2)
     result = list(marks)
-    sx, sy, sw, sh, sa = (stats[:, i].astype(np.int64) for i in range(5))
+    sx, sy, sw, sh, sa = stats.T  # int32 columns: every sum and comparison here is exact in them
     near = (sa >= speck_area) & (sh <= 1.3 * med_h) & (sw <= 1.5 * med_h)
     near &= (sy >= top) & (sy + sh <= bottom) & (sx >= left) & (sx + sw <= right)
     near[0] = False  # the background
@@ -588,7 +588,7 @@ def _recover_small(marks: list[_Mark], stats: np.ndarray, expected: tuple[int, .
     top, bottom = min(m.y for m in marks) - 0.2 * row_h, max(m.y1 for m in marks) + 0.2 * row_h
     left, right = marks[0].x - 1.2 * row_h, marks[-1].x1 + 1.2 * row_h
     used = {label for m in marks for label in m.labels}
-    sx, sy, sw, sh, sa = (stats[:, i].astype(np.int64) for i in range(5))
+    sx, sy, sw, sh, sa = stats.T  # int32 columns: every sum and comparison here is exact in them
     ok = (sa >= max(4.0, (0.06 * row_h) ** 2)) & (sh <= 1.1 * row_h) & (sw <= 1.2 * row_h)
     ok &= (sy >= top) & (sy + sh <= bottom) & (sx >= left) & (sx + sw <= right)
     ok[0] = False  # the background
@@ -696,7 +696,8 @@ def _stretched(pixels: np.ndarray, mask: np.ndarray, rim: np.ndarray, threshold:
     stretch = np.arange(256, dtype=np.float32)
     np.subtract(stretch, floor, out=stretch)
     np.divide(stretch, peak - floor, out=stretch)
-    np.clip(stretch, 0.0, 1.0, out=stretch)
+    np.maximum(stretch, 0.0, out=stretch)  # clipped to 0..1: two plain ufuncs cost less than np.clip
+    np.minimum(stretch, 1.0, out=stretch)
     return _normalise_stroke(cv2.LUT(inside, stretch))
 
 
@@ -751,7 +752,7 @@ def _normalise_stroke(crop: np.ndarray) -> np.ndarray:
     A felt-tip fills the loops of 6, 8 and 9 and a fine pen fades when shrunk to 20 px; the
     model saw MNIST's pens only. Widths are relative to the digit's box, as MNIST's 20 px box is.
     """
-    mask = (crop >= 0.5).astype(np.uint8)
+    mask = (crop >= 0.5).view(np.uint8)  # 0/1 without a copy (cv2.compare takes a 1x1 crop for a scalar)
     _x, _y, w, h = cv2.boundingRect(mask)
     if w == 0:
         return crop
@@ -797,12 +798,18 @@ def _frame_box(mark: _Mark, inverse: np.ndarray | None, origin: tuple[int, int],
                scale: float) -> tuple[int, int, int, int]:
     """A mark's box in band pixels mapped back to frame pixels (undoing band, deskew, downscale and ROI)."""
     x0, x1 = (mark.x_cut if mark.x_cut else (mark.x, mark.x1))
-    corners = np.array([[x0, mark.y], [x1, mark.y], [x0, mark.y1], [x1, mark.y1]], np.float64)
+    corners = [(float(x0), float(mark.y)), (float(x1), float(mark.y)), (float(x0), float(mark.y1)),
+               (float(x1), float(mark.y1))]
     if inverse is not None:
-        corners = corners @ inverse[:, :2].T + inverse[:, 2]
-    corners = corners / scale + np.array(origin, np.float64)
-    lo, hi = np.floor(corners.min(axis=0)), np.ceil(corners.max(axis=0))
-    return int(lo[0]), int(lo[1]), int(hi[0] - lo[0]), int(hi[1] - lo[1])
+        # Four corners through a 2x3 map in plain floats (a NumPy matrix product of this size
+        # costs more to set up than to compute): each coordinate one product sum, then the shift.
+        (a, b, tx), (c, d, ty) = inverse.tolist()
+        corners = [(a * x + b * y + tx, c * x + d * y + ty) for x, y in corners]
+    ox, oy = float(origin[0]), float(origin[1])
+    xs = [x / scale + ox for x, _ in corners]
+    ys = [y / scale + oy for _, y in corners]
+    left, top = math.floor(min(xs)), math.floor(min(ys))
+    return left, top, math.ceil(max(xs)) - left, math.ceil(max(ys)) - top
 
 
 # The coarse search runs on a half-size copy of the ink image when the frame is at least this
