@@ -247,8 +247,7 @@ def _binarise(ink: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray, 
     else:
         # Usually a few faint specks: clear each in its own box, not the whole image through a table.
         binary = weak
-        for i in dropped.tolist():
-            x, y, w, h = (int(v) for v in stats[i, :4])
+        for i, (x, y, w, h) in zip(dropped.tolist(), stats[dropped, :4].tolist()):
             box = binary[y: y + h, x: x + w]
             box[labels[y: y + h, x: x + w] == i] = 0
     stats = stats.copy()
@@ -270,7 +269,7 @@ def _remove_lines(binary: np.ndarray, stats: np.ndarray, digit_height: float) ->
     long_v = int(max(15, 1.2 * digit_height))
     # Only components at least one line long need the opening (checked in bulk: most are short).
     candidates = np.flatnonzero((stats[:, 2] >= long_h) | (stats[:, 3] >= long_v))
-    for x, y, w, h, _ in stats[candidates[candidates > 0]]:
+    for x, y, w, h, _ in stats[candidates[candidates > 0]].tolist():
         for length, horizontal in ((long_h, True), (long_v, False)):
             if (w if horizontal else h) < length:
                 continue
