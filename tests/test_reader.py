@@ -232,6 +232,21 @@ def test_huge_frame_is_downscaled_and_read(demo):
     assert seen == pytest.approx(2 * np.median([h for _, _, _, h in locate_digits(frame).boxes]), rel=0.15)
 
 
+
+def test_a_big_colour_frame_reads_as_its_grey_copy(demo):
+    """Frames beyond max_side are made grey before they are shrunk (one channel to average, not
+    three): a colour camera's frame and the same frame in grey then give the same crops and boxes."""
+    import cv2
+
+    (frame, _postcode), = frames(demo, 1, seed=7, digit_height=60.0)
+    big = cv2.resize(frame, (1920, 1440), interpolation=cv2.INTER_CUBIC)
+    colour, grey = locate_digits(big), locate_digits(cv2.cvtColor(big, cv2.COLOR_BGR2GRAY))
+    assert colour.scale == grey.scale == pytest.approx(1280 / 1920)
+    assert len(colour.digits) == 5
+    assert colour.boxes == grey.boxes
+    assert np.array_equal(colour.digits, grey.digits)
+
+
 # --- bad input ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("image", [
