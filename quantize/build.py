@@ -134,7 +134,10 @@ def source_from_training(config: QuantizeConfig, train_all: DigitSet, test: Digi
         validation=validation,
         model={"architecture": "+".join(architectures), "members": len(members),
                "parameters": int(sum(m.count_params() for m in members)),
-               "member_seeds": [m["config"]["seed"] for m in metrics]},
+               "member_seeds": [m["config"]["seed"] for m in metrics],
+               # Per member, in the graph's order: what it is and how it was trained (the card says so).
+               "member_architectures": [m["model"] for m in metrics],
+               "member_reader_copies": [int(m["config"].get("reader_copies", 0)) for m in metrics]},
         training={
             "data_source": first["data_source"],
             "train_images": first["train_images"],

@@ -37,7 +37,18 @@ def _model_section(manifest: dict) -> str:
     members = int(model.get("members", 1))
     parameters = model.get("parameters")
     size = f" ({parameters / 1e6:.2f} M parameters in all)" if parameters else ""
-    if members > 1:
+    if members > 1 and model.get("member_architectures"):
+        # Members of different kinds: each named with its seed and its training data.
+        lines = [f"An ensemble of {members} independently trained members:"]
+        for i, (architecture, seed, crops) in enumerate(zip(
+                model["member_architectures"], model.get("member_seeds", [None] * members),
+                model.get("member_reader_copies", [0] * members)), start=1):
+            trained = (f"; trained with {crops} reader crops of each training digit added (rendered envelope "
+                       "frames cut by the agent's own reader, `training/reader_crops.py`)" if crops else "")
+            lines.append(f"- member {i} (seed {seed}): {ARCHITECTURE_TEXT.get(architecture, architecture)}{trained}.")
+        lines.append(f"\nThe members run side by side in ONE int8 graph on one input and their logits are "
+                     f"averaged inside it{size}: a frame's digits still cost one invoke.")
+    elif members > 1:
         seeds = ", ".join(str(s) for s in model.get("member_seeds", []))
         lines = [f"An ensemble of {members} independently trained members (seeds {seeds}), each "
                  f"{text[0].lower() + text[1:]}.",
@@ -49,6 +60,13 @@ def _model_section(manifest: dict) -> str:
         lines.append(f"The `model.tflite` of {model['recalibrated_from']}, byte for byte; this version adds the "
                      "temperature calibration and the acceptance threshold re-chosen on calibrated probabilities.")
     return "## Model\n" + "\n".join(lines) + "\n" + QUANTISATION_TEXT + "\n"
+
+
+def _seeds(seed) -> str:
+    """'seed 1234', or 'seeds 1234 and 102' for an ensemble's members."""
+    if isinstance(seed, list):
+        return "seeds " + (", ".join(map(str, seed[:-1])) + " and " + str(seed[-1]) if len(seed) > 1 else str(seed[0]))
+    return f"seed {seed}"
 
 
 def _figures_row(label: str, figures: dict) -> str:
@@ -129,7 +147,7 @@ read goes to human review. Not for letters, printed text, or digits outside that
 {_model_section(manifest)}
 ## Data and its limits
 - Trained on {t['train_images']} images, validated (early stopping, temperature, threshold) on
-  {t['validation_images']} held-out training images; source `{t['data_source']}`, seed {t['seed']}.
+  {t['validation_images']} held-out training images; source `{t['data_source']}`, {_seeds(t['seed'])}.
 - On the development machines only 5,000 of the 60,000 MNIST training images exist, so
   training leans on augmentation (rotation about +/-12 degrees, zoom +/-15%, shifts of 10%,
   thicker or thinner strokes). With the full 60k set (`edge-train --data DIR` with the full

@@ -265,3 +265,22 @@ def test_recalibrating_a_bundle_keeps_its_model_and_adds_a_temperature(tmp_path)
     assert 450 <= calibration["test_reader_crops"]["digits"] <= 500
     assert sorted(p.name for p in (tmp_path / "img").iterdir()) == [
         "reliability-mnist-cnn-int8-9.0.1-t10k.png", "reliability-mnist-cnn-int8-9.0.1-validation.png"]
+
+
+def test_the_card_names_each_member_of_a_mixed_ensemble():
+    """An ensemble of a reference CNN and a crop-trained batch-norm CNN: the card says which is which,
+    with each member's seed and training data, not one architecture for all."""
+    from quantize.card import _model_section, _seeds
+
+    mixed = {"model": {"architecture": "bn_cnn+mnist_cnn", "members": 2, "parameters": 1_440_000,
+                       "member_seeds": [1234, 102], "member_architectures": ["mnist_cnn", "bn_cnn"],
+                       "member_reader_copies": [0, 3]}}
+    text = _model_section(mixed)
+    first, second = (line for line in text.splitlines() if line.startswith("- member"))
+    assert first.startswith("- member 1 (seed 1234): The data scientist's Keras MNIST CNN") and "reader crops" not in first
+    assert second.startswith("- member 2 (seed 102): A small batch-norm CNN") and "3 reader crops" in second
+    assert "ONE int8 graph" in text and "1.44 M parameters" in text
+    # Manifests written before members were described keep their one-line wording.
+    older = {"model": {"architecture": "bn_cnn", "members": 3, "member_seeds": [101, 102, 103]}}
+    assert "(seeds 101, 102, 103), each a small batch-norm CNN" in _model_section(older)
+    assert _seeds([1234, 102]) == "seeds 1234 and 102" and _seeds(1234) == "seed 1234"
