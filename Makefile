@@ -7,7 +7,7 @@ demo:
 test:
 	./scripts/test.sh
 
-model:  ## train + quantise into models/mnist-int8 (about 10 minutes on 2 cores)
+model:  ## train two members + quantise into models/mnist-int8 (about 25 minutes on 2 cores)
 	./scripts/model.sh
 
 bench:  ## benchmarks side by side into build/bench/bench-<date>.{json,md} (~15 min); BENCH_ARGS=--quick: ~1 min
