@@ -37,6 +37,8 @@ def _model_section(manifest: dict) -> str:
     members = int(model.get("members", 1))
     parameters = model.get("parameters")
     size = f" ({parameters / 1e6:.2f} M parameters in all)" if parameters else ""
+    one_graph = (f"The members run side by side in ONE int8 graph on one input and their logits are "
+                 f"averaged inside it{size}: a frame's digits still cost one invoke.")
     if members > 1 and model.get("member_architectures"):
         # Members of different kinds: each named with its seed and its training data.
         lines = [f"An ensemble of {members} independently trained members:"]
@@ -46,14 +48,11 @@ def _model_section(manifest: dict) -> str:
             trained = (f"; trained with {crops} reader crops of each training digit added (rendered envelope "
                        "frames cut by the agent's own reader, `training/reader_crops.py`)" if crops else "")
             lines.append(f"- member {i} (seed {seed}): {ARCHITECTURE_TEXT.get(architecture, architecture)}{trained}.")
-        lines.append(f"\nThe members run side by side in ONE int8 graph on one input and their logits are "
-                     f"averaged inside it{size}: a frame's digits still cost one invoke.")
+        lines.append("\n" + one_graph)
     elif members > 1:
         seeds = ", ".join(str(s) for s in model.get("member_seeds", []))
         lines = [f"An ensemble of {members} independently trained members (seeds {seeds}), each "
-                 f"{text[0].lower() + text[1:]}.",
-                 f"The members run side by side in ONE int8 graph on one input and their logits are "
-                 f"averaged inside it{size}: a frame's digits still cost one invoke."]
+                 f"{text[0].lower() + text[1:]}.", one_graph]
     else:
         lines = [f"{text}{size}."]
     if model.get("recalibrated_from"):

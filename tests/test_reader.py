@@ -232,7 +232,6 @@ def test_huge_frame_is_downscaled_and_read(demo):
     assert seen == pytest.approx(2 * np.median([h for _, _, _, h in locate_digits(frame).boxes]), rel=0.15)
 
 
-
 def test_a_big_colour_frame_reads_as_its_grey_copy(demo):
     """Frames beyond max_side are made grey before they are shrunk (one channel to average, not
     three): a colour camera's frame and the same frame in grey then give the same crops and boxes."""

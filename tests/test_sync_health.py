@@ -13,12 +13,11 @@ from sync import activation
 from sync.pull import pull
 from tests.paths import ROOT
 from tests.test_agent import RunningAgent, agent_table, camera_frames, plc_for  # noqa: F401 - fixture
+# site_v1 runs the shipped bundle announced as BASE_VERSION, whatever the shipped version is.
 from tests.test_sync import (BASE_VERSION, add_version, base_bundle, keys, rewrite_manifest,  # noqa: F401
                              server, settings_for, site_v1)
 
 SITE, LINE = "test-site", "line-9"
-# What site_v1 runs: the shipped bundle announced as BASE_VERSION, whatever the shipped version is.
-SITE_VERSION = BASE_VERSION
 BASE = f"postcode/{SITE}/{LINE}"
 
 
@@ -64,7 +63,7 @@ def test_pull_with_mqtt_activates_and_passes_the_health_check(tmp_path, mqtt_bro
                                                               server, keys, site_v1):
     agent, watcher = start_line(tmp_path, mqtt_broker, site_v1, camera_frames)
     try:
-        assert watcher.wait_for(lambda c: c.agent_status().get("model_version") == SITE_VERSION, 15)
+        assert watcher.wait_for(lambda c: c.agent_status().get("model_version") == BASE_VERSION, 15)
         add_version(tmp_path, base_bundle, server, keys[0], "1.1.0")
         out = run_pull(server, site_v1, keys, *mqtt_args(mqtt_broker.port))
         assert out.returncode == 0, out.stderr
@@ -78,7 +77,7 @@ def test_pull_with_mqtt_activates_and_passes_the_health_check(tmp_path, mqtt_bro
         healthy = sync_events(watcher)[-1]
         assert healthy["version"] == "1.1.0" and healthy["reads"] >= 5 and healthy["review_pct"] <= 90
         state = retained_sync_state(mqtt_broker.port)
-        assert state["active"] == "1.1.0" and state["previous"] == SITE_VERSION
+        assert state["active"] == "1.1.0" and state["previous"] == BASE_VERSION
         assert state["last_result"]["outcome"] == "updated" and state["last_error"] is None
     finally:
         agent.stop()
@@ -238,7 +237,7 @@ def test_a_health_check_killed_midway_is_resumed_by_the_next_pull(tmp_path, mqtt
     out = run_pull(server, site_v1, keys, *mqtt_args(mqtt_broker.port, **{"--health-timeout": 3}))
     assert out.returncode == 1, out.stdout + out.stderr
     assert "rolled back" in out.stderr.strip().splitlines()[-1]
-    assert activation.active_version(site_v1) == SITE_VERSION
+    assert activation.active_version(site_v1) == BASE_VERSION
     assert not activation.load_state(site_v1).get("health_pending")
 
 
