@@ -5,12 +5,12 @@ registry served over HTTP on loopback. An unhealthy version is rolled back autom
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 
 from sync import activation
 from sync.pull import pull
+from tests.broker import free_port
 from tests.paths import ROOT
 from tests.test_agent import RunningAgent, agent_table, camera_frames, plc_for  # noqa: F401 - fixture
 # site_v1 runs the shipped bundle announced as BASE_VERSION, whatever the shipped version is.
@@ -124,15 +124,9 @@ def test_an_unhealthy_version_is_rolled_back_and_not_retried(tmp_path, mqtt_brok
         watcher.stop()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_pull_goes_on_when_the_broker_is_down(tmp_path, base_bundle, server, keys, site_v1):
     add_version(tmp_path, base_bundle, server, keys[0], "1.1.0")
-    out = run_pull(server, site_v1, keys, *mqtt_args(_free_port()))
+    out = run_pull(server, site_v1, keys, *mqtt_args(free_port()))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "updated: 1.1.0"
     assert activation.active_version(site_v1) == "1.1.0"
