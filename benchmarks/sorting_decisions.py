@@ -154,14 +154,15 @@ def run(args) -> dict:
                 # reads' chute posteriors. The stream is decided twice and only the second pass
                 # scored, as a site that has been reading such mail for a while (the first pass
                 # fills the window; the agent starts strict).
-                budget = MisdirectBudget(policy.target_misdirect_rate, share=args.spent_share)
-                _decide_spent(reads, by_region, policy, budget)
-                rules.append(("chute_spent", policy.target_misdirect_rate,
-                              _decide_spent(reads, by_region, policy, budget), []))
-                report.setdefault("chute_spent_thresholds", []).append(
-                    {"directory": size, "bundle": label, "target": policy.target_misdirect_rate,
-                     "share": args.spent_share, "threshold_at_end": budget.threshold()})
-            for rule, target, decisions, decode_ms in rules:
+                for share in args.spent_share:
+                    budget = MisdirectBudget(policy.target_misdirect_rate, share=share)
+                    _decide_spent(reads, by_region, policy, budget)
+                    rules.append(("chute_spent", policy.target_misdirect_rate,
+                                  _decide_spent(reads, by_region, policy, budget), [], share))
+                    report.setdefault("chute_spent_thresholds", []).append(
+                        {"directory": size, "bundle": label, "target": policy.target_misdirect_rate,
+                         "share": share, "threshold_at_end": budget.threshold()})
+            for rule, target, decisions, decode_ms, *spent_share in rules:
                 row = score(decisions, truths, by_region if rule.startswith("chute") else
                             (per_code if rule == "directory" else None), cost)
                 # Judge every rule at the chute the envelope needs: a wrong code in the right
@@ -170,6 +171,8 @@ def run(args) -> dict:
                     row = score(_as_chutes(decisions, by_region), truths, by_region, cost) | {
                         "postcode_exact_rate": row["postcode_exact_rate"]}
                 row.update(directory=size, bundle=label, model_version=model.version, rule=rule, target=target)
+                if spent_share:
+                    row["spent_share"] = spent_share[0]
                 if decode_ms:
                     row["decode_ms_p50"] = round(float(np.percentile(decode_ms, 50)), 3)
                     row["decode_ms_p99"] = round(float(np.percentile(decode_ms, 99)), 3)
@@ -198,7 +201,8 @@ def _as_chutes(decisions, plan):
 def _line(row: dict) -> str:
     low, high = row["misdirect_rate_95"]
     target = f"{row['target']:g}" if row["target"] is not None else "-"
-    return (f"{row['directory']:>6} codes  {row['bundle']:<12} {row['rule']:<9} target {target:<6} auto-sorted "
+    rule = row["rule"] + (f"@{row['spent_share']:g}" if "spent_share" in row else "")
+    return (f"{row['directory']:>6} codes  {row['bundle']:<12} {rule:<9} target {target:<6} auto-sorted "
             f"{row['auto_sort_rate']:6.1%} (valid mail {row['auto_sort_rate_valid_mail']:6.1%})  precision {row['precision']:8.3%}  misdirects {row['misdirects']:>3} "
             f"(95% up to {high:.3%})  invalid accepted {row['invalid_accepted']}/{row['invalid_envelopes']}  "
             f"cost/1000 {row['cost_per_1000']:.2f}")
@@ -217,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="render from t10k (report) or from the held-out validation digits (choose)")
     parser.add_argument("--split-seed", type=int, default=1234, help="validation split of the bundles")
     parser.add_argument("--validation-per-class", type=int, default=100)
-    parser.add_argument("--spent-share", type=float, default=SPENT_SHARE,
-                        help="chute_spent rule: the share of the target spent over the mail (default %(default)s)")
+    parser.add_argument("--spent-share", type=lambda v: [float(x) for x in v.split(",")], default=[SPENT_SHARE],
+                        help="chute_spent rule: the share(s) of the target spent over the mail, comma-separated: "
+                             f"each decides the same reads (default {SPENT_SHARE})")
     parser.add_argument("--invalid-share", type=float, default=0.05)
     parser.add_argument("--invalid-prior", type=float,
                         help="the decoder's prior for such mail (default: the stream's share, --invalid-share)")
