@@ -21,6 +21,7 @@ import numpy as np
 
 from edge_agent.binding import (FRAME_DROPPED, FrameWindow, SurgeGuard, bind_frame, timeline_complete_until,
                                 too_late_to_read)
+from edge_agent import chute_bar
 from edge_agent.bundle import BundleError
 from edge_agent.config import AgentConfig, mqtt_password, security_warnings
 from edge_agent.endpoints import EndpointServer, make_app
@@ -121,6 +122,9 @@ _BATCH = 500  # triggers journaled, or answers stored, per transaction under a b
 _MAX_QUEUED_CROPS = 1000  # review crops waiting for the disk; past this they are skipped and counted
 _CAMERA_SILENT_S = 5.0  # /readyz: a live camera silent this long is not delivering frames
 _PRUNE_EVERY_S = 600.0  # the audit trail's retention is days: pruning every few minutes is plenty
+# The spent chute bar's posteriors are written this often (and at a stop): a crash loses at most
+# this long's reads of a window that spans minutes to hours of mail.
+_KEEP_CHUTE_BAR_EVERY_S = 10.0
 
 
 class Agent:
@@ -182,6 +186,8 @@ class Agent:
         self._drift_lock = threading.Lock()
         self._drift_published: tuple[str, ...] | None = None  # alarm kinds last published (retained)
         self._reference_path = config.outbox.path.parent / f"reference-{_safe_name(reader.model.version)}.json"
+        self._chute_bar_path = config.outbox.path.parent / "chute-bar.json"
+        self._chute_bar_kept_at = 0  # the budget's count of reads observed when the bar was last written
         self._restore_reference()
         # model.bundle may be the sync's "active" pointer (a symlink): followed between frames.
         self._bundle_target = config.model.bundle.resolve()
@@ -566,6 +572,49 @@ class Agent:
         except OSError as exc:
             log.error("could not keep the drift reference in %s: %s", self._reference_path, exc)
 
+    def _chute_bar_key(self) -> dict[str, object] | None:
+        """What the spent bar's posteriors depend on now; None while no bar is spent."""
+        reader = self.reader
+        plan, budget = reader.plan, reader.budget
+        if plan is None or budget is None or not budget.spends_on(plan):
+            return None
+        manifest = reader.model.manifest
+        return chute_bar.bar_key(manifest.sha256, manifest.temperature, plan.sha256, reader.policy.invalid_prior)
+
+    def _restore_chute_bar(self) -> None:
+        """The spent bar survives restarts: the posteriors kept for this model, plan and prior."""
+        key = self._chute_bar_key()
+        if key is None:
+            return
+        budget = self.reader.budget
+        try:
+            posteriors = chute_bar.kept(self._chute_bar_path, key)
+            if posteriors is None:
+                return
+            budget.restore(posteriors)
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring the kept chute bar %s (%s); items are held to the strict bar until %d reads "
+                        "are known", self._chute_bar_path, exc, budget.min_reads)
+            return
+        self._chute_bar_kept_at = budget.recent()[1]
+        log.info("chute bar restored from %s: %d reads, bar %.4f", self._chute_bar_path, len(posteriors),
+                 budget.threshold())
+
+    def _keep_chute_bar(self) -> None:
+        """Write the spent bar's posteriors if reads came since they were last written."""
+        key = self._chute_bar_key()
+        if key is None:
+            return
+        posteriors, observed = self.reader.budget.recent()
+        if observed == self._chute_bar_kept_at or not posteriors:
+            return
+        try:
+            chute_bar.keep(self._chute_bar_path, key, posteriors)
+        except OSError as exc:
+            log.error("could not keep the chute bar in %s: %s", self._chute_bar_path, exc)
+            return
+        self._chute_bar_kept_at = observed
+
     def _publish_drift(self) -> None:
         """Retained drift state on MQTT whenever the set of alarms changes (and once at start)."""
         now = self.clock.monotonic()
@@ -709,6 +758,7 @@ class Agent:
         self._shutdown.set()
         for thread in self._threads:
             thread.join(timeout=5.0)
+        self._keep_chute_bar()
         if self.grabber is not None:
             self.grabber.stop()
         self.link.flush(drain_s)
@@ -812,7 +862,7 @@ class Agent:
 
     def _report_health(self) -> None:
         period_s = self.config.observability.health_period_s
-        next_report = next_prune = self.clock.monotonic()
+        next_report = next_prune = next_keep = self.clock.monotonic()
         while not self._shutdown.wait(min(1.0, period_s)):
             self._beat()
             try:
@@ -825,6 +875,9 @@ class Agent:
                 if now >= next_prune:
                     next_prune = now + _PRUNE_EVERY_S
                     self.outbox.prune()
+                if now >= next_keep:
+                    next_keep = now + _KEEP_CHUTE_BAR_EVERY_S
+                    self._keep_chute_bar()
                 if now < next_report:
                     continue
                 next_report = now + period_s
@@ -865,6 +918,7 @@ class Agent:
             self._reference_path = self.config.outbox.path.parent / f"reference-{_safe_name(model.version)}.json"
             self._drift_published = None
         self._restore_reference()
+        self._restore_chute_bar()
         self.link.status_fields["model_version"] = model.version
         self.link.refresh_status()
         self.link.publish_event("model", {"from": old, "to": model.version, "bundle": str(target)})
@@ -905,6 +959,7 @@ class Agent:
         old = self.reader.plan
         self.reader.swap_plan(plan)
         self._plan_errors = []
+        self._restore_chute_bar()
         acceptance = self._chute_threshold().get("acceptance")
         summary = plan.summary() | {"path": str(path), "exact": len(plan.exact), "prefixes": len(plan.prefixes),
                                     "chutes": len(plan.chutes), "valid_share": round(plan.valid_share, 6),

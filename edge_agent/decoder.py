@@ -137,6 +137,7 @@ class MisdirectBudget:
         self._lock = threading.Lock()
         self._recent: deque[float] = deque(maxlen=self.window)
         self._since_refresh = 0
+        self._observed = 0
         self._bar = self.strict
 
     @property
@@ -151,6 +152,7 @@ class MisdirectBudget:
         """One read's chosen-chute posterior (reads without a chute are not mail it could sort)."""
         with self._lock:
             self._recent.append(float(chute_posterior))
+            self._observed += 1
             self._since_refresh += 1
             if self._since_refresh >= self._refresh_every:  # the sort is ~0.1 ms: not every read
                 self._refresh()
@@ -169,6 +171,25 @@ class MisdirectBudget:
             self._recent.clear()
             self._since_refresh = 0
             self._bar = self.strict
+
+    def recent(self) -> tuple[list[float], int]:
+        """The chute posteriors the bar rests on, oldest first, and how many reads were ever
+        observed (it only grows: whether the window changed since it was last kept)."""
+        with self._lock:
+            return list(self._recent), self._observed
+
+    def restore(self, posteriors: list[float]) -> None:
+        """Take back the posteriors ``recent`` gave (kept across a restart, for the same model,
+        plan and prior): the bar is spent from the first read instead of strict for ``min_reads``.
+        Raises ValueError, keeping the reads it has, unless every value is a probability."""
+        values = [float(p) for p in posteriors]
+        if not all(0.0 <= p <= 1.0 for p in values):  # also refuses NaN
+            raise ValueError("chute posteriors must be numbers from 0 to 1")
+        with self._lock:
+            self._recent.clear()
+            self._recent.extend(values[-self.window:])
+            self._since_refresh = 0
+            self._refresh()
 
     def _refresh(self) -> None:
         self._since_refresh = 0

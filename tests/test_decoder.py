@@ -290,6 +290,33 @@ def test_the_spent_bar_tightens_by_itself_when_the_mail_gets_harder_and_resets_t
     assert budget.reads() == 0 and budget.threshold() == pytest.approx(0.999)
 
 
+def test_the_reads_a_bar_rests_on_are_taken_back_whole_and_set_the_same_bar():
+    """recent/restore carry the window across a restart: the restored budget holds the bar the
+    kept one held (at once, not after the next refresh), and a window too long keeps its newest."""
+    kept = MisdirectBudget(1e-3, window=400, refresh_every=1)
+    sure_mail(kept, 450)
+    posteriors, observed = kept.recent()
+    assert len(posteriors) == 400 and observed == 450
+    again = MisdirectBudget(1e-3, window=400, refresh_every=25)
+    again.restore(posteriors)
+    assert again.reads() == 400 and again.threshold() == kept.threshold() == pytest.approx(0.995)
+    narrower = MisdirectBudget(1e-3, window=100)
+    narrower.restore(posteriors)
+    assert narrower.recent()[0] == posteriors[-100:]
+    few = MisdirectBudget(1e-3, window=400)
+    few.restore(posteriors[:50])  # under min_reads: strict, as before those reads were known
+    assert few.reads() == 50 and few.threshold() == pytest.approx(0.999)
+
+
+@pytest.mark.parametrize("bad", [[0.5, float("nan")], [1.5], [-0.1]])
+def test_a_window_of_anything_but_probabilities_is_refused_and_the_reads_kept(bad):
+    budget = MisdirectBudget(1e-3, window=400, refresh_every=1)
+    sure_mail(budget, 200)
+    with pytest.raises(ValueError, match="from 0 to 1"):
+        budget.restore(bad)
+    assert budget.reads() == 200 and budget.threshold() == pytest.approx(0.995)
+
+
 def test_the_spent_bar_never_goes_below_its_floor():
     budget = MisdirectBudget(0.009, window=500, refresh_every=1)  # strict bar 0.991
     for _ in range(400):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import urllib.error
@@ -183,3 +184,52 @@ def test_auto_acceptance_spends_the_target_over_a_sparse_plan_and_holds_a_dense_
     finally:
         plc.stop()
         running.stop()
+
+
+def test_the_spent_bar_survives_a_restart_for_the_same_model_and_plan_only(tmp_path, mqtt_broker, camera, caplog):
+    """A restart does not send the line back to the strict bar for the next 500 reads: the chute
+    posteriors the bar rests on are kept beside the outbox and taken back at start, for the same
+    model, plan and prior only. A damaged file is reported and ignored; the agent reads on."""
+    caplog.set_level(logging.INFO, logger="edge_agent")
+    folder, truth = camera
+    codes = sorted(set(truth.values()))
+    plan_path = tmp_path / "plan.csv"
+    _write_atomically(plan_path, "postcode,chute\n" + "".join(f"{c},A\n" for c in codes))
+    table = agent_table(tmp_path, mqtt_broker.port, folder, sort_plan={"path": str(plan_path)},
+                        camera={"source": str(folder), "loop": True, "fps": 20.0, "max_frame_age_ms": 2000})
+    kept = tmp_path / "state" / "chute-bar.json"
+    assert Path(table["outbox"]["path"]).parent == kept.parent
+
+    def run(items: list[str]) -> tuple[dict, dict]:
+        """Start an agent, note its bar, answer ``items``, stop; the bar at start and at the end."""
+        running = RunningAgent(table)
+        plc = plc_for(mqtt_broker.port)
+        try:
+            assert plc.wait_online(30)
+            at_start = running.agent.health()["chute_threshold"]
+            for item in items:
+                plc.trigger(item)
+                time.sleep(0.05)
+            assert plc.wait_for(lambda c: all(i in c.results() for i in items), 30)
+            return at_start, running.agent.health()["chute_threshold"]
+        finally:
+            plc.stop()
+            running.stop()
+
+    first_start, first_end = run([f"bar-{n}" for n in range(8)])
+    assert first_start["acceptance"] == "spent" and first_start["reads"] == 0
+    assert first_end["reads"] >= 1  # the reads that found a chute (most of the 8)
+    assert json.loads(kept.read_text())["key"]["plan_sha256"] == parse_sort_plan(plan_path.read_bytes()).sha256
+    second_start, second_end = run(["bar-again"])
+    assert second_start["reads"] == first_end["reads"]  # taken back before the first trigger
+    assert first_end["reads"] <= second_end["reads"] <= first_end["reads"] + 1
+    assert "chute bar restored" in caplog.text
+    # Another plan: the posteriors meant something else, so its bar starts afresh.
+    _write_atomically(plan_path, "postcode,chute\n" + "".join(f"{c},B\n" for c in codes))
+    third_start, _ = run([])
+    assert third_start["reads"] == 0
+    kept.write_text("{not json")
+    caplog.clear()
+    fourth_start, _ = run(["after-damage"])
+    assert fourth_start["reads"] == 0
+    assert "ignoring the kept chute bar" in caplog.text and "not JSON" in caplog.text
