@@ -195,7 +195,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     setup_logging("WARNING", json_lines=False)
     from edge_agent.evaluation import CostModel, score
     from edge_agent.loader import load_bundle
-    from edge_agent.pipeline import PostcodeReader
+    from edge_agent.pipeline import PostcodeReader, digit_evidence
     from edge_agent.reader import ReaderConfig
 
     lengths = tuple(int(n) for n in args.lengths.split(","))
@@ -210,20 +210,35 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                             policy=DecodePolicy(target_misdirect_rate=args.target_misdirect_rate,
                                                 invalid_prior=args.invalid_prior),
                             budget=_budget(args))
-    decisions, truths, missing = [], [], []
+    evidence, truths, missing, bad = [], [], [], []
     for name, postcode in sorted(truth.items()):
         path = args.frames / name
         if not path.is_file():
             missing.append(name)
             continue
-        decisions.append(reader.read_image(_decode(path)).decision)
+        try:
+            evidence.append(digit_evidence(_decode(path), model.classifier, reader.reader_config))
+        except ValueError as exc:  # the agent answers such an item bad_frame: it counts, as a review
+            bad.append(f"{name}: {exc}")
+            evidence.append(None)
         truths.append(postcode)
     if missing:
         print(f"edge-agent evaluate: {len(missing)} frame(s) in the truth file are missing, e.g. {missing[0]}",
               file=sys.stderr)
-    if not decisions:
+    if bad:
+        print(f"edge-agent evaluate: {len(bad)} frame(s) could not be decoded, counted as reviews (bad_frame), "
+              f"e.g. {bad[0]}", file=sys.stderr)
+    if not evidence:
         print("edge-agent evaluate: no frames to evaluate", file=sys.stderr)
         return 2
+    spent = plan is not None and reader.budget is not None and reader.budget.spends_on(plan)
+    if spent and not args.cold:
+        # A running agent's bar rests on the mail it read before (kept across restarts): the
+        # chute posteriors of these frames are observed once (no truth is used), then decided.
+        for read in evidence:
+            if read is not None:
+                reader.decide(read, plan)
+    decisions = [reader.decide(read, plan) if read is not None else _bad_frame_decision() for read in evidence]
     cost = CostModel(keying_seconds=args.keying_seconds, labour_per_hour=args.labour_per_hour,
                      misdirect_cost=args.misdirect_cost)
     report = score(decisions, truths, plan, cost) | {
@@ -231,6 +246,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "sort_plan": plan.summary() if plan else None,
         "acceptance": _acceptance_in_force(reader.budget, plan) if plan else None,
         "acceptance_setting": args.acceptance if plan else None,
+        "start": ("cold" if args.cold else "warm") if spent else None, "bad_frames": len(bad),
         "chute_threshold_last": reader.budget.threshold() if plan and reader.budget else None}
     if args.json:
         print(json.dumps(report, indent=2))
@@ -244,9 +260,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"mail to postcodes not in the plan: {report['invalid_envelopes']}, "
                   f"sorted automatically: {report['invalid_accepted']}; "
                   f"mail to valid postcodes sorted automatically: {report['auto_sort_rate_valid_mail']:.1%}")
-        if plan and reader.budget is not None and reader.budget.spends_on(plan):
-            print(f"chute bar spent over the reads: {reader.budget.threshold():.4f} at the end "
-                  f"(strict {reader.budget.strict:.4f} for the first {reader.budget.min_reads} reads)")
+        if spent:
+            start = (f"strict {reader.budget.strict:.4f} for the first {reader.budget.min_reads} reads, as an agent "
+                     "just started without a kept bar" if args.cold else
+                     "every read decided against the bar of an agent that has read these frames' posteriors before")
+            print(f"chute bar spent over the reads: {reader.budget.threshold():.4f} at the end ({start})")
         print(f"cost per 1,000 envelopes: {report['cost_per_1000']:.2f} "
               f"(keying {args.keying_seconds} s at {args.labour_per_hour}/h, misdirect {args.misdirect_cost})")
     return 0
@@ -259,6 +277,14 @@ def _acceptance_arguments(parser: argparse.ArgumentParser) -> None:
                              "'per_item' holds every item to 1 - target, 'auto' spends only over a plan "
                              "with at most 10%% of its codes valid (default %(default)s)")
     parser.add_argument("--spent-window", type=int, default=2000)
+
+
+def _bad_frame_decision():
+    """An item whose frame cannot be decoded: the agent answers it bad_frame, a review."""
+    from edge_agent.decision import Decision
+    from edge_agent.types import Reason
+
+    return Decision(postcode="", accepted=False, confidence=0.0, digits=(), reason=Reason.BAD_FRAME)
 
 
 def _acceptance_in_force(budget: MisdirectBudget | None, plan: SortPlan) -> str:
@@ -339,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--invalid-prior", type=float, default=DecodePolicy.invalid_prior,
                           help="share of mail addressed to codes the plan does not have (sort_plan.invalid_prior)")
     _acceptance_arguments(evaluate)
+    evaluate.add_argument("--cold", action="store_true",
+                          help="with a spent bar, decide as an agent just started with no bar kept: strict until a "
+                               "quarter of --spent-window reads are known (default: as a running agent, whose bar "
+                               "rests on the posteriors of mail it read before; here these frames', not the truth)")
     evaluate.add_argument("--keying-seconds", type=float, default=2.25, help="manual keying per review (s)")
     evaluate.add_argument("--labour-per-hour", type=float, default=30.0, help="keying cost per hour")
     evaluate.add_argument("--misdirect-cost", type=float, default=1.50, help="cost of one misdirected envelope")

@@ -167,16 +167,20 @@ class PostcodeReader:
         sha = sha256 if sha256 is not None else image_sha256(image)
         evidence = digit_evidence(image, model.classifier, self.reader_config)
         decided_from = time.perf_counter()
-        probabilities = evidence.probabilities(with_plan=plan is not None)
-        if plan is None:
-            decision = decide(evidence.labels, probabilities, self.reader_config.expected_lengths, self.threshold)
-        else:
-            decision = decide_with_budget(evidence.labels, probabilities, self.reader_config.expected_lengths,
-                                          plan, self.policy, self.budget)
+        decision = self.decide(evidence, plan)
         located = evidence.located
         seconds = (*evidence.seconds, time.perf_counter() - decided_from)
         return FrameRead(located, decision, model.version, sha, seconds=seconds,
                          quality=input_quality(image, located.inverted))
+
+    def decide(self, evidence: DigitEvidence, plan: SortPlan | None) -> Decision:
+        """One read's decision: by ``plan`` (held to the budget's bar where one is spent), or
+        digit by digit on the threshold without a plan. A read that finds a chute feeds the budget."""
+        probabilities = evidence.probabilities(with_plan=plan is not None)
+        if plan is None:
+            return decide(evidence.labels, probabilities, self.reader_config.expected_lengths, self.threshold)
+        return decide_with_budget(evidence.labels, probabilities, self.reader_config.expected_lengths,
+                                  plan, self.policy, self.budget)
 
     def read_frame(self, frame: Frame) -> FrameRead:
         """As read_image, but a frame already read (same source and sequence) is not read again."""

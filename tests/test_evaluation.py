@@ -72,6 +72,9 @@ def test_evaluate_command_on_rendered_frames(tmp_path):
         cv2.imwrite(str(frames / name), render_postcode_frame(list(digits.images[picks]), rng))
         rows.append(f"{name},{code}")
         codes.append(code)
+    # A frame that cannot be decoded is one more envelope for review (bad_frame), not a crash.
+    (frames / "torn.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    rows.append(f"torn.png,{codes[0]}")
     (tmp_path / "truth.csv").write_text("\n".join(rows) + "\n")
     # The first five codes exist (two chutes); the sixth envelope is addressed to a code that does not.
     plan = "postcode,chute\n" + "".join(f"{c},{'A' if i % 2 else 'B'}\n" for i, c in enumerate(codes[:5]))
@@ -82,11 +85,19 @@ def test_evaluate_command_on_rendered_frames(tmp_path):
                             capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["envelopes"] == 6 and report["decided_by"] == "sort_plan"
+    assert report["envelopes"] == 7 and report["decided_by"] == "sort_plan"
+    assert report["bad_frames"] == 1 and report["reviews_by_reason"]["bad_frame"] == 1
+    assert "1 frame(s) could not be decoded" in result.stderr and "torn.png" in result.stderr
     assert report["invalid_envelopes"] == 1 and report["invalid_accepted"] == 0
     assert report["misdirects"] == 0
-    # Five codes of 100,000: a sparse plan, so the default "auto" spends the target over the reads.
-    assert report["acceptance_setting"] == "auto" and report["acceptance"] == "spent"
+    # Five codes of 100,000: a sparse plan, so the default "auto" spends the target over the reads,
+    # as a running agent whose bar rests on mail it read before.
+    assert report["acceptance_setting"] == "auto" and report["acceptance"] == "spent" and report["start"] == "warm"
+    cold = subprocess.run([sys.executable, "-m", "edge_agent.cli", "evaluate", str(frames), "--truth",
+                           str(tmp_path / "truth.csv"), "--sort-plan", str(tmp_path / "plan.csv"), "--json",
+                           "--cold"], capture_output=True, text=True, timeout=120, env=env)
+    assert cold.returncode == 0, cold.stderr
+    assert json.loads(cold.stdout)["start"] == "cold"
     strict = subprocess.run([sys.executable, "-m", "edge_agent.cli", "evaluate", str(frames), "--truth",
                              str(tmp_path / "truth.csv"), "--sort-plan", str(tmp_path / "plan.csv"), "--json",
                              "--acceptance", "per_item"], capture_output=True, text=True, timeout=120, env=env)
