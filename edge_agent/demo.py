@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -57,10 +58,24 @@ def render_demo_camera(out_dir: Path, frames: int, seed: int, video: bool = Fals
     return out_dir
 
 
+_PORTS_HANDED_OUT: set[int] = set()
+_PORTS_LOCK = threading.Lock()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that was free a moment ago and that this process has not handed out before.
+
+    The kernel may give the same ephemeral port to two binds in a row once the first socket is
+    closed, so two ports chosen before either is used (a broker's plain and TLS listeners, an
+    agent's MQTT and HTTP ports) could collide; remembering every port handed out rules that out."""
+    with _PORTS_LOCK:
+        while True:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("127.0.0.1", 0))
+                port = int(s.getsockname()[1])
+            if port not in _PORTS_HANDED_OUT:
+                _PORTS_HANDED_OUT.add(port)
+                return port
 
 
 def wait_for_port(port: int, timeout_s: float = 15.0) -> None:

@@ -13,6 +13,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from edge_agent.demo import free_port  # noqa: F401 - the tests' ports come from the same place as the demo's
+
 MOSQUITTO_CANDIDATES = ("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 
 
@@ -23,26 +25,6 @@ def find_mosquitto() -> str | None:
         if found:
             return found
     return None
-
-
-_PORTS_HANDED_OUT: set[int] = set()
-_PORTS_LOCK = threading.Lock()
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago and that this process has not handed out before.
-
-    The kernel may give the same ephemeral port to two binds in a row once the first socket is
-    closed, so two ports chosen before either is used (a broker's plain and TLS listeners, an
-    agent's MQTT and HTTP ports) could collide; remembering every port handed out rules that out."""
-    with _PORTS_LOCK:
-        while True:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                s.bind(("127.0.0.1", 0))
-                port = int(s.getsockname()[1])
-            if port not in _PORTS_HANDED_OUT:
-                _PORTS_HANDED_OUT.add(port)
-                return port
 
 
 def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> bool:
