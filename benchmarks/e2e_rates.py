@@ -213,6 +213,11 @@ def agent_table(workdir: Path, port: int, line: str, workers: int) -> dict:
     }
 
 
+def _cpu_s(process: psutil.Process) -> float:
+    t = process.cpu_times()
+    return t.user + t.system
+
+
 class AgentProcess:
     """One agent child with its camera and PLC."""
 
@@ -247,8 +252,7 @@ class AgentProcess:
         self.plc.trigger(item, json.dumps({"item_id": item, "triggered_at": stamp}).encode())
 
     def cpu_s(self) -> float:
-        t = self.ps.cpu_times()
-        return t.user + t.system
+        return _cpu_s(self.ps)
 
     def thread_cpu_s(self) -> dict[str, float]:
         """CPU seconds per thread, by the role the agent gave each in the kernel (edge_agent.threads)."""
@@ -347,11 +351,6 @@ def idle(agent: AgentProcess, seconds: float, fps: float = 30.0) -> dict:
     agent.camera.fps = streaming
     return {"seconds": round(time.time() - t0, 2), "camera_fps": fps,
             "agent_cpu_share_of_a_core": round(cpu / (time.time() - t0), 4)}
-
-
-def _cpu_s(process: psutil.Process) -> float:
-    t = process.cpu_times()
-    return t.user + t.system
 
 
 def burst(agents: list[AgentProcess], frames: list[tuple[bytes, set[str]]], gap_s: float,

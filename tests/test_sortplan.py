@@ -146,17 +146,22 @@ def test_hot_reload_while_triggers_flow(tmp_path, mqtt_broker, camera):
         running.stop()
 
 
+def _agent_on_a_sparse_plan(tmp_path: Path, port: int, camera) -> tuple[Path, list[str], dict]:
+    """A plan listing the camera's postcodes, all to chute A (far under 10% of the five-digit
+    codes: "auto" spends the target over it); its path, the codes and an agent table using it."""
+    folder, truth = camera
+    codes = sorted(set(truth.values()))
+    plan_path = tmp_path / "plan.csv"
+    _write_atomically(plan_path, "postcode,chute\n" + "".join(f"{c},A\n" for c in codes))
+    return plan_path, codes, agent_table(tmp_path, port, folder, sort_plan={"path": str(plan_path)})
+
+
 def test_auto_acceptance_spends_the_target_over_a_sparse_plan_and_holds_a_dense_one_per_item(
         tmp_path, mqtt_broker, camera):
     """The default sort_plan.acceptance, "auto": a plan with a few codes (far under 10% of the
     five-digit codes) is decided on the spent bar; reloaded as region prefixes covering every code,
     the same agent holds every item to the strict bar, and says so in its health and plan events."""
-    folder, truth = camera
-    codes = sorted(set(truth.values()))
-    plan_path = tmp_path / "plan.csv"
-    _write_atomically(plan_path, "postcode,chute\n" + "".join(f"{c},A\n" for c in codes))
-    table = agent_table(tmp_path, mqtt_broker.port, folder, sort_plan={"path": str(plan_path)},
-                        camera={"source": str(folder), "loop": True, "fps": 20.0, "max_frame_age_ms": 2000})
+    plan_path, codes, table = _agent_on_a_sparse_plan(tmp_path, mqtt_broker.port, camera)
     running = RunningAgent(table)
     plc = plc_for(mqtt_broker.port, watch=(f"{BASE}/events/#",))
     try:
@@ -191,12 +196,7 @@ def test_the_spent_bar_survives_a_restart_for_the_same_model_and_plan_only(tmp_p
     posteriors the bar rests on are kept beside the outbox and taken back at start, for the same
     model, plan and prior only. A damaged file is reported and ignored; the agent reads on."""
     caplog.set_level(logging.INFO, logger="edge_agent")
-    folder, truth = camera
-    codes = sorted(set(truth.values()))
-    plan_path = tmp_path / "plan.csv"
-    _write_atomically(plan_path, "postcode,chute\n" + "".join(f"{c},A\n" for c in codes))
-    table = agent_table(tmp_path, mqtt_broker.port, folder, sort_plan={"path": str(plan_path)},
-                        camera={"source": str(folder), "loop": True, "fps": 20.0, "max_frame_age_ms": 2000})
+    plan_path, codes, table = _agent_on_a_sparse_plan(tmp_path, mqtt_broker.port, camera)
     kept = tmp_path / "state" / "chute-bar.json"
     assert Path(table["outbox"]["path"]).parent == kept.parent
 
