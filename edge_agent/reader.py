@@ -941,6 +941,14 @@ def _band_row(ink: np.ndarray, threshold: int, min_h: float, max_h: float, band:
     return seg, band_ink, to_ink, angle
 
 
+def _cut_by_band_end(marks: list[_Mark], band: _Band, width: int) -> bool:
+    """Whether a mark reaches an end of the band that is not the frame's: part of that digit
+    lies beyond the band, and read as it is it would be another digit (a 0 cut to its left
+    half reads as a confident 7)."""
+    band_w = band.x1 - band.x0
+    return any((m.x <= 0 < band.x0) or (m.x1 >= band_w and band.x1 < width) for m in marks)
+
+
 def _row_marks(seg: _Segmentation) -> list[_Mark]:
     """The row's marks with overlapping pieces merged and slivers dropped: what the digits are cut from."""
     return _drop_slivers(_merge_overlapping(seg.marks))
@@ -986,9 +994,12 @@ def locate_digits(image: np.ndarray, config: ReaderConfig = ReaderConfig()) -> L
         band = _scaled_band(band, factor) if source is half else band
         seg, work, inverse, angle = _band_row(source, threshold, min_h * factor, max_h * factor, band, config)
         marks = _row_marks(seg)
-        if len(marks) < shortest and (band.x0 > 0 or band.x1 < source.shape[1]):
-            # Mostly a digit beyond the band's ends (a wide gap at half size): the band's rows
-            # across the whole width first, a third of the full-frame search's cost.
+        if (len(marks) < shortest or _cut_by_band_end(marks, band, source.shape[1])) \
+                and (band.x0 > 0 or band.x1 < source.shape[1]):
+            # Mostly a digit beyond the band's ends (a wide gap at half size), or one the band's
+            # end cut in two (a digit merged with a printed line at half size, so the row was
+            # found without it): the band's rows across the whole width first, a third of the
+            # full-frame search's cost.
             band = replace(band, x0=0, x1=source.shape[1])
             seg, work, inverse, angle = _band_row(source, threshold, min_h * factor, max_h * factor, band, config)
             marks = _row_marks(seg)
