@@ -255,7 +255,25 @@ def _binarise(ink: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray, 
     return binary, labels, stats
 
 
+_RIM_KERNEL = np.ones((3, 3), np.uint8)  # one pixel all round
 _FEW_DROPPED = 64  # dropped weak components below which clearing them box by box is the cheaper way
+
+
+def _printed_verticals(opened: np.ndarray, digit_height: float) -> np.ndarray:
+    """The vertical runs of one component that are printed lines: those spanning its height (a
+    rule, a comb's divider) or at its ends (a box's sides). A digit's stroke that touches a
+    box's or a ruled line's edge also makes a long vertical run, inside the component: it is the
+    digit's (an 8 cut there reads as a 1)."""
+    n, _labels, stats, _ = cv2.connectedComponentsWithStats(opened, connectivity=8)
+    h, w = opened.shape
+    edge = 3 + 0.15 * digit_height
+    printed = [i for i, (x, _y, pw, ph, _a) in enumerate(stats.tolist()) if i and
+               (ph >= 0.9 * h or x <= edge or x + pw >= w - edge)]
+    if len(printed) == n - 1:
+        return opened
+    keep = np.zeros(n, np.uint8)
+    keep[printed] = 1
+    return keep[_labels]
 
 
 def _remove_lines(binary: np.ndarray, stats: np.ndarray, digit_height: float) -> tuple[np.ndarray, np.ndarray]:
@@ -265,6 +283,7 @@ def _remove_lines(binary: np.ndarray, stats: np.ndarray, digit_height: float) ->
     boxes alone. Returns (binary without lines, mask of the removed lines).
     """
     removed = np.zeros(binary.shape, np.uint8)
+    vertical = np.zeros(binary.shape, np.uint8)
     long_h = int(max(15, 2.2 * digit_height))
     long_v = int(max(15, 1.2 * digit_height))
     # Only components at least one line long need the opening (checked in bulk: most are short).
@@ -276,12 +295,28 @@ def _remove_lines(binary: np.ndarray, stats: np.ndarray, digit_height: float) ->
             roi = binary[y: y + h, x: x + w]
             size = (length, 1) if horizontal else (1, length)
             lines = cv2.morphologyEx(roi, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, size))
+            if not horizontal:
+                lines = _printed_verticals(lines, digit_height)
+                vertical[y: y + h, x: x + w] |= lines
             removed[y: y + h, x: x + w] |= lines
     if not cv2.hasNonZero(removed):
         return binary, removed
     # Widen the line mask by two pixels all round so its anti-aliased, noise-broken edges go too.
-    removed = cv2.dilate(removed, cv2.getStructuringElement(cv2.MORPH_RECT, (5, 5)))
-    return cv2.subtract(binary, removed), removed
+    widen = cv2.getStructuringElement(cv2.MORPH_RECT, (5, 5))
+    widened = cv2.dilate(removed, widen)
+    kept = cv2.subtract(binary, widened)
+    # But a digit written on a horizontal line would lose those two pixels of its stroke: the foot
+    # of a 2, the bottom of a 6's loop (read then as a 7 and a 1, confidently). Give back the
+    # margin's ink that grows out of what is left, a pixel a step: the line's own edges, away
+    # from any digit, stay removed. Not beside vertical lines: a stroke that one cut through
+    # would come back as two thin strips.
+    margin = cv2.bitwise_and(cv2.subtract(widened, cv2.bitwise_or(removed, cv2.dilate(vertical, widen))), binary)
+    if cv2.hasNonZero(margin):
+        for _ in range(2):
+            kept = cv2.bitwise_or(kept, cv2.bitwise_and(cv2.dilate(kept, _RIM_KERNEL), margin))
+    # The widened mask stays the line's for the crops (a restored pixel only keeps its stroke in
+    # one piece): given back to the crops too, the line's edge next to a digit came with it.
+    return kept, widened
 
 
 def _projection_scores(ys: np.ndarray, xs: np.ndarray, weights: np.ndarray, degrees: np.ndarray) -> np.ndarray:
@@ -664,7 +699,6 @@ def mnist_normalise(ink_crop: np.ndarray) -> np.ndarray:
     return out
 
 
-_RIM_KERNEL = np.ones((3, 3), np.uint8)
 
 
 def _digit_crop(mark: _Mark, seg: _Segmentation, ink: np.ndarray, threshold: int) -> np.ndarray:

@@ -532,3 +532,44 @@ def test_a_digit_the_band_cut_in_two_is_read_whole(model, demo, seed, index):
     cls = model.classifier.classify(located.digits)
     assert "".join(map(str, cls.labels)) == sample.postcode
     assert cls.probabilities[0].max() >= 0.99
+
+
+def test_only_the_vertical_runs_of_a_box_that_are_its_sides_or_span_it_are_printed_lines():
+    from edge_agent.reader import _printed_verticals
+
+    opened = np.zeros((60, 200), np.uint8)
+    opened[:, 0:3] = 1  # the box's left side
+    opened[:, 197:200] = 1  # its right side
+    opened[:, 100:102] = 1  # a divider from the top edge to the bottom one (a comb)
+    opened[20:60, 50:55] = 1  # an 8's stroke run on into the bottom edge: the digit's
+    kept = _printed_verticals(opened, digit_height=40.0)
+    assert kept[:, 0:3].all() and kept[:, 197:200].all() and kept[:, 100:102].all()
+    assert not kept[:, 50:55].any()
+
+
+def test_a_digit_written_on_a_printed_line_keeps_the_stroke_beside_it():
+    """The line's mask is widened by two pixels to take its blurred edges; the stroke of a digit
+    that sits on the line keeps those pixels (a 6's loop stays in one piece with its stem)."""
+    from edge_agent.reader import _remove_lines
+    import cv2
+
+    binary = np.zeros((80, 300), np.uint8)
+    binary[60:63, 10:290] = 1  # the ruled line
+    cv2.circle(binary, (150, 45), 14, 1, 3)  # a loop whose bottom rests on the line
+    binary[58:60, 120:126] = 1  # a speck of the line's blurred edge, away from the loop
+    _n, _l, stats, _c = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    kept, lines = _remove_lines(binary, stats, digit_height=30.0)
+    assert not kept[60:63].any()  # the line is gone
+    assert kept[58:60, 145:156].any()  # the loop's bottom, just above it, is not
+    assert not kept[58:60, 120:126].any()  # the line's own edge still goes
+
+
+@pytest.mark.parametrize("seed, index", [(1, 55), (3, 78)])
+def test_a_digit_touching_a_printed_box_or_line_is_read_whole(model, demo, seed, index):
+    """Frames of the bundled digits where a digit touches the printed field: its stroke was cut
+    out as part of a printed line (07124 read as 51124, 67004 as 170014); now read right."""
+    sample = render_postcode_samples(demo, 200, np.random.default_rng(seed), length=5)[index]
+    located = locate_digits(sample.frame, ReaderConfig(expected_lengths=(5,)))
+    cls = model.classifier.classify(located.digits)
+    assert "".join(map(str, cls.labels)) == sample.postcode
+    assert cls.probabilities.max(axis=1).min() >= 0.99
