@@ -80,7 +80,7 @@ class _Segmentation:
     marks: list[_Mark]
     labels: np.ndarray  # connected-component label image
     binary: np.ndarray  # uint8 0/1 ink mask after line removal
-    lines: np.ndarray  # uint8 0/1 mask of the printed lines that were removed
+    lines: np.ndarray  # uint8 0/1 mask of the printed lines removed, widened over their edges (crops leave it out)
     stats: np.ndarray  # stats rows (x, y, w, h, area) per label of ``labels``
     has_lines: bool = True  # False when ``lines`` is all zero (no printed line was removed)
 
@@ -264,7 +264,7 @@ def _printed_verticals(opened: np.ndarray, digit_height: float) -> np.ndarray:
     rule, a comb's divider) or at its ends (a box's sides). A digit's stroke that touches a
     box's or a ruled line's edge also makes a long vertical run, inside the component: it is the
     digit's (an 8 cut there reads as a 1)."""
-    n, _labels, stats, _ = cv2.connectedComponentsWithStats(opened, connectivity=8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(opened, connectivity=8)
     h, w = opened.shape
     edge = 3 + 0.15 * digit_height
     printed = [i for i, (x, _y, pw, ph, _a) in enumerate(stats.tolist()) if i and
@@ -273,14 +273,15 @@ def _printed_verticals(opened: np.ndarray, digit_height: float) -> np.ndarray:
         return opened
     keep = np.zeros(n, np.uint8)
     keep[printed] = 1
-    return keep[_labels]
+    return keep[labels]
 
 
 def _remove_lines(binary: np.ndarray, stats: np.ndarray, digit_height: float) -> tuple[np.ndarray, np.ndarray]:
     """Remove straight printed lines: horizontal ones longer than two digits, vertical ones taller than a digit.
 
     Only components at least that long can hold such a line, so the opening runs on their
-    boxes alone. Returns (binary without lines, mask of the removed lines).
+    boxes alone. Returns (binary without lines, mask of the lines widened over their blurred
+    edges: the crops leave it out).
     """
     removed = np.zeros(binary.shape, np.uint8)
     vertical = np.zeros(binary.shape, np.uint8)
@@ -697,8 +698,6 @@ def mnist_normalise(ink_crop: np.ndarray) -> np.ndarray:
     left = min(max(round(MNIST_CENTRE - cx), 0), MNIST_SIZE - nw)
     out[top: top + nh, left: left + nw] = pixels
     return out
-
-
 
 
 def _digit_crop(mark: _Mark, seg: _Segmentation, ink: np.ndarray, threshold: int) -> np.ndarray:
