@@ -565,16 +565,18 @@ def _row_height(marks: list[_Mark]) -> float:
     return _percentile([m.h for m in marks], 80)
 
 
-def _split_wide(marks: list[_Mark], binary: np.ndarray, expected: tuple[int, ...]) -> list[_Mark]:
+def _split_wide(marks: list[_Mark], seg: _Segmentation, expected: tuple[int, ...]) -> list[_Mark]:
     """Split marks far wider than a digit; then, if still short of a postcode, the widest ones."""
     if not marks:
         return marks
     row_h = _row_height(marks)
+    binary = seg.binary
     out: list[_Mark] = []
     for m in marks:
         ref = max(m.h, row_h)
         if m.w > 1.25 * ref:
-            out.extend(_split_at_minima(m, max(2, int(round(m.w / (0.72 * ref)))), binary))
+            pieces = _split_at_minima(m, max(2, int(round(m.w / (0.72 * ref)))), binary)
+            out.extend(p for p in pieces if not _flat(p, seg, row_h))
         else:
             out.append(m)
     # Known postcode lengths: a mark too few usually means two digits touch.
@@ -585,6 +587,14 @@ def _split_wide(marks: list[_Mark], binary: np.ndarray, expected: tuple[int, ...
             break
         out[widest: widest + 1] = _split_at_minima(out[widest], 2, binary, "split_to_count")
     return out
+
+
+def _flat(piece: _Mark, seg: _Segmentation, row_h: float) -> bool:
+    """A split piece whose ink spans too few rows for a digit: the end of a printed line too
+    faint or too slanted to be removed, which made its digit's mark too wide. Read, it is a dash
+    the classifier calls some digit, and the postcode a digit too long."""
+    rows = np.flatnonzero(_mark_mask(piece, seg).any(axis=1))
+    return len(rows) == 0 or rows[-1] - rows[0] + 1 < 0.45 * row_h
 
 
 def _merge_surplus(marks: list[_Mark], expected: tuple[int, ...]) -> list[_Mark]:
@@ -1049,7 +1059,7 @@ def locate_digits(image: np.ndarray, config: ReaderConfig = ReaderConfig()) -> L
 
     marks = _merge_surplus(marks, config.expected_lengths)
     marks = _recover_small(marks, seg.stats, config.expected_lengths)
-    marks = _split_wide(marks, seg.binary, config.expected_lengths)
+    marks = _split_wide(marks, seg, config.expected_lengths)
     if len(marks) > config.max_digits:
         return _empty(f"{len(marks)} marks in a row: too many for a postcode", inverted)
     if not marks:  # every mark was a sliver of a printed line or a speck

@@ -573,3 +573,34 @@ def test_a_digit_touching_a_printed_box_or_line_is_read_whole(model, demo, seed,
     cls = model.classifier.classify(located.digits)
     assert "".join(map(str, cls.labels)) == sample.postcode
     assert cls.probabilities.max(axis=1).min() >= 0.99
+
+
+def test_a_split_piece_holding_only_a_flat_stroke_is_a_line_end_not_a_digit():
+    """A ruled line too faint or slanted to be removed in full leaves its end joined to a digit;
+    the mark is then too wide and split, and the piece with only the line's end in it is no digit."""
+    from dataclasses import replace
+    from edge_agent.reader import _flat, _Mark, _Segmentation
+    import cv2
+
+    binary = np.zeros((60, 120), np.uint8)
+    cv2.circle(binary, (80, 28), 16, 1, 3)  # a 0
+    binary[43:45, 10:80] = 1  # the line's end, running into its foot
+    _n, labels, stats, _c = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    label = int(labels[44, 20])
+    assert label == int(labels[28, 64])  # line and digit are one component
+    x, y, w, h, area = (int(v) for v in stats[label])
+    seg = _Segmentation([], labels, binary, np.zeros_like(binary), stats)
+    whole = _Mark(x, y, w, h, (label,), area)
+    assert _flat(replace(whole, x_cut=(x, 60)), seg, row_h=34.0)
+    assert not _flat(replace(whole, x_cut=(60, x + w)), seg, row_h=34.0)
+    assert not _flat(whole, seg, row_h=34.0)
+
+
+@pytest.mark.parametrize("seed, index", [(10, 144), (2, 66)])
+def test_the_end_of_a_printed_line_left_on_a_digit_is_not_read_as_a_digit(model, demo, seed, index):
+    """Frames of the bundled digits where a line's end stayed joined to a digit: the wide mark was
+    split and the dash read as a digit too (14171 as 1412721, 52376 as 523762)."""
+    sample = render_postcode_samples(demo, 200, np.random.default_rng(seed), length=5)[index]
+    located = locate_digits(sample.frame, ReaderConfig(expected_lengths=(5,)))
+    cls = model.classifier.classify(located.digits)
+    assert "".join(map(str, cls.labels)) == sample.postcode
