@@ -156,7 +156,7 @@ def decide_with_plan(
     verdict = decode(probabilities, plan, policy)
     return Decision(verdict.postcode, verdict.accepted, digits_only.confidence, digits_only.digits, verdict.reason,
                     chute=verdict.chute, chute_confidence=verdict.chute_confidence,
-                    alternatives=verdict.alternatives, **base)
+                    alternatives=verdict.alternatives, **{**base, "chute_threshold": verdict.threshold})
 
 
 def decide_with_budget(

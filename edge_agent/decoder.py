@@ -16,7 +16,8 @@ whole mass of its completions. The posterior of a chute is the sum over its code
 item is sorted only when that reaches 1 - target misdirect rate: with calibrated probabilities,
 that is the promised misdirect rate among the accepted items. A confident read of a code that
 does not exist keeps its mass on "invalid" and is never pulled onto its nearest valid
-neighbour.
+neighbour; a read whose most likely digits spell no valid code is held to 1 - target even where
+a bar spent over the mail (MisdirectBudget) would let it through.
 """
 
 from __future__ import annotations
@@ -210,6 +211,7 @@ class PlanDecision:
     alternatives: tuple[tuple[str, float], ...]  # the top valid codes with their posteriors
     accepted: bool
     reason: Reason | None
+    threshold: float = 1.0  # the chute posterior this read needed to be sorted
 
 
 def floored(probabilities: np.ndarray) -> np.ndarray:
@@ -301,25 +303,29 @@ def decode(probabilities: np.ndarray, plan: SortPlan, policy: DecodePolicy) -> P
         if verdict.accepted:
             return verdict
         return PlanDecision(verdict.postcode, verdict.chute, verdict.chute_confidence, verdict.invalid_probability,
-                            verdict.alternatives, False, Reason.DIGIT_COUNT)
+                            verdict.alternatives, False, Reason.DIGIT_COUNT, verdict.threshold)
     return _verdict(posterior(probabilities, plan, policy), plan, policy)
 
 
 def _verdict(post: Posterior, plan: SortPlan, policy: DecodePolicy) -> PlanDecision:
+    # A spent bar rests on the posteriors being right on average over the mail. A read whose own
+    # digits spell no valid code is sorted only on its alternatives' strength, and mail written
+    # to a code that does not exist reads exactly so: such a read is held to the strict bar.
+    bar = policy.threshold if plan.chute_for(post.read) is not None else policy.strict_threshold
     if not len(plan.chutes) or post.invalid >= 1.0:
-        return PlanDecision(post.read, None, 0.0, post.invalid, post.alternatives, False, Reason.INVALID_POSTCODE)
+        return PlanDecision(post.read, None, 0.0, post.invalid, post.alternatives, False, Reason.INVALID_POSTCODE, bar)
     best = int(np.argmax(post.chutes))
     best_post = float(post.chutes[best])
     chute = plan.chutes[best]
     if post.invalid >= best_post:
         # Most likely the writer used a code that does not exist: never forced onto a neighbour.
         return PlanDecision(post.read, None, best_post, post.invalid, post.alternatives, False,
-                            Reason.INVALID_POSTCODE)
+                            Reason.INVALID_POSTCODE, bar)
     in_chute = [code for code, _ in post.alternatives if plan.chute_for(code) == chute]
     postcode = in_chute[0] if in_chute else post.read
-    if best_post >= policy.threshold:
-        return PlanDecision(postcode, chute, best_post, post.invalid, post.alternatives, True, None)
-    return PlanDecision(postcode, chute, best_post, post.invalid, post.alternatives, False, Reason.AMBIGUOUS)
+    if best_post >= bar:
+        return PlanDecision(postcode, chute, best_post, post.invalid, post.alternatives, True, None, bar)
+    return PlanDecision(postcode, chute, best_post, post.invalid, post.alternatives, False, Reason.AMBIGUOUS, bar)
 
 
 def _code_likelihoods(p: np.ndarray, index: LengthIndex) -> np.ndarray:

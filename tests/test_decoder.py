@@ -375,3 +375,21 @@ def test_under_auto_a_dense_plans_reads_are_held_to_the_strict_bar_and_never_fee
         decision = decide_with_budget(np.array([1, 2]), read, (2,), plan, DecodePolicy(1e-3), budget)
         assert decision.chute_threshold == pytest.approx(0.99 if spends else 0.999)
         assert budget.reads() == (1 if spends else 0)
+
+
+def test_a_read_whose_digits_spell_no_valid_code_is_held_to_the_strict_bar():
+    """Mail written to a code that does not exist reads as that code, and its uncertain digit's
+    valid neighbours can still carry one chute over a spent bar: such a read needs the strict bar."""
+    plan = plan_of("12,A\n13,A\n45,B\n")
+    policy = DecodePolicy(1e-3, invalid_prior=0.5, spent_threshold=0.97)
+    spells_14 = probs({1: 0.999}, {4: 0.4, 2: 0.3, 3: 0.297})
+    spells_12 = probs({1: 0.999}, {2: 0.4, 4: 0.3, 3: 0.297})
+    invalid_read = decode(spells_14, plan, policy)
+    assert invalid_read.chute == "A" and invalid_read.chute_confidence > 0.97  # over the spent bar
+    assert not invalid_read.accepted and invalid_read.reason is Reason.AMBIGUOUS
+    assert invalid_read.threshold == pytest.approx(0.999)
+    valid_read = decode(spells_12, plan, policy)
+    assert valid_read.accepted and valid_read.chute == "A" and valid_read.threshold == pytest.approx(0.97)
+    # The result says which bar the read was held to.
+    decision = decide_with_plan(np.array([1, 4]), spells_14, (2,), plan, policy)
+    assert not decision.accepted and decision.plan_fields()["chute_threshold"] == pytest.approx(0.999)
