@@ -604,3 +604,38 @@ def test_the_end_of_a_printed_line_left_on_a_digit_is_not_read_as_a_digit(model,
     located = locate_digits(sample.frame, ReaderConfig(expected_lengths=(5,)))
     cls = model.classifier.classify(located.digits)
     assert "".join(map(str, cls.labels)) == sample.postcode
+
+
+def test_a_stroke_along_a_lighter_printed_line_is_given_back_to_its_digit():
+    """A 2's foot written along a ruled line lies in the line's own rows. Where the line is printed
+    lighter than the pen, the stronger ink there is the digit's: kept, and out of the line's mask."""
+    from edge_agent.reader import _remove_lines
+    import cv2
+
+    def drawn(line_level: int, pen_level: int) -> tuple[np.ndarray, np.ndarray]:
+        ink = np.zeros((80, 300), np.uint8)
+        ink[60:63, 10:290] = line_level  # the ruled line
+        cv2.line(ink, (150, 30), (130, 61), pen_level, 3)  # a 2's stroke down to the line
+        ink[59:63, 130:170] = pen_level  # its foot, along the line's rows
+        return ink, (ink > 40).astype(np.uint8)
+
+    ink, binary = drawn(line_level=90, pen_level=220)
+    _n, _l, stats, _c = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    kept, lines = _remove_lines(binary, stats, 30.0, ink)
+    assert kept[60:63, 132:168].all() and not lines[60:63, 132:168].any()  # the foot is the digit's
+    assert not kept[60:63, 20:120].any() and lines[60:63, 20:120].all()  # the line still goes
+    # A line as dark as the pen cannot be told from it: the foot goes with the line, as before.
+    ink, binary = drawn(line_level=220, pen_level=220)
+    _n, _l, stats, _c = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    kept, lines = _remove_lines(binary, stats, 30.0, ink)
+    assert not kept[60:63, 132:168].any()
+
+
+def test_a_2_whose_foot_lies_along_a_lighter_ruled_line_is_read_as_a_2(model, demo):
+    """A frame of the bundled digits where the 2's foot went with the line and it read as a 7
+    (46382 as 46387); now the foot is the digit's and the code reads right."""
+    sample = render_postcode_samples(demo, 200, np.random.default_rng(2), length=5)[56]
+    located = locate_digits(sample.frame, ReaderConfig(expected_lengths=(5,)))
+    cls = model.classifier.classify(located.digits)
+    assert "".join(map(str, cls.labels)) == sample.postcode == "46382"
+    assert cls.probabilities[4].max() >= 0.99
