@@ -282,7 +282,8 @@ def _remove_lines(binary: np.ndarray, stats: np.ndarray, digit_height: float,
 
     Only components at least that long can hold such a line, so the opening runs on their
     boxes alone. Returns (binary without lines, mask of the lines widened over their blurred
-    edges: the crops leave it out).
+    edges: the crops leave it out). Given the grey ``ink`` image, a pen stroke along a line
+    printed lighter than the pen stays the digit's (``_strokes_darker_than_the_line``).
     """
     removed = np.zeros(binary.shape, np.uint8)
     vertical = np.zeros(binary.shape, np.uint8)
@@ -335,13 +336,13 @@ def _strokes_darker_than_the_line(ink: np.ndarray, binary: np.ndarray, removed: 
     A 2's foot or a 6's loop written along the line lies in the line's own rows and went with
     it (the 2 then reads as a 7, the 6 as a 1). Where the line is printed lighter than the
     handwriting (a coloured or grey rule under a pen), the pen's ink there is the stronger: pixels
-    of the line's mask above the midpoint of the two levels are the digit's.
+    of the line's mask above the midpoint of the two levels, joined to a digit's ink, are the
+    digit's. Returns the kept ink with those pixels given back and the line mask without them.
     """
     if cv2.countNonZero(removed) < 20 or cv2.countNonZero(kept) < 20:
         return kept, widened
-    # Grey levels counted in place (np.percentile, bit for bit, without gathering them first).
-    # The line's upper quartile (its blurred edges are fainter, and strokes along it stronger)
-    # against the pen's.
+    # The line's upper quartile (its blurred edges are fainter, strokes along it stronger) against
+    # the pen's; grey levels counted in place (np.percentile, bit for bit, without gathering them).
     line_level = _percentile_of_counts(cv2.calcHist([ink], [0], removed, [256], [0, 256]).ravel(), 75)
     pen_level = _percentile_of_counts(cv2.calcHist([ink], [0], kept, [256], [0, 256]).ravel(), 75)
     if pen_level < DARKER_THAN_THE_LINE * line_level:
