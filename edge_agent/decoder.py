@@ -211,7 +211,7 @@ class PlanDecision:
     alternatives: tuple[tuple[str, float], ...]  # the top valid codes with their posteriors
     accepted: bool
     reason: Reason | None
-    threshold: float = 1.0  # the chute posterior this read needed to be sorted
+    threshold: float  # the chute posterior this read needed to be sorted
 
 
 def floored(probabilities: np.ndarray) -> np.ndarray:

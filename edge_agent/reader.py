@@ -318,7 +318,8 @@ def _remove_lines(binary: np.ndarray, stats: np.ndarray, digit_height: float,
         for _ in range(2):
             kept = cv2.bitwise_or(kept, cv2.bitwise_and(cv2.dilate(kept, _RIM_KERNEL), margin))
     # The widened mask stays the line's for the crops (a restored pixel only keeps its stroke in
-    # one piece): given back to the crops too, the line's edge next to a digit came with it.
+    # one piece): given back to the crops too, the line's edge next to a digit came with it. Only
+    # pen ink darker than a lighter line leaves the mask, below.
     if ink is not None:
         kept, widened = _strokes_darker_than_the_line(ink, binary, removed, kept, widened)
     return kept, widened
