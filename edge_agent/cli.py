@@ -275,7 +275,7 @@ def _acceptance_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --sort-plan, as the agent's sort_plan.acceptance: 'spent' sets the chute bar "
                              "from the reads so far (strict until a quarter of --spent-window are known), "
                              "'per_item' holds every item to 1 - target, 'auto' spends only over a plan "
-                             "with at most half its codes valid (default %(default)s)")
+                             "with at most 10%% of its codes valid (default %(default)s)")
     parser.add_argument("--spent-window", type=int, default=2000)
 
 

@@ -199,12 +199,11 @@ class SortPlanConfig:
     # "per_item": every sorted item at least 1 - target sure. "spent": the target is a rate over
     # the sorted mail and the bar is set from the recent reads' chute posteriors
     # (decoder.MisdirectBudget: 0.99 <= bar <= 1 - target, strict until a quarter of the window is
-    # known). "spent" sorts about 6 points more: on fresh validation envelopes 90.3% at 8,000
-    # codes (99.958% precision), 83.1% at 30,000 (99.932%; 76.7% per item), 78.5% at 50,000
-    # (99.958%; 72.5% per item) (docs/MODELS.md, section 13). "auto" (the default): "spent" while
-    # the plan's valid codes are at most half the codes of their length
-    # (decoder.SPENT_PLAN_SHARE_LIMIT, the densest plan measured), "per_item" above; decided
-    # again on every plan reload.
+    # known). "spent" sorts about 6 points more. At 8,000 codes it held 99.94-100% precision on
+    # validation and t10k envelopes (86.9% sorted against 80.8%); at 30,000 codes two validation
+    # seeds fell to 99.87% and t10k to 99.73% (4 of 1,480) (docs/MODELS.md, section 8). "auto"
+    # (the default): "spent" while the plan's valid codes are at most 10% of the codes of their
+    # length (decoder.SPARSE_PLAN_SHARE), "per_item" above; decided again on every plan reload.
     acceptance: str = "auto"
     spent_window: int = 2000  # recent reads the spent bar is set from
 

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from edge_agent.decision import decide_with_budget, decide_with_plan
-from edge_agent.decoder import (PROBABILITY_FLOOR, SPENT_PLAN_SHARE_LIMIT, DecodePolicy, MisdirectBudget, decode, floored,
+from edge_agent.decoder import (PROBABILITY_FLOOR, SPARSE_PLAN_SHARE, DecodePolicy, MisdirectBudget, decode, floored,
                                 misdirect_budget, posterior, spent_threshold)
 from edge_agent.sortplan import SortPlanError, parse_sort_plan
 from edge_agent.types import Reason
@@ -356,26 +356,21 @@ def test_a_plans_valid_share_counts_its_codes_and_the_codes_under_its_prefixes()
     assert mixed.valid_share == pytest.approx(1001 / 100_000)  # the larger share: 75xxx and 01234 of five digits
 
 
-def test_auto_acceptance_spends_up_to_half_the_codes_valid_and_holds_denser_plans_per_item():
+def test_auto_acceptance_spends_only_over_a_sparse_plan():
     auto = misdirect_budget("auto", 1e-3, 2000)
-    assert auto.plan_share_limit == SPENT_PLAN_SHARE_LIMIT == 0.5
-    assert misdirect_budget("spent", 1e-3, 2000).plan_share_limit is None
+    assert auto.sparse_plans_only and not misdirect_budget("spent", 1e-3, 2000).sparse_plans_only
     sparse = plan_of("12,A\n13,A\n45,B\n")  # 3% of the two-digit codes
-    thirty = plan_of("1*,A\n2*,B\n3*,C\n")  # 30%: measured, spent
-    dense = plan_of("".join(f"{d}*,R{d}\n" for d in range(6)))  # 60%: above anything measured
-    assert auto.spends_on(sparse) and auto.spends_on(thirty) and not auto.spends_on(dense)
+    dense = plan_of("1*,A\n2*,B\n3*,C\n")  # 30%
+    assert auto.spends_on(sparse) and not auto.spends_on(dense)
     assert misdirect_budget("spent", 1e-3, 2000).spends_on(dense)
-    edge = plan_of("".join(f"{n:02d},A\n" for n in range(50)))  # exactly SPENT_PLAN_SHARE_LIMIT
-    assert edge.valid_share == pytest.approx(SPENT_PLAN_SHARE_LIMIT) and auto.spends_on(edge)
-    over = plan_of("".join(f"{n:02d},A\n" for n in range(51)))
-    assert not auto.spends_on(over)
+    edge = plan_of("".join(f"{n:02d},A\n" for n in range(10)))  # exactly SPARSE_PLAN_SHARE
+    assert edge.valid_share == pytest.approx(SPARSE_PLAN_SHARE) and auto.spends_on(edge)
 
 
 def test_under_auto_a_dense_plans_reads_are_held_to_the_strict_bar_and_never_feed_the_budget():
     read = probs({1: 0.999}, {2: 0.5, 3: 0.497})
-    dense = plan_of("".join(f"{d}*,R{d}\n" for d in range(1, 7)))  # 60% of the two-digit codes
-    for plan, spends in ((plan_of("12,A\n13,A\n45,B\n"), True), (dense, False)):
-        budget = MisdirectBudget(1e-3, window=100, min_reads=0, plan_share_limit=SPENT_PLAN_SHARE_LIMIT)
+    for plan, spends in ((plan_of("12,A\n13,A\n45,B\n"), True), (plan_of("1*,A\n2*,B\n3*,C\n"), False)):
+        budget = MisdirectBudget(1e-3, window=100, min_reads=0, sparse_plans_only=True)
         budget._bar = 0.99  # as if the recent reads had loosened it
         decision = decide_with_budget(np.array([1, 2]), read, (2,), plan, DecodePolicy(1e-3), budget)
         assert decision.chute_threshold == pytest.approx(0.99 if spends else 0.999)

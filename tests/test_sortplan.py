@@ -147,7 +147,7 @@ def test_hot_reload_while_triggers_flow(tmp_path, mqtt_broker, camera):
 
 
 def _agent_on_a_sparse_plan(tmp_path: Path, port: int, camera) -> tuple[Path, list[str], dict]:
-    """A plan listing the camera's postcodes, all to chute A (far under half the five-digit
+    """A plan listing the camera's postcodes, all to chute A (far under 10% of the five-digit
     codes: "auto" spends the target over it); its path, the codes and an agent table using it."""
     folder, truth = camera
     codes = sorted(set(truth.values()))
@@ -158,7 +158,7 @@ def _agent_on_a_sparse_plan(tmp_path: Path, port: int, camera) -> tuple[Path, li
 
 def test_auto_acceptance_spends_the_target_over_a_sparse_plan_and_holds_a_dense_one_per_item(
         tmp_path, mqtt_broker, camera):
-    """The default sort_plan.acceptance, "auto": a plan with a few codes (far under half the
+    """The default sort_plan.acceptance, "auto": a plan with a few codes (far under 10% of the
     five-digit codes) is decided on the spent bar; reloaded as region prefixes covering every code,
     the same agent holds every item to the strict bar, and says so in its health and plan events."""
     plan_path, codes, table = _agent_on_a_sparse_plan(tmp_path, mqtt_broker.port, camera)
