@@ -204,7 +204,7 @@ def _line(row: dict) -> str:
     rule = row["rule"] + (f"@{row['spent_share']:g}" if "spent_share" in row else "")
     return (f"{row['directory']:>6} codes  {row['bundle']:<12} {rule:<9} target {target:<6} auto-sorted "
             f"{row['auto_sort_rate']:6.1%} (valid mail {row['auto_sort_rate_valid_mail']:6.1%})  precision {row['precision']:8.3%}  misdirects {row['misdirects']:>3} "
-            f"(95% up to {high:.3%})  invalid accepted {row['invalid_accepted']}/{row['invalid_envelopes']}  "
+            f"(95% up to {high:.3%}; posteriors expect {row['misdirects_expected']:.2f})  invalid accepted {row['invalid_accepted']}/{row['invalid_envelopes']}  "
             f"cost/1000 {row['cost_per_1000']:.2f}")
 
 

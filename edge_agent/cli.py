@@ -255,6 +255,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"envelopes {report['envelopes']}  model {model.version}  decided by {report['decided_by']}")
         print(f"auto-sorted {report['auto_sort_rate']:.1%}  misdirected {report['misdirects']} "
               f"({report['misdirect_rate']:.3%}, 95% {low:.3%}-{high:.3%})  precision {report['precision']:.3%}")
+        print(f"misdirects the accepted reads' posteriors expect: {report['misdirects_expected']:.2f} "
+              f"(as many as observed or more by chance: {report['misdirects_by_chance']:.1%})")
         print("review: " + (", ".join(f"{k} {v}" for k, v in report["reviews_by_reason"].items()) or "none"))
         if plan:
             print(f"mail to postcodes not in the plan: {report['invalid_envelopes']}, "

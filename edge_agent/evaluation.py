@@ -40,6 +40,27 @@ def wilson_interval(errors: int, n: int, z: float = 1.96) -> tuple[float, float]
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def poisson_at_least(observed: int, expected: float) -> float:
+    """P(X >= observed) for X ~ Poisson(expected): how often chance alone gives that many or more."""
+    if observed <= 0:
+        return 1.0
+    if expected <= 0.0:
+        return 0.0
+    term = math.exp(-expected)  # P(X = 0)
+    below = term
+    for k in range(1, observed):
+        term *= expected / k
+        below += term
+    return max(0.0, 1.0 - below)
+
+
+def claimed_wrong(decision: Decision) -> float:
+    """The chance the decision itself gives that an accepted envelope goes wrong: 1 - the chute's
+    posterior with a plan, 1 - the product of the digits' confidences without one."""
+    sure = decision.chute_confidence if decision.chute_confidence is not None else decision.confidence
+    return min(1.0, max(0.0, 1.0 - float(sure)))
+
+
 def is_misdirect(decision: Decision, truth: str, plan: SortPlan | None) -> bool:
     """An accepted decision that sends the envelope anywhere but its true postcode's chute."""
     if not decision.accepted:
@@ -61,6 +82,10 @@ def score(decisions: list[Decision], truths: list[str], plan: SortPlan | None, c
     invalid_truths = [i for i, t in enumerate(truths) if plan is not None and plan.chute_for(t) is None]
     exact_reads = sum(d.postcode == t for d, t in zip(decisions, truths))
     low, high = wilson_interval(misdirects, accepted)
+    # The accepted reads' own posteriors promise this many misdirects. A spent bar (and the
+    # target itself) rests on that promise: more observed than chance allows means the posteriors
+    # are too sure for this mail (new writers, another camera), and the bar should not be spent.
+    expected = sum(claimed_wrong(d) for d in decisions if d.accepted)
     per_item = ((n - accepted) * cost.review_cost + misdirects * cost.misdirect_cost) / max(n, 1)
     return {
         "envelopes": n,
@@ -70,6 +95,8 @@ def score(decisions: list[Decision], truths: list[str], plan: SortPlan | None, c
         "misdirect_rate": misdirects / max(accepted, 1),
         "misdirect_rate_95": [low, high],
         "precision": 1 - misdirects / max(accepted, 1),
+        "misdirects_expected": round(expected, 3),
+        "misdirects_by_chance": round(poisson_at_least(misdirects, expected), 6),
         "review_rate": (n - accepted) / max(n, 1),
         "reviews_by_reason": dict(sorted(reviews.items())),
         "postcode_exact_rate": exact_reads / max(n, 1),

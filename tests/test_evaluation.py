@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from edge_agent.decision import SORT_PLAN, Decision
-from edge_agent.evaluation import CostModel, score, wilson_interval
+from edge_agent.evaluation import CostModel, claimed_wrong, poisson_at_least, score, wilson_interval
 from edge_agent.render import load_demo_digits, render_postcode_frame
 from edge_agent.sortplan import parse_sort_plan
 from edge_agent.types import Reason
@@ -49,6 +49,31 @@ def test_scoring_by_hand():
 def test_without_a_plan_only_the_exact_postcode_counts():
     report = score([accepted("12346"), accepted("12345")], ["12345", "12345"], None, CostModel())
     assert report["misdirects"] == 1 and report["invalid_envelopes"] == 0
+
+
+def test_the_misdirects_the_posteriors_expect_against_those_observed():
+    """What the accepted reads' own posteriors promise (the chute's with a plan, the digits'
+    product without), and how often chance alone gives as many misdirects as were observed."""
+    sure = Decision("12345", True, 0.5, (), None, decided_by=SORT_PLAN, chute="A", chute_confidence=0.999)
+    doubtful = Decision("55555", True, 0.5, (), None, decided_by=SORT_PLAN, chute="B", chute_confidence=0.99)
+    no_plan = Decision("12345", True, 0.98, (), None)
+    reviewed = Decision("12346", False, 0.2, (), Reason.AMBIGUOUS, decided_by=SORT_PLAN, chute="A",
+                        chute_confidence=0.6)
+    assert claimed_wrong(sure) == pytest.approx(0.001) and claimed_wrong(no_plan) == pytest.approx(0.02)
+    report = score([sure, doubtful, reviewed], ["12345", "55555", "12346"], PLAN, CostModel())
+    assert report["misdirects"] == 0 and report["misdirects_expected"] == pytest.approx(0.011)  # reviews promise nothing
+    assert report["misdirects_by_chance"] == 1.0
+    report = score([sure, doubtful], ["12345", "12345"], PLAN, CostModel())  # the second went to B
+    assert report["misdirects"] == 1
+    assert report["misdirects_by_chance"] == pytest.approx(1 - np.exp(-0.011), abs=1e-6)
+
+
+def test_poisson_tail_by_hand():
+    assert poisson_at_least(0, 3.0) == 1.0 and poisson_at_least(1, 0.0) == 0.0
+    assert poisson_at_least(2, 0.6) == pytest.approx(1 - np.exp(-0.6) * 1.6)
+    assert poisson_at_least(3, 1.0) == pytest.approx(1 - np.exp(-1.0) * 2.5)
+    tails = [poisson_at_least(k, 2.0) for k in range(8)]
+    assert all(a > b for a, b in zip(tails, tails[1:]))  # more observed: less likely by chance
 
 
 def test_wilson_interval():
