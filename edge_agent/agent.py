@@ -24,6 +24,7 @@ from edge_agent.binding import (FRAME_DROPPED, FrameWindow, SurgeGuard, bind_fra
 from edge_agent import chute_bar
 from edge_agent.bundle import BundleError
 from edge_agent.config import AgentConfig, mqtt_password, security_warnings
+from edge_agent.decision import chance_wrong
 from edge_agent.endpoints import EndpointServer, make_app
 from edge_agent.grabber import BindingView, FrameGrabber
 from edge_agent.liveness import Heartbeats, verdict
@@ -511,7 +512,8 @@ class Agent:
     def _after_store(self, answer: _Answer) -> None:
         result = answer.result
         reason = result.reason.value if result.reason is not None else None
-        self.metrics.count_answer(result.accepted, reason)
+        self.metrics.count_answer(result.accepted, reason,
+                                  chance_wrong(result.extra.get("chute_confidence"), result.confidence))
         now = self.clock.monotonic()
         self._last_answer_at = now
         self._rates.add(now, result.accepted, reason)

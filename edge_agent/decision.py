@@ -40,6 +40,13 @@ class Decision:
                 "sort_plan": self.plan}
 
 
+def chance_wrong(chute_confidence: float | None, confidence: float) -> float:
+    """The chance an accepted answer itself gives that it goes wrong: 1 - its chute's posterior
+    with a plan, 1 - the product of its digits' confidences without one."""
+    sure = chute_confidence if chute_confidence is not None else confidence
+    return min(1.0, max(0.0, 1.0 - float(sure)))
+
+
 # A mark under this share of its row's median height is as often a piece of a digit (the stem
 # of a 7 whose bar broke off, half of a 4) as a small digit: on 4,000 validation envelopes, 10
 # of the 22 such marks were read wrong, most as a "1" at full confidence, against 1.7% of all

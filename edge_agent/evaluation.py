@@ -12,7 +12,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
-from edge_agent.decision import Decision
+from edge_agent.decision import Decision, chance_wrong
 from edge_agent.sortplan import SortPlan
 
 
@@ -54,13 +54,6 @@ def poisson_at_least(observed: int, expected: float) -> float:
     return max(0.0, 1.0 - below)
 
 
-def claimed_wrong(decision: Decision) -> float:
-    """The chance the decision itself gives that an accepted envelope goes wrong: 1 - the chute's
-    posterior with a plan, 1 - the product of the digits' confidences without one."""
-    sure = decision.chute_confidence if decision.chute_confidence is not None else decision.confidence
-    return min(1.0, max(0.0, 1.0 - float(sure)))
-
-
 def is_misdirect(decision: Decision, truth: str, plan: SortPlan | None) -> bool:
     """An accepted decision that sends the envelope anywhere but its true postcode's chute."""
     if not decision.accepted:
@@ -85,7 +78,7 @@ def score(decisions: list[Decision], truths: list[str], plan: SortPlan | None, c
     # The accepted reads' own posteriors promise this many misdirects. A spent bar (and the
     # target itself) rests on that promise: more observed than chance allows means the posteriors
     # are too sure for this mail (new writers, another camera), and the bar should not be spent.
-    expected = sum(claimed_wrong(d) for d in decisions if d.accepted)
+    expected = sum(chance_wrong(d.chute_confidence, d.confidence) for d in decisions if d.accepted)
     per_item = ((n - accepted) * cost.review_cost + misdirects * cost.misdirect_cost) / max(n, 1)
     return {
         "envelopes": n,

@@ -46,6 +46,12 @@ class AgentMetrics:
         self.answers = Counter("postcode_answers", "Answers stored, by outcome (accepted or review)",
                                ["outcome"], registry=r)
         self.reviews = Counter("postcode_reviews", "Answers sent to review, by reason", ["reason"], registry=r)
+        # What the sorted answers' own posteriors say about how many of them go wrong: set it
+        # beside the misdirects the sorting office finds. Far more found means the posteriors are
+        # too sure for this site's mail, and a spent bar should not be spent (docs/OPERATIONS.md).
+        self.misdirects_expected = Counter(
+            "postcode_misdirects_expected", "Misdirects the accepted answers' posteriors expect: the sum of "
+            "1 - the chute's posterior (without a plan, 1 - the digits' product)", registry=r)
         self.errors = Counter("postcode_errors", "Errors by kind (read_failed, store_failed, bad_frame, ...)",
                               ["kind"], registry=r)
         self.stage_seconds = Histogram("postcode_stage_seconds", "Time spent in each stage of the read path",
@@ -66,8 +72,11 @@ class AgentMetrics:
     def count_trigger(self, source: str) -> None:
         self._labelled(self.triggers, source).inc()
 
-    def count_answer(self, accepted: bool, reason: str | None) -> None:
+    def count_answer(self, accepted: bool, reason: str | None, chance_wrong: float = 0.0) -> None:
+        """One stored answer; ``chance_wrong`` is what an accepted one's posterior gives for its going wrong."""
         self._labelled(self.answers, "accepted" if accepted else "review").inc()
+        if accepted:
+            self.misdirects_expected.inc(chance_wrong)
         if reason is not None:
             self._labelled(self.reviews, reason).inc()
 

@@ -72,6 +72,12 @@ def test_metrics_parse_with_prometheus_own_parser_and_carry_every_stage(served):
     link = {s.labels["kind"]: s.value for s in families["postcode_mqtt_messages"].samples if s.name.endswith("_total")}
     assert link["acked"] >= 5 and link["published"] >= link["acked"] and link["resent"] == link["disconnects"] == 0
     assert "postcode_outbox_pending" in families and "postcode_camera_state" in families
+    # What the accepted answers' own posteriors expect to go wrong: 1 - the digits' product each
+    # (no plan here), summed over the answers sent to the sorter.
+    answers = {s.labels["outcome"]: s.value for s in families["postcode_answers"].samples if s.name.endswith("_total")}
+    [expected] = [s.value for s in families["postcode_misdirects_expected"].samples if s.name.endswith("_total")]
+    assert 0.0 <= expected <= answers["accepted"] * (1 - agent.agent.reader.model.manifest.acceptance_threshold ** 5)
+    assert (expected > 0) == (answers["accepted"] > 0)
     [info] = families["postcode_model_info"].samples
     assert info.labels["version"] == agent.agent.reader.model.version
     # Which stage uses the core, per thread role; the reader read five frames.

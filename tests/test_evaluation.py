@@ -11,8 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent.decision import SORT_PLAN, Decision
-from edge_agent.evaluation import CostModel, claimed_wrong, poisson_at_least, score, wilson_interval
+from edge_agent.decision import SORT_PLAN, Decision, chance_wrong
+from edge_agent.evaluation import CostModel, poisson_at_least, score, wilson_interval
 from edge_agent.render import load_demo_digits, render_postcode_frame
 from edge_agent.sortplan import parse_sort_plan
 from edge_agent.types import Reason
@@ -59,7 +59,8 @@ def test_the_misdirects_the_posteriors_expect_against_those_observed():
     no_plan = Decision("12345", True, 0.98, (), None)
     reviewed = Decision("12346", False, 0.2, (), Reason.AMBIGUOUS, decided_by=SORT_PLAN, chute="A",
                         chute_confidence=0.6)
-    assert claimed_wrong(sure) == pytest.approx(0.001) and claimed_wrong(no_plan) == pytest.approx(0.02)
+    assert chance_wrong(sure.chute_confidence, sure.confidence) == pytest.approx(0.001)
+    assert chance_wrong(no_plan.chute_confidence, no_plan.confidence) == pytest.approx(0.02)
     report = score([sure, doubtful, reviewed], ["12345", "55555", "12346"], PLAN, CostModel())
     assert report["misdirects"] == 0 and report["misdirects_expected"] == pytest.approx(0.011)  # reviews promise nothing
     assert report["misdirects_by_chance"] == 1.0
