@@ -276,6 +276,21 @@ def _printed_verticals(opened: np.ndarray, digit_height: float) -> np.ndarray:
     return keep[labels]
 
 
+# A box's sides are found with a vertical kernel this share of the box's height (the edges' rows
+# and their blur take the rest).
+ENCLOSURE_SIDE = 0.8
+# Horizontal line ink within this share of a component's height from its top and from its
+# bottom: the component is a box (or holds one) with both edges.
+ENCLOSURE_EDGE_BAND = 0.15
+
+
+def _top_and_bottom_edges(horizontal_lines: np.ndarray) -> bool:
+    """Whether a component's horizontal lines (its box-sized mask) run along both its top and its bottom."""
+    h = horizontal_lines.shape[0]
+    band = max(1, int(math.ceil(ENCLOSURE_EDGE_BAND * h)))
+    return h >= 3 and cv2.hasNonZero(horizontal_lines[:band]) and cv2.hasNonZero(horizontal_lines[h - band:])
+
+
 def _remove_lines(binary: np.ndarray, stats: np.ndarray, digit_height: float,
                   ink: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Remove straight printed lines: horizontal ones longer than two digits, vertical ones taller than a digit.
@@ -292,13 +307,22 @@ def _remove_lines(binary: np.ndarray, stats: np.ndarray, digit_height: float,
     # Only components at least one line long need the opening (checked in bulk: most are short).
     candidates = np.flatnonzero((stats[:, 2] >= long_h) | (stats[:, 3] >= long_v))
     for x, y, w, h, _ in stats[candidates[candidates > 0]].tolist():
+        enclosed = False
         for length, horizontal in ((long_h, True), (long_v, False)):
+            if not horizontal and enclosed:
+                # A box whose top and bottom edges were just found: its sides are as tall as the
+                # box. Where the digits touch the box, box and digits are one component and the
+                # digit height was taken from it, so a digit's 1.2 would be longer than the sides
+                # and they stayed, to be read as a 1 at each end of the row.
+                length = min(length, max(15, int(ENCLOSURE_SIDE * h)))
             if (w if horizontal else h) < length:
                 continue
             roi = binary[y: y + h, x: x + w]
             size = (length, 1) if horizontal else (1, length)
             lines = cv2.morphologyEx(roi, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, size))
-            if not horizontal:
+            if horizontal:
+                enclosed = _top_and_bottom_edges(lines)
+            else:
                 lines = _printed_verticals(lines, digit_height)
                 vertical[y: y + h, x: x + w] |= lines
             removed[y: y + h, x: x + w] |= lines

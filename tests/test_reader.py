@@ -639,3 +639,39 @@ def test_a_2_whose_foot_lies_along_a_lighter_ruled_line_is_read_as_a_2(model, de
     cls = model.classifier.classify(located.digits)
     assert "".join(map(str, cls.labels)) == sample.postcode == "46382"
     assert cls.probabilities[4].max() >= 0.99
+
+
+def test_the_sides_of_a_box_its_digits_touch_are_removed_with_its_edges():
+    """Digits touching their box make one component with it, and the digit height taken from
+    that component is the box's: a digit's 1.2 of it is longer than the box's sides, which then
+    stayed and were read as a 1 at each end of the row. A component whose top and bottom edges
+    are lines is a box: its sides are looked for at its own height."""
+    from edge_agent.reader import _remove_lines
+    import cv2
+
+    binary = np.zeros((90, 300), np.uint8)
+    cv2.rectangle(binary, (10, 10), (280, 75), 1, 2)  # the box: 66 px tall
+    for x in (40, 90, 140, 190, 235):  # five digits' stems, touching the box's bottom edge
+        cv2.line(binary, (x, 30), (x + 6, 74), 1, 3)
+    _n, labels, stats, _c = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    box = int(labels[10, 100])
+    assert box == int(labels[60, 40 + 5])  # box and digits are one component
+    digit_height = float(stats[box, 3])  # the estimate such a component gives
+    kept, lines = _remove_lines(binary, stats, digit_height)
+    assert not kept[15:70, 9:13].any() and not kept[15:70, 278:282].any()  # both sides gone
+    assert kept[35:70, 38:50].any() and kept[35:70, 233:245].any()  # the digits stay
+    # Without the top and bottom edges it is no box: its ends are not taken for sides.
+    open_top = binary.copy()
+    open_top[8:13, :] = 0
+    _n, labels, stats, _c = cv2.connectedComponentsWithStats(open_top, connectivity=8)
+    kept, _lines = _remove_lines(open_top, stats, digit_height)
+    assert kept[40:70, 9:13].any()
+
+
+def test_a_box_touched_by_its_digits_is_not_read_as_two_ones(model, demo):
+    """A frame of the bundled digits whose box's sides were read as a 1 before the code
+    (72769 as 172769): the box's height set the digit height, too long for its sides."""
+    sample = render_postcode_samples(demo, 200, np.random.default_rng(8), length=5)[67]
+    located = locate_digits(sample.frame, ReaderConfig(expected_lengths=(5,)))
+    cls = model.classifier.classify(located.digits)
+    assert "".join(map(str, cls.labels)) == sample.postcode == "72769"
