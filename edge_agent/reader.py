@@ -786,6 +786,76 @@ def _digit_crop(mark: _Mark, seg: _Segmentation, ink: np.ndarray, threshold: int
     return _stretched(ink[mark.y: mark.y1, mark.x: mark.x1], mask, rim, threshold)
 
 
+# A mark whose ink peaks below this share of its row's (the median of the marks' peaks) is a
+# digit written fainter than the rest: cut at the frame's threshold, its thin strokes fell under
+# the weak level and only part of it was kept (an 8 half as dark as its row kept its right half
+# and read as a 3).
+FAINT_MARK_SHARE = 0.6
+
+
+def _ink_peak(mark: _Mark, seg: _Segmentation, ink: np.ndarray) -> float:
+    """The 75th percentile of the ink under a mark's own pixels."""
+    pixels = ink[mark.y: mark.y1, mark.x: mark.x1]
+    counts = cv2.calcHist([pixels], [0], _mark_mask(mark, seg).view(np.uint8), [256], [0, 256]).ravel()
+    return _percentile_of_counts(counts, 75) if counts.any() else 0.0
+
+
+def _mark_thresholds(marks: list[_Mark], seg: _Segmentation, ink: np.ndarray, threshold: int,
+                     lowest: int) -> list[int]:
+    """Per mark, the threshold to cut it at: the frame's, or for a faint mark the frame's scaled
+    by its ink against its row's (never below ``lowest``, the contrast that separates ink from
+    paper grain)."""
+    peaks = [_ink_peak(m, seg, ink) for m in marks]
+    row_peak = _median(peaks)
+    return [max(lowest, int(threshold * peak / row_peak))
+            if row_peak > 0 and peak < FAINT_MARK_SHARE * row_peak and not m.x_cut else threshold
+            for m, peak in zip(marks, peaks)]
+
+
+def _faint_crop(index: int, marks: list[_Mark], seg: _Segmentation, ink: np.ndarray, threshold: int,
+                to_ink: np.ndarray | None = None) -> np.ndarray:
+    """A faint mark cut again at its own ``threshold``: the ink around it above that level's weak
+    half, joined to the mark's own pixels, not another mark's or a printed line's. ``to_ink``
+    given, the marks were found on the half-size band and the ink is the full-size image, as
+    for ``_full_size_crop``."""
+    mark = marks[index]
+    row_h = _row_height(marks)
+    height, width = seg.labels.shape
+    # Its lost strokes lie beside and around what was kept, never past the next mark.
+    left = marks[index - 1].x1 if index > 0 else 0
+    right = marks[index + 1].x if index + 1 < len(marks) else width
+    x0, x1 = max(left, mark.x - int(0.4 * row_h)), min(right, mark.x1 + int(0.4 * row_h))
+    y0, y1 = max(0, mark.y - int(0.15 * row_h)), min(height, mark.y1 + int(0.15 * row_h))
+    labels = seg.labels[y0:y1, x0:x1]
+    own = np.zeros(labels.shape, np.uint8)
+    for label in mark.labels:
+        own[labels == label] = 1
+    foreign = np.zeros(labels.shape, np.uint8)
+    for other in marks[:index] + marks[index + 1:]:
+        for label in other.labels:
+            foreign[labels == label] = 1
+    if seg.has_lines:
+        foreign |= seg.lines[y0:y1, x0:x1]
+    if to_ink is None:
+        pixels = ink[y0:y1, x0:x1]
+    else:
+        pixels = _full_size_pixels(ink, to_ink, x0, y0, x1 - x0, y1 - y0)
+        size = (pixels.shape[1], pixels.shape[0])
+        own = cv2.resize(own, size, interpolation=cv2.INTER_NEAREST)
+        foreign = cv2.dilate(cv2.resize(foreign, size, interpolation=cv2.INTER_NEAREST), _RIM_KERNEL)
+    own_ink = own.view(bool) & (pixels > threshold // 2)
+    weak = ((pixels > threshold // 2) & (foreign == 0)) | own_ink
+    _n, parts = cv2.connectedComponents(weak.view(np.uint8), connectivity=8)
+    joined = np.unique(parts[own_ink])
+    mask = np.isin(parts, joined[joined > 0])
+    bx, by, bw, bh = cv2.boundingRect(mask.view(np.uint8))
+    if bw == 0:
+        return np.zeros(pixels.shape, np.float32)
+    mask, pixels = mask[by: by + bh, bx: bx + bw], pixels[by: by + bh, bx: bx + bw]
+    rim = cv2.dilate(mask.view(np.uint8), _RIM_KERNEL).view(bool) & (foreign[by: by + bh, bx: bx + bw] == 0)
+    return _stretched(pixels, mask, rim, threshold)
+
+
 def _stretched(pixels: np.ndarray, mask: np.ndarray, rim: np.ndarray, threshold: int) -> np.ndarray:
     """A mark's ink inside its rim, contrast-stretched to 0..1 from its core (``mask``), strokes normalised."""
     inside = np.multiply(pixels, rim, dtype=np.uint8)
@@ -809,15 +879,9 @@ def _stretched(pixels: np.ndarray, mask: np.ndarray, rim: np.ndarray, threshold:
     return _normalise_stroke(cv2.LUT(inside, stretch))
 
 
-def _full_size_crop(mark: _Mark, seg: _Segmentation, ink: np.ndarray, to_ink: np.ndarray,
-                    threshold: int) -> np.ndarray:
-    """``_digit_crop`` of a mark found on the half-size band, cut from the full-size ink image.
-
-    ``to_ink`` maps half-size band pixels to full-size ink pixels. The mark's pixels are the
-    full-size ink above the weak level within a pixel of its half-size mask: the grey levels
-    and the stroke edges are the full-size ones, as when the band was read at full size.
-    """
-    x, y, w, h = 2 * mark.x, 2 * mark.y, 2 * mark.w, 2 * mark.h
+def _full_size_pixels(ink: np.ndarray, to_ink: np.ndarray, x: int, y: int, w: int, h: int) -> np.ndarray:
+    """The full-size ink under the half-size band box (x, y, w, h): (2h, 2w) pixels."""
+    x, y, w, h = 2 * x, 2 * y, 2 * w, 2 * h
     # Full-size band pixel q -> ink pixel A q + 2 t (the half-size map A q/2 + t, doubled); the
     # crop's pixel (u, v) is band pixel (x + u, y + v).
     (a, b, tx), (c, d, ty) = to_ink.tolist()
@@ -828,9 +892,21 @@ def _full_size_crop(mark: _Mark, seg: _Segmentation, ink: np.ndarray, to_ink: np
         pixels = np.zeros((h, w), np.uint8)
         src = ink[max(0, iy): iy + h, max(0, ix): ix + w]
         pixels[max(0, -iy): max(0, -iy) + src.shape[0], max(0, -ix): max(0, -ix) + src.shape[1]] = src
-    else:
-        pixels = cv2.warpAffine(ink, region, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        return pixels
+    return cv2.warpAffine(ink, region, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def _full_size_crop(mark: _Mark, seg: _Segmentation, ink: np.ndarray, to_ink: np.ndarray,
+                    threshold: int) -> np.ndarray:
+    """``_digit_crop`` of a mark found on the half-size band, cut from the full-size ink image.
+
+    ``to_ink`` maps half-size band pixels to full-size ink pixels. The mark's pixels are the
+    full-size ink above the weak level within a pixel of its half-size mask: the grey levels
+    and the stroke edges are the full-size ones, as when the band was read at full size.
+    """
+    w, h = 2 * mark.w, 2 * mark.h
+    pixels = _full_size_pixels(ink, to_ink, mark.x, mark.y, mark.w, mark.h)
     near = cv2.dilate(cv2.resize(_mark_mask(mark, seg).view(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST),
                       _RIM_KERNEL)
     mask = (pixels > threshold // 2) & near.view(bool)
@@ -1131,10 +1207,16 @@ def locate_digits(image: np.ndarray, config: ReaderConfig = ReaderConfig()) -> L
     if not marks:  # every mark was a sliver of a printed line or a speck
         return _empty("no digit-sized marks left after removing slivers", inverted)
 
+    # A digit written much fainter than its row is cut again at a threshold of its own.
+    cut_at = _mark_thresholds(marks, seg, work, threshold, int(config.min_contrast * 255))
     if from_half is not None:  # marks found at half size, digits cut at full size
-        digits = np.stack([mnist_normalise(_full_size_crop(m, seg, ink, from_half, threshold)) for m in marks])
+        digits = np.stack([mnist_normalise(_full_size_crop(m, seg, ink, from_half, threshold) if t == threshold
+                                           else _faint_crop(k, marks, seg, ink, t, from_half))
+                           for k, (m, t) in enumerate(zip(marks, cut_at))])
     else:
-        digits = np.stack([mnist_normalise(_digit_crop(m, seg, work, threshold)) for m in marks])
+        digits = np.stack([mnist_normalise(_digit_crop(m, seg, work, threshold) if t == threshold
+                                           else _faint_crop(k, marks, seg, work, t))
+                           for k, (m, t) in enumerate(zip(marks, cut_at))])
     boxes = tuple(_frame_box(m, inverse, origin, scale) for m in marks)
     log.debug("located %d digits (inverted=%s, angle=%.1f)", len(marks), inverted, angle)
     return LocatedDigits(digits, boxes, inverted, "", tuple(m.repair for m in marks), scale,

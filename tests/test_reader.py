@@ -675,3 +675,34 @@ def test_a_box_touched_by_its_digits_is_not_read_as_two_ones(model, demo):
     located = locate_digits(sample.frame, ReaderConfig(expected_lengths=(5,)))
     cls = model.classifier.classify(located.digits)
     assert "".join(map(str, cls.labels)) == sample.postcode == "72769"
+
+
+def test_a_mark_much_fainter_than_its_row_is_cut_at_a_threshold_of_its_own():
+    """A digit written half as dark as its row: at the frame's threshold its thin strokes fell
+    under the weak level and only part of it was cut (an 8 kept its right half and read as a 3).
+    Its threshold is the frame's scaled by its ink against the row's; its crop then takes the
+    strokes joined to what was kept, and not a neighbour's."""
+    from edge_agent.reader import _digit_crop, _faint_crop, _Mark, _mark_thresholds, _Segmentation
+    import cv2
+
+    ink = np.zeros((80, 200), np.uint8)
+    cv2.line(ink, (20, 15), (20, 65), 200, 5)  # a bold 1
+    cv2.line(ink, (170, 15), (170, 65), 200, 5)  # another
+    cv2.line(ink, (109, 40), (120, 40), 45, 2)  # a faint tick joining it to the 1 beside it
+    cv2.ellipse(ink, (95, 40), (14, 24), 0, 0, 360, 45, 2)  # a faint 0, its left side thin and light
+    cv2.ellipse(ink, (95, 40), (14, 24), 0, -80, 80, 95, 4)  # its right side a little darker
+    cv2.line(ink, (122, 15), (122, 65), 200, 5)  # a bold 1 just beside it
+    kept = (ink > 79).astype(np.uint8)  # the frame's threshold keeps the 0's right side only
+    _n, labels, stats, _c = cv2.connectedComponentsWithStats(kept, connectivity=8)
+    marks = [_Mark(*(int(v) for v in stats[labels[y, x]][:4]), (int(labels[y, x]),), int(stats[labels[y, x]][4]))
+             for x, y in ((20, 40), (109, 40), (122, 40), (170, 40))]
+    seg = _Segmentation(marks, labels, kept, np.zeros_like(kept), stats, has_lines=False)
+    cut_at = _mark_thresholds(marks, seg, ink, 79, lowest=35)
+    assert cut_at[0] == cut_at[2] == cut_at[3] == 79 and 35 <= cut_at[1] < 50
+    before = _digit_crop(marks[1], seg, ink, 79)
+    after = _faint_crop(1, marks, seg, ink, cut_at[1])
+    assert before.shape[1] <= 20  # the right side alone
+    # The whole 0, both sides, and the tick up to the 1 beside it, not into it (that is the 1's).
+    assert 28 <= after.shape[1] <= marks[2].x - (95 - 15)
+    # Row marks as dark as each other keep the frame's threshold.
+    assert _mark_thresholds([marks[0], marks[3]], seg, ink, 79, lowest=35) == [79, 79]
