@@ -729,12 +729,17 @@ def _drop_slivers(marks: list[_Mark]) -> list[_Mark]:
             and not (m.h > 1.3 * row_h and m.w < 0.12 * m.h)]
 
 
+def _label_mask(region: np.ndarray, labels: tuple[int, ...] | list[int]) -> np.ndarray:
+    """Boolean mask of the pixels of a label image ``region`` whose label is one of ``labels``."""
+    mask = np.zeros(region.shape, bool)
+    for label in labels:  # a handful at most: cheaper than np.isin's set machinery
+        mask |= region == label
+    return mask
+
+
 def _mark_mask(mark: _Mark, seg: _Segmentation) -> np.ndarray:
     """Boolean mask (mark box sized) of the pixels that belong to this mark's components."""
-    region = seg.labels[mark.y: mark.y1, mark.x: mark.x1]
-    mask = region == mark.labels[0]
-    for label in mark.labels[1:]:  # a handful at most: cheaper than np.isin's set machinery
-        mask |= region == label
+    mask = _label_mask(seg.labels[mark.y: mark.y1, mark.x: mark.x1], mark.labels)
     if mark.x_cut:
         mask[:, : max(0, mark.x_cut[0] - mark.x)] = False
         mask[:, max(0, mark.x_cut[1] - mark.x):] = False
@@ -776,9 +781,11 @@ def mnist_normalise(ink_crop: np.ndarray) -> np.ndarray:
     return out
 
 
-def _digit_crop(mark: _Mark, seg: _Segmentation, ink: np.ndarray, threshold: int) -> np.ndarray:
-    """The mark's ink (grey levels kept) with other marks masked out, contrast-stretched to 0..1."""
-    mask = _mark_mask(mark, seg)
+def _digit_crop(mark: _Mark, seg: _Segmentation, ink: np.ndarray, threshold: int,
+                mask: np.ndarray | None = None) -> np.ndarray:
+    """The mark's ink (grey levels kept) with other marks masked out, contrast-stretched to 0..1.
+    ``mask``: the mark's ``_mark_mask`` where the caller has it."""
+    mask = _mark_mask(mark, seg) if mask is None else mask
     # Keep the anti-aliased rim just below the threshold, which binarisation cut off.
     rim = cv2.dilate(mask.view(np.uint8), _RIM_KERNEL).view(bool)
     if seg.has_lines:
@@ -793,19 +800,19 @@ def _digit_crop(mark: _Mark, seg: _Segmentation, ink: np.ndarray, threshold: int
 FAINT_MARK_SHARE = 0.6
 
 
-def _ink_peak(mark: _Mark, seg: _Segmentation, ink: np.ndarray) -> float:
-    """The 75th percentile of the ink under a mark's own pixels."""
+def _ink_peak(mark: _Mark, mask: np.ndarray, ink: np.ndarray) -> float:
+    """The 75th percentile of the ink under a mark's own pixels (``mask``, its ``_mark_mask``)."""
     pixels = ink[mark.y: mark.y1, mark.x: mark.x1]
-    counts = cv2.calcHist([pixels], [0], _mark_mask(mark, seg).view(np.uint8), [256], [0, 256]).ravel()
+    counts = cv2.calcHist([pixels], [0], mask.view(np.uint8), [256], [0, 256]).ravel()
     return _percentile_of_counts(counts, 75) if counts.any() else 0.0
 
 
-def _mark_thresholds(marks: list[_Mark], seg: _Segmentation, ink: np.ndarray, threshold: int,
+def _mark_thresholds(marks: list[_Mark], masks: list[np.ndarray], ink: np.ndarray, threshold: int,
                      lowest: int) -> list[int]:
-    """Per mark, the threshold to cut it at: the frame's, or for a faint mark the frame's scaled
-    by its ink against its row's (never below ``lowest``, the contrast that separates ink from
-    paper grain)."""
-    peaks = [_ink_peak(m, seg, ink) for m in marks]
+    """Per mark (with its ``_mark_mask``), the threshold to cut it at: the frame's, or for a faint
+    mark the frame's scaled by its ink against its row's (never below ``lowest``, the contrast
+    that separates ink from paper grain)."""
+    peaks = [_ink_peak(m, mask, ink) for m, mask in zip(marks, masks)]
     row_peak = _median(peaks)
     return [max(lowest, int(threshold * peak / row_peak))
             if row_peak > 0 and peak < FAINT_MARK_SHARE * row_peak and not m.x_cut else threshold
@@ -827,13 +834,9 @@ def _faint_crop(index: int, marks: list[_Mark], seg: _Segmentation, ink: np.ndar
     x0, x1 = max(left, mark.x - int(0.4 * row_h)), min(right, mark.x1 + int(0.4 * row_h))
     y0, y1 = max(0, mark.y - int(0.15 * row_h)), min(height, mark.y1 + int(0.15 * row_h))
     labels = seg.labels[y0:y1, x0:x1]
-    own = np.zeros(labels.shape, np.uint8)
-    for label in mark.labels:
-        own[labels == label] = 1
-    foreign = np.zeros(labels.shape, np.uint8)
-    for other in marks[:index] + marks[index + 1:]:
-        for label in other.labels:
-            foreign[labels == label] = 1
+    own = _label_mask(labels, mark.labels).view(np.uint8)
+    foreign = _label_mask(labels, [label for other in marks[:index] + marks[index + 1:]
+                                   for label in other.labels]).view(np.uint8)
     if seg.has_lines:
         foreign |= seg.lines[y0:y1, x0:x1]
     if to_ink is None:
@@ -898,7 +901,7 @@ def _full_size_pixels(ink: np.ndarray, to_ink: np.ndarray, x: int, y: int, w: in
 
 
 def _full_size_crop(mark: _Mark, seg: _Segmentation, ink: np.ndarray, to_ink: np.ndarray,
-                    threshold: int) -> np.ndarray:
+                    threshold: int, mask: np.ndarray | None = None) -> np.ndarray:
     """``_digit_crop`` of a mark found on the half-size band, cut from the full-size ink image.
 
     ``to_ink`` maps half-size band pixels to full-size ink pixels. The mark's pixels are the
@@ -907,8 +910,8 @@ def _full_size_crop(mark: _Mark, seg: _Segmentation, ink: np.ndarray, to_ink: np
     """
     w, h = 2 * mark.w, 2 * mark.h
     pixels = _full_size_pixels(ink, to_ink, mark.x, mark.y, mark.w, mark.h)
-    near = cv2.dilate(cv2.resize(_mark_mask(mark, seg).view(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST),
-                      _RIM_KERNEL)
+    own = _mark_mask(mark, seg) if mask is None else mask  # the caller's, where it has it
+    near = cv2.dilate(cv2.resize(own.view(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST), _RIM_KERNEL)
     mask = (pixels > threshold // 2) & near.view(bool)
     # To the mark's own box, as a mark found at full size is cut: the box's edges bound the rim
     # and the stroke normalisation's erosion as they did there.
@@ -1208,15 +1211,16 @@ def locate_digits(image: np.ndarray, config: ReaderConfig = ReaderConfig()) -> L
         return _empty("no digit-sized marks left after removing slivers", inverted)
 
     # A digit written much fainter than its row is cut again at a threshold of its own.
-    cut_at = _mark_thresholds(marks, seg, work, threshold, int(config.min_contrast * 255))
+    masks = [_mark_mask(m, seg) for m in marks]  # once a mark: for its ink level and its crop
+    cut_at = _mark_thresholds(marks, masks, work, threshold, int(config.min_contrast * 255))
     if from_half is not None:  # marks found at half size, digits cut at full size
-        digits = np.stack([mnist_normalise(_full_size_crop(m, seg, ink, from_half, threshold) if t == threshold
+        digits = np.stack([mnist_normalise(_full_size_crop(m, seg, ink, from_half, threshold, mask) if t == threshold
                                            else _faint_crop(k, marks, seg, ink, t, from_half))
-                           for k, (m, t) in enumerate(zip(marks, cut_at))])
+                           for k, (m, mask, t) in enumerate(zip(marks, masks, cut_at))])
     else:
-        digits = np.stack([mnist_normalise(_digit_crop(m, seg, work, threshold) if t == threshold
+        digits = np.stack([mnist_normalise(_digit_crop(m, seg, work, threshold, mask) if t == threshold
                                            else _faint_crop(k, marks, seg, work, t))
-                           for k, (m, t) in enumerate(zip(marks, cut_at))])
+                           for k, (m, mask, t) in enumerate(zip(marks, masks, cut_at))])
     boxes = tuple(_frame_box(m, inverse, origin, scale) for m in marks)
     log.debug("located %d digits (inverted=%s, angle=%.1f)", len(marks), inverted, angle)
     return LocatedDigits(digits, boxes, inverted, "", tuple(m.repair for m in marks), scale,

@@ -682,7 +682,7 @@ def test_a_mark_much_fainter_than_its_row_is_cut_at_a_threshold_of_its_own():
     under the weak level and only part of it was cut (an 8 kept its right half and read as a 3).
     Its threshold is the frame's scaled by its ink against the row's; its crop then takes the
     strokes joined to what was kept, and not a neighbour's."""
-    from edge_agent.reader import _digit_crop, _faint_crop, _Mark, _mark_thresholds, _Segmentation
+    from edge_agent.reader import _digit_crop, _faint_crop, _Mark, _mark_mask, _mark_thresholds, _Segmentation
     import cv2
 
     ink = np.zeros((80, 200), np.uint8)
@@ -697,7 +697,7 @@ def test_a_mark_much_fainter_than_its_row_is_cut_at_a_threshold_of_its_own():
     marks = [_Mark(*(int(v) for v in stats[labels[y, x]][:4]), (int(labels[y, x]),), int(stats[labels[y, x]][4]))
              for x, y in ((20, 40), (109, 40), (122, 40), (170, 40))]
     seg = _Segmentation(marks, labels, kept, np.zeros_like(kept), stats, has_lines=False)
-    cut_at = _mark_thresholds(marks, seg, ink, 79, lowest=35)
+    cut_at = _mark_thresholds(marks, [_mark_mask(m, seg) for m in marks], ink, 79, lowest=35)
     assert cut_at[0] == cut_at[2] == cut_at[3] == 79 and 35 <= cut_at[1] < 50
     before = _digit_crop(marks[1], seg, ink, 79)
     after = _faint_crop(1, marks, seg, ink, cut_at[1])
@@ -705,4 +705,5 @@ def test_a_mark_much_fainter_than_its_row_is_cut_at_a_threshold_of_its_own():
     # The whole 0, both sides, and the tick up to the 1 beside it, not into it (that is the 1's).
     assert 28 <= after.shape[1] <= marks[2].x - (95 - 15)
     # Row marks as dark as each other keep the frame's threshold.
-    assert _mark_thresholds([marks[0], marks[3]], seg, ink, 79, lowest=35) == [79, 79]
+    assert _mark_thresholds([marks[0], marks[3]], [_mark_mask(m, seg) for m in (marks[0], marks[3])],
+                            ink, 79, lowest=35) == [79, 79]
